@@ -1,0 +1,421 @@
+// Package config loads and checks stsrelay's TOML configuration. The keys
+// are the contract in interface.md; config.example.toml documents each one
+// with its default.
+package config
+
+import (
+	"bytes"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"strings"
+	"time"
+
+	"github.com/pelletier/go-toml/v2"
+)
+
+// Duration is a time.Duration written in TOML as a Go duration string
+// ("30s", "5m", "120h").
+type Duration struct{ time.Duration }
+
+// UnmarshalText parses a Go duration string.
+func (d *Duration) UnmarshalText(b []byte) error {
+	v, err := time.ParseDuration(string(b))
+	if err != nil {
+		return fmt.Errorf("bad duration %q (want a Go duration like \"30s\", \"5m\", \"120h\")", string(b))
+	}
+	if v < 0 {
+		return fmt.Errorf("bad duration %q: negative", string(b))
+	}
+	d.Duration = v
+	return nil
+}
+
+// MarshalText writes the duration as a Go duration string.
+func (d Duration) MarshalText() ([]byte, error) { return []byte(d.String()), nil }
+
+// Config is the whole configuration file.
+type Config struct {
+	Hostname   string     `toml:"hostname"`
+	DataDir    string     `toml:"data_dir"`
+	Submission Submission `toml:"submission"`
+	Queue      Queue      `toml:"queue"`
+	DNS        DNS        `toml:"dns"`
+	Delivery   Delivery   `toml:"delivery"`
+	TLS        TLS        `toml:"tls"`
+	MTASTS     MTASTS     `toml:"mtasts"`
+	TLSRPT     TLSRPT     `toml:"tlsrpt"`
+	Log        Log        `toml:"log"`
+	Metrics    Metrics    `toml:"metrics"`
+
+	// Path is the file the configuration was read from.
+	Path string `toml:"-"`
+}
+
+// Submission configures the listeners applications send to.
+type Submission struct {
+	Listen            []string `toml:"listen"`
+	ImplicitTLSListen []string `toml:"implicit_tls_listen"`
+	TLSCertFile       string   `toml:"tls_cert_file"`
+	TLSKeyFile        string   `toml:"tls_key_file"`
+	RequireTLSForAuth bool     `toml:"require_tls_for_auth"`
+	MaxMessageBytes   int64    `toml:"max_message_bytes"`
+	MaxRecipients     int      `toml:"max_recipients"`
+	AllowedSenders    []string `toml:"allowed_senders"`
+	TrustedNetworks   []string `toml:"trusted_networks"`
+	Users             []User   `toml:"users"`
+
+	// TrustedPrefixes is TrustedNetworks parsed.
+	TrustedPrefixes []netip.Prefix `toml:"-"`
+}
+
+// User is one account that may AUTH at submission.
+type User struct {
+	Username     string `toml:"username"`
+	PasswordHash string `toml:"password_hash"`
+}
+
+// Queue configures the delivery schedule.
+type Queue struct {
+	Workers              int        `toml:"workers"`
+	PerDomainConcurrency int        `toml:"per_domain_concurrency"`
+	RetrySchedule        []Duration `toml:"retry_schedule"`
+	MaxQueueTime         Duration   `toml:"max_queue_time"`
+	DelayNoticeAfter     Duration   `toml:"delay_notice_after"`
+}
+
+// DNS configures the resolver.
+type DNS struct {
+	Servers []string `toml:"servers"`
+	Timeout Duration `toml:"timeout"`
+}
+
+// Delivery configures outbound SMTP sessions.
+type Delivery struct {
+	Port           int      `toml:"port"`
+	ConnectTimeout Duration `toml:"connect_timeout"`
+	CommandTimeout Duration `toml:"command_timeout"`
+	LocalAddresses []string `toml:"local_addresses"`
+	// ConnectionReuseLimit is how many messages one SMTP session may carry.
+	ConnectionReuseLimit int `toml:"connection_reuse_limit"`
+	// ConnectionIdleTimeout is how long an idle session is kept for reuse.
+	ConnectionIdleTimeout Duration `toml:"connection_idle_timeout"`
+}
+
+// TLS holds trust settings shared by MX and policy-host checks.
+type TLS struct {
+	ExtraRootCAFile string `toml:"extra_root_ca_file"`
+}
+
+// MTASTS configures RFC 8461 policy handling.
+type MTASTS struct {
+	Enabled             bool     `toml:"enabled"`
+	HTTPSPort           int      `toml:"https_port"`
+	FetchTimeout        Duration `toml:"fetch_timeout"`
+	MaxPolicyBytes      int64    `toml:"max_policy_bytes"`
+	RefreshBeforeExpiry Duration `toml:"refresh_before_expiry"`
+}
+
+// TLSRPT configures RFC 8460 reporting.
+type TLSRPT struct {
+	Enabled          bool     `toml:"enabled"`
+	DKIMDomain       string   `toml:"dkim_domain"`
+	DKIMSelector     string   `toml:"dkim_selector"`
+	DKIMKeyFile      string   `toml:"dkim_key_file"`
+	OrganizationName string   `toml:"organization_name"`
+	ContactInfo      string   `toml:"contact_info"`
+	From             string   `toml:"from"`
+	Interval         Duration `toml:"interval"`
+}
+
+// Log configures the zap logger.
+type Log struct {
+	Level  string `toml:"level"`
+	Format string `toml:"format"`
+	Output string `toml:"output"`
+}
+
+// Metrics configures the Prometheus endpoint.
+type Metrics struct {
+	Listen string `toml:"listen"`
+}
+
+// Default returns the configuration with every default filled in.
+func Default() *Config {
+	host, _ := os.Hostname()
+	if host == "" {
+		host = "localhost"
+	}
+	return &Config{
+		Hostname: host,
+		DataDir:  "/var/lib/stsrelay",
+		Submission: Submission{
+			Listen:            []string{"127.0.0.1:587"},
+			RequireTLSForAuth: true,
+			MaxMessageBytes:   26214400,
+			MaxRecipients:     100,
+		},
+		Queue: Queue{
+			Workers:              32,
+			PerDomainConcurrency: 8,
+			RetrySchedule: []Duration{{5 * time.Minute}, {10 * time.Minute}, {30 * time.Minute},
+				{time.Hour}, {2 * time.Hour}, {4 * time.Hour}},
+			MaxQueueTime:     Duration{120 * time.Hour},
+			DelayNoticeAfter: Duration{4 * time.Hour},
+		},
+		DNS: DNS{Timeout: Duration{5 * time.Second}},
+		Delivery: Delivery{
+			Port:                  25,
+			ConnectTimeout:        Duration{30 * time.Second},
+			CommandTimeout:        Duration{5 * time.Minute},
+			ConnectionReuseLimit:  100,
+			ConnectionIdleTimeout: Duration{30 * time.Second},
+		},
+		MTASTS: MTASTS{
+			Enabled:             true,
+			HTTPSPort:           443,
+			FetchTimeout:        Duration{10 * time.Second},
+			MaxPolicyBytes:      65536,
+			RefreshBeforeExpiry: Duration{time.Hour},
+		},
+		TLSRPT: TLSRPT{
+			Enabled:          true,
+			OrganizationName: "Example Org",
+			ContactInfo:      "mailto:postmaster@example.net",
+			From:             "tlsrpt-noreply@example.net",
+			Interval:         Duration{24 * time.Hour},
+		},
+		Log: Log{Level: "info", Format: "json", Output: "stderr"},
+	}
+}
+
+// Load reads path strictly: an unknown key, a value of the wrong type or a
+// value that fails validation is an error naming the file, the key and,
+// where known, the line.
+func Load(path string) (*Config, error) {
+	data, err := os.ReadFile(path)
+	if err != nil {
+		return nil, fmt.Errorf("config: %w", err)
+	}
+	return Parse(path, data)
+}
+
+// Parse is Load on bytes already read; path is used in messages only.
+func Parse(path string, data []byte) (*Config, error) {
+	cfg := Default()
+	dec := toml.NewDecoder(bytes.NewReader(data))
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(cfg); err != nil {
+		var strict *toml.StrictMissingError
+		if errors.As(err, &strict) && len(strict.Errors) > 0 {
+			e := strict.Errors[0]
+			line, _ := e.Position()
+			return nil, fmt.Errorf("config %s:%d: unknown key %q", path, line, strings.Join(e.Key(), "."))
+		}
+		var de *toml.DecodeError
+		if errors.As(err, &de) {
+			line, _ := de.Position()
+			key := strings.Join(de.Key(), ".")
+			msg := strings.TrimPrefix(de.Error(), "toml: ")
+			if key != "" {
+				return nil, fmt.Errorf("config %s:%d: key %q: %s", path, line, key, msg)
+			}
+			return nil, fmt.Errorf("config %s:%d: %s", path, line, msg)
+		}
+		return nil, fmt.Errorf("config %s: %v", path, err)
+	}
+	cfg.Path = path
+	if err := cfg.validate(); err != nil {
+		return nil, fmt.Errorf("config %s: %w", path, err)
+	}
+	return cfg, nil
+}
+
+func keyErr(key, format string, args ...any) error {
+	return fmt.Errorf("key %q: %s", key, fmt.Sprintf(format, args...))
+}
+
+func (c *Config) validate() error {
+	if c.Hostname == "" || strings.ContainsAny(c.Hostname, " \t/") {
+		return keyErr("hostname", "must be a host name, got %q", c.Hostname)
+	}
+	if c.DataDir == "" {
+		return keyErr("data_dir", "must not be empty")
+	}
+	s := &c.Submission
+	if len(s.Listen) == 0 && len(s.ImplicitTLSListen) == 0 {
+		return keyErr("submission.listen", "no listener configured (set submission.listen or submission.implicit_tls_listen)")
+	}
+	for _, l := range s.Listen {
+		if err := checkListen(l); err != nil {
+			return keyErr("submission.listen", "%v", err)
+		}
+	}
+	for _, l := range s.ImplicitTLSListen {
+		if err := checkListen(l); err != nil {
+			return keyErr("submission.implicit_tls_listen", "%v", err)
+		}
+	}
+	if (s.TLSCertFile == "") != (s.TLSKeyFile == "") {
+		return keyErr("submission.tls_cert_file", "tls_cert_file and tls_key_file must be set together")
+	}
+	if len(s.ImplicitTLSListen) > 0 && s.TLSCertFile == "" {
+		return keyErr("submission.implicit_tls_listen", "needs submission.tls_cert_file and tls_key_file")
+	}
+	for key, f := range map[string]string{"submission.tls_cert_file": s.TLSCertFile, "submission.tls_key_file": s.TLSKeyFile,
+		"tls.extra_root_ca_file": c.TLS.ExtraRootCAFile, "tlsrpt.dkim_key_file": c.TLSRPT.DKIMKeyFile} {
+		if f == "" {
+			continue
+		}
+		if _, err := os.Stat(f); err != nil {
+			return keyErr(key, "cannot read file: %v", err)
+		}
+	}
+	if s.MaxMessageBytes <= 0 {
+		return keyErr("submission.max_message_bytes", "must be positive, got %d", s.MaxMessageBytes)
+	}
+	if s.MaxRecipients <= 0 {
+		return keyErr("submission.max_recipients", "must be positive, got %d", s.MaxRecipients)
+	}
+	s.TrustedPrefixes = nil
+	for _, n := range s.TrustedNetworks {
+		p, err := netip.ParsePrefix(n)
+		if err != nil {
+			a, err2 := netip.ParseAddr(n)
+			if err2 != nil {
+				return keyErr("submission.trusted_networks", "bad CIDR %q", n)
+			}
+			p = netip.PrefixFrom(a, a.BitLen())
+		}
+		s.TrustedPrefixes = append(s.TrustedPrefixes, p.Masked())
+	}
+	seen := map[string]bool{}
+	for i, u := range s.Users {
+		if u.Username == "" {
+			return keyErr(fmt.Sprintf("submission.users[%d].username", i), "must not be empty")
+		}
+		if seen[u.Username] {
+			return keyErr(fmt.Sprintf("submission.users[%d].username", i), "duplicate user %q", u.Username)
+		}
+		seen[u.Username] = true
+		if !strings.HasPrefix(u.PasswordHash, "$2") {
+			return keyErr(fmt.Sprintf("submission.users[%d].password_hash", i), "must be a bcrypt hash (use `stsrelay hash-password`)")
+		}
+	}
+	q := &c.Queue
+	if q.Workers <= 0 {
+		return keyErr("queue.workers", "must be positive, got %d", q.Workers)
+	}
+	if q.PerDomainConcurrency <= 0 {
+		return keyErr("queue.per_domain_concurrency", "must be positive, got %d", q.PerDomainConcurrency)
+	}
+	if len(q.RetrySchedule) == 0 {
+		return keyErr("queue.retry_schedule", "must list at least one interval")
+	}
+	for _, d := range q.RetrySchedule {
+		if d.Duration <= 0 {
+			return keyErr("queue.retry_schedule", "intervals must be positive")
+		}
+	}
+	if q.MaxQueueTime.Duration <= 0 {
+		return keyErr("queue.max_queue_time", "must be positive")
+	}
+	for _, srv := range c.DNS.Servers {
+		if _, _, err := net.SplitHostPort(srv); err != nil {
+			return keyErr("dns.servers", "want host:port, got %q", srv)
+		}
+	}
+	if c.DNS.Timeout.Duration <= 0 {
+		return keyErr("dns.timeout", "must be positive")
+	}
+	d := &c.Delivery
+	if d.Port <= 0 || d.Port > 65535 {
+		return keyErr("delivery.port", "must be 1-65535, got %d", d.Port)
+	}
+	if d.ConnectTimeout.Duration <= 0 || d.CommandTimeout.Duration <= 0 {
+		return keyErr("delivery.connect_timeout", "timeouts must be positive")
+	}
+	for _, a := range d.LocalAddresses {
+		if net.ParseIP(a) == nil {
+			return keyErr("delivery.local_addresses", "not an IP address: %q", a)
+		}
+	}
+	if d.ConnectionReuseLimit <= 0 {
+		return keyErr("delivery.connection_reuse_limit", "must be positive")
+	}
+	m := &c.MTASTS
+	if m.HTTPSPort <= 0 || m.HTTPSPort > 65535 {
+		return keyErr("mtasts.https_port", "must be 1-65535, got %d", m.HTTPSPort)
+	}
+	if m.FetchTimeout.Duration <= 0 {
+		return keyErr("mtasts.fetch_timeout", "must be positive")
+	}
+	if m.MaxPolicyBytes <= 0 {
+		return keyErr("mtasts.max_policy_bytes", "must be positive")
+	}
+	r := &c.TLSRPT
+	if r.Interval.Duration <= 0 {
+		return keyErr("tlsrpt.interval", "must be positive")
+	}
+	if n := countSet(r.DKIMDomain, r.DKIMSelector, r.DKIMKeyFile); n != 0 && n != 3 {
+		return keyErr("tlsrpt.dkim_domain", "dkim_domain, dkim_selector and dkim_key_file must be set together")
+	}
+	switch c.Log.Level {
+	case "debug", "info", "warn", "error":
+	default:
+		return keyErr("log.level", "must be debug, info, warn or error, got %q", c.Log.Level)
+	}
+	switch c.Log.Format {
+	case "json", "console":
+	default:
+		return keyErr("log.format", "must be json or console, got %q", c.Log.Format)
+	}
+	if c.Log.Output == "" {
+		return keyErr("log.output", "must be stderr, stdout or a file path")
+	}
+	if c.Metrics.Listen != "" {
+		if err := checkListen(c.Metrics.Listen); err != nil {
+			return keyErr("metrics.listen", "%v", err)
+		}
+	}
+	return nil
+}
+
+func countSet(vals ...string) int {
+	n := 0
+	for _, v := range vals {
+		if v != "" {
+			n++
+		}
+	}
+	return n
+}
+
+func checkListen(addr string) error {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return fmt.Errorf("bad listen address %q: want host:port", addr)
+	}
+	if host != "" && net.ParseIP(host) == nil && host != "localhost" {
+		return fmt.Errorf("bad listen address %q: host must be an IP address", addr)
+	}
+	var p int
+	if _, err := fmt.Sscanf(port, "%d", &p); err != nil || p < 0 || p > 65535 || fmt.Sprint(p) != port {
+		return fmt.Errorf("bad listen address %q: bad port", addr)
+	}
+	return nil
+}
+
+// RetryDelay returns the wait before attempt n+1 after n failed attempts
+// (n ≥ 1): the n-th entry of the schedule, the last one repeating.
+func (q *Queue) RetryDelay(n int) time.Duration {
+	if n < 1 {
+		n = 1
+	}
+	if n > len(q.RetrySchedule) {
+		n = len(q.RetrySchedule)
+	}
+	return q.RetrySchedule[n-1].Duration
+}

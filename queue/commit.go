@@ -1,0 +1,339 @@
+package queue
+
+import (
+	"bufio"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"hash/crc32"
+	"io"
+	"os"
+	"path/filepath"
+	"strconv"
+	"sync"
+
+	"golang.org/x/sys/unix"
+)
+
+// pendingRecord is one record waiting for the committer.
+type pendingRecord struct {
+	typ  recType
+	meta []byte
+	body []byte   // small bodies
+	file *os.File // spilled bodies
+	size int64
+	crc  uint32
+	// off is set by the committer: where the body landed.
+	seg *segment
+	off int64
+}
+
+type commitReq struct {
+	recs  []*pendingRecord
+	apply func(recs []*pendingRecord) // run under s.mu after the sync
+	done  chan error
+}
+
+// maxBatchBytes bounds how much one group commit writes before it syncs.
+const maxBatchBytes = 32 << 20
+
+func (s *Store) submit(req *commitReq) error {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed || s.opts.ReadOnly {
+		return ErrClosed
+	}
+	req.done = make(chan error, 1)
+	select {
+	case s.reqs <- req:
+	case <-s.stop:
+		return ErrClosed
+	}
+	return <-req.done
+}
+
+// commitLoop is the group committer: it takes every request waiting,
+// appends their records, makes them durable with one fdatasync and only
+// then lets their callers answer 250.
+func (s *Store) commitLoop() {
+	defer s.committer.Done()
+	bw := bufio.NewWriterSize(s.active, 256<<10)
+	var batch []*commitReq
+	for {
+		batch = batch[:0]
+		select {
+		case req := <-s.reqs:
+			batch = append(batch, req)
+		case <-s.stop:
+			// Finish what was handed over before Close.
+			for {
+				select {
+				case req := <-s.reqs:
+					batch = append(batch, req)
+					continue
+				default:
+				}
+				break
+			}
+			if len(batch) > 0 {
+				s.commitBatch(bw, batch)
+			}
+			return
+		}
+		bytes := int64(0)
+	drain:
+		for bytes < maxBatchBytes {
+			select {
+			case req := <-s.reqs:
+				batch = append(batch, req)
+				for _, r := range req.recs {
+					bytes += int64(len(r.meta)) + r.size
+				}
+			default:
+				break drain
+			}
+		}
+		bw = s.commitBatch(bw, batch)
+	}
+}
+
+func (s *Store) commitBatch(bw *bufio.Writer, batch []*commitReq) *bufio.Writer {
+	seg := s.activeSeg
+	start := seg.size
+	off := start
+	var err error
+	var hdr [headerLen]byte
+	n := 0
+write:
+	for _, req := range batch {
+		for _, r := range req.recs {
+			putHeader(hdr[:], r.typ, len(r.meta), r.size, r.crc)
+			if _, err = bw.Write(hdr[:]); err != nil {
+				break write
+			}
+			if _, err = bw.Write(r.meta); err != nil {
+				break write
+			}
+			r.seg = seg
+			r.off = off + headerLen + int64(len(r.meta))
+			if r.file != nil {
+				if _, err = r.file.Seek(0, io.SeekStart); err != nil {
+					break write
+				}
+				var c int64
+				c, err = io.Copy(bw, r.file)
+				if err == nil && c != r.size {
+					err = fmt.Errorf("spool file changed size (%d != %d)", c, r.size)
+				}
+				if err != nil {
+					break write
+				}
+			} else if _, err = bw.Write(r.body); err != nil {
+				break write
+			}
+			off = r.off + r.size
+			n++
+		}
+	}
+	if err == nil {
+		err = bw.Flush()
+	}
+	if err == nil {
+		err = unix.Fdatasync(int(s.active.Fd()))
+		s.syncs.Add(1)
+	}
+	if err != nil {
+		// Nothing of this batch was acknowledged. Cut the segment back
+		// to where the batch began and carry on in a fresh segment (a
+		// failed fsync may have dropped dirty pages).
+		_ = s.active.Truncate(start)
+		err = fmt.Errorf("queue write: %w", err)
+		for _, req := range batch {
+			req.done <- err
+		}
+		bw.Reset(s.active)
+		if rerr := s.rotate(); rerr == nil {
+			return bufio.NewWriterSize(s.active, 256<<10)
+		}
+		return bw
+	}
+	seg.size = off
+	s.records.Add(uint64(n))
+	s.mu.Lock()
+	for _, req := range batch {
+		if req.apply != nil {
+			req.apply(req.recs)
+		}
+	}
+	s.collectSegments()
+	s.mu.Unlock()
+	for _, req := range batch {
+		req.done <- nil
+	}
+	s.signal()
+	if off >= s.opts.SegmentBytes {
+		if err := s.rotate(); err == nil {
+			return bufio.NewWriterSize(s.active, 256<<10)
+		}
+	}
+	return bw
+}
+
+func (s *Store) signal() {
+	select {
+	case s.wake <- struct{}{}:
+	default:
+	}
+}
+
+func newRecord(typ recType, v any) (*pendingRecord, error) {
+	meta, err := json.Marshal(v)
+	if err != nil {
+		return nil, err
+	}
+	return &pendingRecord{typ: typ, meta: meta, crc: crc32.Update(0, crcTable, meta)}, nil
+}
+
+var bufPool = sync.Pool{New: func() any { return new([]byte) }}
+
+// Writer receives one message body from the submission server. Write the
+// body, then Commit with the envelope; or Abort.
+type Writer struct {
+	s     *Store
+	buf   *[]byte
+	spill *os.File
+	size  int64
+	err   error
+	done  bool
+}
+
+// NewWriter starts a message.
+func (s *Store) NewWriter() *Writer {
+	b := bufPool.Get().(*[]byte)
+	*b = (*b)[:0]
+	return &Writer{s: s, buf: b}
+}
+
+// Write appends body bytes; past MemBodyBytes the body streams to a spool
+// file instead of memory.
+func (w *Writer) Write(p []byte) (int, error) {
+	if w.err != nil {
+		return 0, w.err
+	}
+	w.size += int64(len(p))
+	if w.spill == nil && len(*w.buf)+len(p) <= w.s.opts.MemBodyBytes {
+		*w.buf = append(*w.buf, p...)
+		return len(p), nil
+	}
+	if w.spill == nil {
+		name := filepath.Join(w.s.spoolDir, strconv.FormatUint(w.s.spoolSeq.Add(1), 10)+".tmp")
+		f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o640)
+		if err != nil {
+			w.err = fmt.Errorf("queue spool: %w", err)
+			return 0, w.err
+		}
+		os.Remove(name) // unlinked: the data lives until Close
+		w.spill = f
+		if _, err := f.Write(*w.buf); err != nil {
+			w.err = fmt.Errorf("queue spool: %w", err)
+			return 0, w.err
+		}
+	}
+	if _, err := w.spill.Write(p); err != nil {
+		w.err = fmt.Errorf("queue spool: %w", err)
+		return 0, w.err
+	}
+	return len(p), nil
+}
+
+// Size returns the number of body bytes written so far.
+func (w *Writer) Size() int64 { return w.size }
+
+// Abort drops the message.
+func (w *Writer) Abort() {
+	if w.done {
+		return
+	}
+	w.done = true
+	if w.spill != nil {
+		w.spill.Close()
+	}
+	if cap(*w.buf) <= 1<<20 {
+		bufPool.Put(w.buf)
+	}
+	w.buf = nil
+}
+
+// Commit makes the message durable and returns its queue ID. When it
+// returns nil the envelope and body are on stable storage.
+func (w *Writer) Commit(env Envelope) (string, error) {
+	defer w.Abort()
+	if w.done {
+		return "", errors.New("queue: writer already used")
+	}
+	if w.err != nil {
+		return "", w.err
+	}
+	if len(env.Rcpts) == 0 {
+		return "", errors.New("queue: message without recipients")
+	}
+	s := w.s
+	now := s.opts.Now()
+	id := s.ids.next(now)
+	meta, err := json.Marshal(messageMeta{ID: id, Received: now, Env: env})
+	if err != nil {
+		return "", err
+	}
+	crc := combineBody(meta, w)
+	if w.err != nil {
+		return "", fmt.Errorf("queue spool: %w", w.err)
+	}
+	rec := &pendingRecord{typ: recMessage, meta: meta, body: *w.buf, file: w.spill, size: w.size, crc: crc}
+	req := &commitReq{recs: []*pendingRecord{rec}, apply: func(recs []*pendingRecord) {
+		r := recs[0]
+		m := &Message{ID: id, Env: env, Received: now, Size: r.size, loc: bodyLoc{seg: r.seg, off: r.off}}
+		m.Rcpts = make([]Recipient, len(env.Rcpts))
+		for i, rs := range env.Rcpts {
+			m.Rcpts[i] = Recipient{RcptSpec: rs, Status: Pending, NextAttempt: now}
+		}
+		s.msgs[id] = m
+		r.seg.live++
+		s.pushDue(m)
+	}}
+	if err := s.submit(req); err != nil {
+		return "", err
+	}
+	return id, nil
+}
+
+// combineBody computes CRC-32C over meta followed by the body. Small
+// bodies are in memory; spilled ones are re-read from the spool file
+// (page cache).
+func combineBody(meta []byte, w *Writer) uint32 {
+	crc := crc32.Update(0, crcTable, meta)
+	if w.spill == nil {
+		return crc32.Update(crc, crcTable, *w.buf)
+	}
+	h := crc32.New(crcTable)
+	_, _ = h.Write(meta)
+	if _, err := w.spill.Seek(0, io.SeekStart); err != nil {
+		w.err = err
+		return 0
+	}
+	if _, err := io.Copy(h, w.spill); err != nil {
+		w.err = err
+		return 0
+	}
+	return h.Sum32()
+}
+
+// Enqueue queues a message the relay makes itself (a DSN, a TLS report).
+func (s *Store) Enqueue(env Envelope, body io.Reader) (string, error) {
+	w := s.NewWriter()
+	if _, err := io.Copy(w, body); err != nil {
+		w.Abort()
+		return "", err
+	}
+	return w.Commit(env)
+}

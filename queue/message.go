@@ -1,0 +1,180 @@
+package queue
+
+import (
+	"strings"
+	"time"
+)
+
+// Status is where one recipient of a message stands.
+type Status string
+
+// Recipient states. Pending and Deferred recipients are still to be
+// delivered; Delivered and Bounced are final.
+const (
+	Pending   Status = "pending"
+	Deferred  Status = "deferred"
+	Delivered Status = "delivered"
+	Bounced   Status = "bounced"
+)
+
+// Final reports whether no more delivery attempts follow.
+func (s Status) Final() bool { return s == Delivered || s == Bounced }
+
+// Kind says who made a message: an application, or the relay itself.
+type Kind string
+
+// Message kinds. The relay never sends a DSN about a DSN (RFC 5321
+// §4.5.4) and never counts TLS-RPT report deliveries in TLS-RPT
+// (reports about reports loop forever).
+const (
+	KindSubmitted Kind = ""
+	KindDSN       Kind = "dsn"
+	KindTLSRPT    Kind = "tlsrpt"
+)
+
+// Envelope is what the client said around the message body.
+type Envelope struct {
+	// From is the reverse path; "" is the null sender (bounces).
+	From string `json:"from"`
+	// SMTPUTF8 is set when MAIL FROM carried SMTPUTF8 (RFC 6531).
+	SMTPUTF8 bool `json:"smtputf8,omitempty"`
+	// Body is the BODY= parameter: "", "7BIT" or "8BITMIME".
+	Body string `json:"body,omitempty"`
+	// RequireTLS is the REQUIRETLS MAIL parameter (RFC 8689).
+	RequireTLS bool `json:"requiretls,omitempty"`
+	// Ret and EnvID are the DSN parameters of MAIL (RFC 3461).
+	Ret   string `json:"ret,omitempty"`
+	EnvID string `json:"envid,omitempty"`
+	Kind  Kind   `json:"kind,omitempty"`
+	// User is the authenticated submitter, ClientIP its address.
+	User     string `json:"user,omitempty"`
+	ClientIP string `json:"client_ip,omitempty"`
+	// Rcpts are the recipients in the order the client gave them.
+	Rcpts []RcptSpec `json:"rcpts"`
+}
+
+// RcptSpec is one RCPT TO with its DSN parameters (RFC 3461).
+type RcptSpec struct {
+	Addr   string   `json:"addr"`
+	Notify []string `json:"notify,omitempty"`
+	ORcpt  string   `json:"orcpt,omitempty"`
+}
+
+// Recipient is a recipient and its delivery state.
+type Recipient struct {
+	RcptSpec
+	Status      Status    `json:"status"`
+	Attempts    int       `json:"attempts"`
+	NextAttempt time.Time `json:"next_attempt,omitzero"`
+	LastAttempt time.Time `json:"last_attempt,omitzero"`
+	// LastCode, LastEnhanced and LastError describe the last outcome:
+	// the remote reply, or the local reason.
+	LastCode     int    `json:"last_code,omitempty"`
+	LastEnhanced string `json:"last_enhanced,omitempty"`
+	LastError    string `json:"last_error,omitempty"`
+	// LastMX is the host tried last (for DSN Remote-MTA).
+	LastMX string `json:"last_mx,omitempty"`
+}
+
+// Domain returns the recipient's domain, lower-cased.
+func (r *Recipient) Domain() string { return AddrDomain(r.Addr) }
+
+// AddrDomain returns the lower-cased domain of an address.
+func AddrDomain(addr string) string {
+	i := strings.LastIndexByte(addr, '@')
+	if i < 0 {
+		return ""
+	}
+	return strings.ToLower(strings.TrimSuffix(addr[i+1:], "."))
+}
+
+// Message is a queued message: envelope, recipients' states and where its
+// body lies. Values returned by the Store are copies.
+type Message struct {
+	ID       string      `json:"id"`
+	Env      Envelope    `json:"envelope"`
+	Received time.Time   `json:"received"`
+	Size     int64       `json:"size"`
+	Rcpts    []Recipient `json:"recipients"`
+	// DelayNotified is set once a "delayed" DSN went to the sender.
+	DelayNotified bool `json:"delay_notified,omitempty"`
+
+	loc bodyLoc
+}
+
+// Done reports whether every recipient is final.
+func (m *Message) Done() bool {
+	for i := range m.Rcpts {
+		if !m.Rcpts[i].Status.Final() {
+			return false
+		}
+	}
+	return true
+}
+
+// NextDue is the earliest next attempt among recipients not yet final;
+// zero when all are final.
+func (m *Message) NextDue() time.Time {
+	var t time.Time
+	for i := range m.Rcpts {
+		r := &m.Rcpts[i]
+		if r.Status.Final() {
+			continue
+		}
+		if t.IsZero() || r.NextAttempt.Before(t) {
+			t = r.NextAttempt
+		}
+	}
+	return t
+}
+
+func (m *Message) clone() *Message {
+	c := *m
+	c.Rcpts = append([]Recipient(nil), m.Rcpts...)
+	c.Env.Rcpts = append([]RcptSpec(nil), m.Env.Rcpts...)
+	return &c
+}
+
+// Schedule turns the configured retry schedule and lifetime into times
+// (RFC 5321 §4.5.4.1: retry intervals and give-up time MUST be
+// configurable).
+type Schedule struct {
+	// Retry[i] is the wait after the (i+1)-th failed attempt; the last
+	// entry repeats.
+	Retry []time.Duration
+	// MaxQueueTime is how long a message may stay before it is bounced.
+	MaxQueueTime time.Duration
+}
+
+// Next returns when to try again after attempts failed attempts of a
+// message received at received, and whether its lifetime has run out.
+func (s Schedule) Next(received time.Time, attempts int, now time.Time) (time.Time, bool) {
+	expire := received.Add(s.MaxQueueTime)
+	if !now.Before(expire) {
+		return time.Time{}, true
+	}
+	d := 5 * time.Minute
+	if len(s.Retry) > 0 {
+		i := attempts - 1
+		if i < 0 {
+			i = 0
+		}
+		if i >= len(s.Retry) {
+			i = len(s.Retry) - 1
+		}
+		d = s.Retry[i]
+	}
+	next := now.Add(d)
+	if next.After(expire) {
+		// One last try at the end of the lifetime rather than a bounce
+		// long before it.
+		next = expire
+	}
+	return next, false
+}
+
+// Expired reports whether a message received at received has outlived
+// MaxQueueTime at now.
+func (s Schedule) Expired(received, now time.Time) bool {
+	return !now.Before(received.Add(s.MaxQueueTime))
+}
