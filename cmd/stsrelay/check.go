@@ -1,0 +1,7 @@
+package main
+
+import "errors"
+
+func cmdCheck(args []string) error {
+	return errors.New("check: not available yet")
+}

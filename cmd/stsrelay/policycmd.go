@@ -1,0 +1,170 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// handleControl answers the CLI's requests on a running relay.
+func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, cache *mtasts.Cache, pending func() any) (any, error) {
+	switch req.Op {
+	case "queue.list":
+		return st.List(), nil
+	case "queue.show":
+		m, err := st.Get(req.Arg)
+		if err != nil {
+			return nil, err
+		}
+		return []*queue.Message{m}, nil
+	case "queue.retry", "queue.delete", "queue.bounce":
+		return nil, queueAction(st, eng, nil, strings.TrimPrefix(req.Op, "queue."), req.Arg)
+	case "policy.list", "policy.show", "policy.refresh", "policy.forget":
+		if cache == nil {
+			return nil, errors.New("MTA-STS is disabled (mtasts.enabled = false)")
+		}
+		return policyAction(cache, strings.TrimPrefix(req.Op, "policy."), req.Arg)
+	case "tlsrpt.pending":
+		if pending == nil {
+			return nil, errors.New("TLS-RPT is disabled (tlsrpt.enabled = false)")
+		}
+		return pending(), nil
+	}
+	return nil, fmt.Errorf("unknown control operation %q", req.Op)
+}
+
+func policyAction(cache *mtasts.Cache, sub, domain string) (any, error) {
+	switch sub {
+	case "list":
+		return cache.Entries(), nil
+	case "show":
+		e, ok := cache.Entry(domain)
+		if !ok {
+			return nil, fmt.Errorf("%s: %w", domain, errPolicyNotFound)
+		}
+		return []mtasts.Entry{e}, nil
+	case "refresh":
+		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
+		defer cancel()
+		e, err := cache.Refresh(ctx, domain)
+		if err != nil {
+			return nil, err
+		}
+		return []mtasts.Entry{e}, nil
+	case "forget":
+		if _, ok := cache.Entry(domain); !ok {
+			return nil, fmt.Errorf("%s: %w", domain, errPolicyNotFound)
+		}
+		return nil, cache.Forget(domain)
+	}
+	return nil, fmt.Errorf("unknown policy action %q", sub)
+}
+
+func cmdPolicy(args []string) error {
+	var cf commonFlags
+	fs := newFlagSet("policy", &cf)
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) == 0 {
+		return &usageError{"policy: want list, show DOMAIN, refresh DOMAIN or forget DOMAIN"}
+	}
+	sub := pos[0]
+	switch sub {
+	case "list":
+		if len(pos) != 1 {
+			return &usageError{"policy list takes no argument"}
+		}
+	case "show", "refresh", "forget":
+		if len(pos) != 2 {
+			return &usageError{"policy " + sub + ": want one DOMAIN"}
+		}
+	default:
+		return &usageError{"policy: unknown subcommand " + sub}
+	}
+	cfg, err := loadConfig(cf.config)
+	if err != nil {
+		return err
+	}
+	domain := ""
+	if len(pos) == 2 {
+		domain = strings.ToLower(strings.TrimSuffix(pos[1], "."))
+	}
+	var entries []mtasts.Entry
+	err = callControl(cfg.DataDir, controlRequest{Op: "policy." + sub, Arg: domain}, &entries)
+	if errors.Is(err, errNoServer) {
+		res, rerr := newResolver(cfg)
+		if rerr != nil {
+			return rerr
+		}
+		cache, cerr := newPolicyCache(cfg, res, nil, nil)
+		if cerr != nil {
+			return cerr
+		}
+		var out any
+		out, err = policyAction(cache, sub, domain)
+		if es, ok := out.([]mtasts.Entry); ok {
+			entries = es
+		}
+	}
+	if err != nil {
+		var nf *notFoundError
+		if errors.As(err, &nf) || errors.Is(err, errPolicyNotFound) {
+			fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
+			return &exitError{exitFailed}
+		}
+		return err
+	}
+	if sub == "forget" {
+		if cf.json {
+			return json.NewEncoder(os.Stdout).Encode(map[string]string{"domain": domain, "action": "forget", "result": "ok"})
+		}
+		fmt.Printf("%s: cached policy forgotten\n", domain)
+		return nil
+	}
+	if cf.json {
+		if entries == nil {
+			entries = []mtasts.Entry{}
+		}
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		if sub == "list" {
+			return enc.Encode(entries)
+		}
+		return enc.Encode(entries[0])
+	}
+	if sub == "list" {
+		tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+		fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tMX\tEXPIRES\tLAST ERROR")
+		for _, e := range entries {
+			exp := e.Expires.UTC().Format(time.RFC3339)
+			if e.Expired {
+				exp += " (expired)"
+			}
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Domain, e.ID, e.Mode, strings.Join(e.MX, ","), exp, e.LastError)
+		}
+		if err := tw.Flush(); err != nil {
+			return err
+		}
+		fmt.Printf("%d polic(ies)\n", len(entries))
+		return nil
+	}
+	e := entries[0]
+	fmt.Printf("Domain:    %s\nPolicy id: %s\nMode:      %s\nMX:        %s\nMax age:   %ds\nFetched:   %s\nExpires:   %s\nLast used: %s\n",
+		e.Domain, e.ID, e.Mode, strings.Join(e.MX, ", "), e.MaxAgeSeconds,
+		e.Fetched.UTC().Format(time.RFC3339), e.Expires.UTC().Format(time.RFC3339), e.LastUsed.UTC().Format(time.RFC3339))
+	if e.LastError != "" {
+		fmt.Printf("Last error: %s (%s)\n", e.LastError, e.LastErrorAt.UTC().Format(time.RFC3339))
+	}
+	return nil
+}

@@ -1,0 +1,248 @@
+package main
+
+import (
+	"encoding/json"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+const defaultConfig = "/etc/stsrelay/stsrelay.toml"
+
+// parseFlags parses flags wherever they stand among the arguments
+// ("queue show ID -json" and "queue -json show ID" alike) and returns the
+// positional arguments.
+func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
+	var pos []string
+	for {
+		if err := fs.Parse(args); err != nil {
+			return nil, &usageError{err.Error()}
+		}
+		rest := fs.Args()
+		if len(rest) == 0 {
+			return pos, nil
+		}
+		pos = append(pos, rest[0])
+		args = rest[1:]
+	}
+}
+
+// commonFlags are -config and -json.
+type commonFlags struct {
+	config string
+	json   bool
+}
+
+func newFlagSet(name string, cf *commonFlags) *flag.FlagSet {
+	fs := flag.NewFlagSet(name, flag.ContinueOnError)
+	fs.StringVar(&cf.config, "config", defaultConfig, "configuration file")
+	fs.BoolVar(&cf.json, "json", false, "print JSON")
+	return fs
+}
+
+func loadConfig(path string) (*config.Config, error) {
+	return config.Load(path)
+}
+
+func queueOptions(cfg *config.Config) queue.Options {
+	sched := queue.Schedule{MaxQueueTime: cfg.Queue.MaxQueueTime.Duration}
+	for _, d := range cfg.Queue.RetrySchedule {
+		sched.Retry = append(sched.Retry, d.Duration)
+	}
+	return queue.Options{Dir: filepath.Join(cfg.DataDir, "queue"), Schedule: sched}
+}
+
+func cmdQueue(args []string) error {
+	var cf commonFlags
+	fs := newFlagSet("queue", &cf)
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) == 0 {
+		return &usageError{"queue: want list, show ID, retry ID, delete ID or bounce ID"}
+	}
+	sub := pos[0]
+	needID := sub != "list"
+	if needID && len(pos) != 2 || !needID && len(pos) != 1 {
+		return &usageError{"queue " + sub + ": wrong number of arguments"}
+	}
+	cfg, err := loadConfig(cf.config)
+	if err != nil {
+		return err
+	}
+	var id string
+	if needID {
+		id = pos[1]
+		if !queue.ValidID(id) {
+			return &usageError{fmt.Sprintf("queue %s: %q is not a queue ID", sub, id)}
+		}
+	}
+	switch sub {
+	case "list", "show":
+		var msgs []*queue.Message
+		err := callControl(cfg.DataDir, controlRequest{Op: "queue." + sub, Arg: id}, &msgs)
+		if errors.Is(err, errNoServer) {
+			msgs, err = readQueueOffline(cfg, id)
+		}
+		if err != nil {
+			return notFoundExit(err)
+		}
+		if sub == "list" {
+			return printQueueList(msgs, cf.json)
+		}
+		return printQueueShow(msgs[0], cf.json)
+	case "retry", "delete", "bounce":
+		err := callControl(cfg.DataDir, controlRequest{Op: "queue." + sub, Arg: id}, nil)
+		if errors.Is(err, errNoServer) {
+			err = queueActionOffline(cfg, sub, id)
+		}
+		if err != nil {
+			return notFoundExit(err)
+		}
+		if cf.json {
+			return json.NewEncoder(os.Stdout).Encode(map[string]string{"id": id, "action": sub, "result": "ok"})
+		}
+		fmt.Printf("%s: %s done\n", id, sub)
+		return nil
+	}
+	return &usageError{"queue: unknown subcommand " + sub}
+}
+
+// notFoundExit prints a missing-ID error and exits 1 (a checked condition
+// failed); other errors exit 2.
+func notFoundExit(err error) error {
+	var nf *notFoundError
+	if errors.As(err, &nf) || errors.Is(err, queue.ErrNotFound) {
+		fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
+		return &exitError{exitFailed}
+	}
+	return err
+}
+
+func readQueueOffline(cfg *config.Config, id string) ([]*queue.Message, error) {
+	o := queueOptions(cfg)
+	o.ReadOnly = true
+	st, err := queue.Open(o)
+	if err != nil {
+		return nil, err
+	}
+	defer st.Close()
+	if id == "" {
+		return st.List(), nil
+	}
+	m, err := st.Get(id)
+	if err != nil {
+		return nil, err
+	}
+	return []*queue.Message{m}, nil
+}
+
+func queueActionOffline(cfg *config.Config, sub, id string) error {
+	st, err := queue.Open(queueOptions(cfg))
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	return queueAction(st, nil, cfg, sub, id)
+}
+
+// queueAction applies an operator action to the queue; eng may be nil
+// (offline), in which case a bounce builds its DSN with a bare engine.
+func queueAction(st *queue.Store, eng *delivery.Engine, cfg *config.Config, sub, id string) error {
+	switch sub {
+	case "retry":
+		return st.Retry(id)
+	case "delete":
+		return st.Delete(id)
+	case "bounce":
+		if eng == nil {
+			eng = delivery.New(delivery.Options{Config: cfg, Store: st})
+		}
+		return eng.Bounce(id)
+	}
+	return fmt.Errorf("unknown queue action %q", sub)
+}
+
+func rcptSummary(m *queue.Message) string {
+	counts := map[queue.Status]int{}
+	for _, r := range m.Rcpts {
+		counts[r.Status]++
+	}
+	var parts []string
+	for _, s := range []queue.Status{queue.Pending, queue.Deferred, queue.Delivered, queue.Bounced} {
+		if counts[s] > 0 {
+			parts = append(parts, fmt.Sprintf("%d %s", counts[s], s))
+		}
+	}
+	return strings.Join(parts, ", ")
+}
+
+func printQueueList(msgs []*queue.Message, asJSON bool) error {
+	if asJSON {
+		if msgs == nil {
+			msgs = []*queue.Message{}
+		}
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(msgs)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "ID\tAGE\tSIZE\tFROM\tRECIPIENTS\tNEXT ATTEMPT")
+	now := time.Now()
+	for _, m := range msgs {
+		next := "-"
+		if t := m.NextDue(); !t.IsZero() {
+			if d := t.Sub(now); d > 0 {
+				next = "in " + d.Round(time.Second).String()
+			} else {
+				next = "now"
+			}
+		}
+		from := m.Env.From
+		if from == "" {
+			from = "<>"
+		}
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", m.ID, now.Sub(m.Received).Round(time.Second), m.Size, from, rcptSummary(m), next)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Printf("%d message(s)\n", len(msgs))
+	return nil
+}
+
+func printQueueShow(m *queue.Message, asJSON bool) error {
+	if asJSON {
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(m)
+	}
+	from := m.Env.From
+	if from == "" {
+		from = "<>"
+	}
+	fmt.Printf("ID:        %s\nReceived:  %s\nSize:      %d\nFrom:      %s\nUser:      %s\nClient IP: %s\n", m.ID, m.Received.UTC().Format(time.RFC3339), m.Size, from, m.Env.User, m.Env.ClientIP)
+	if m.Env.Kind != "" {
+		fmt.Printf("Kind:      %s\n", m.Env.Kind)
+	}
+	for _, r := range m.Rcpts {
+		fmt.Printf("\n  %s\n    status: %s, attempts: %d\n", r.Addr, r.Status, r.Attempts)
+		if !r.NextAttempt.IsZero() && !r.Status.Final() {
+			fmt.Printf("    next attempt: %s\n", r.NextAttempt.UTC().Format(time.RFC3339))
+		}
+		if r.LastError != "" || r.LastCode != 0 {
+			fmt.Printf("    last: %d %s %s (mx %s)\n", r.LastCode, r.LastEnhanced, r.LastError, r.LastMX)
+		}
+	}
+	return nil
+}

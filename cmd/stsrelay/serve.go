@@ -1,0 +1,277 @@
+package main
+
+import (
+	"context"
+	"crypto/x509"
+	"errors"
+	"flag"
+	"fmt"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"sync"
+	"syscall"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/stsrelay/stsrelay/delivery"
+	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/logging"
+	"github.com/stsrelay/stsrelay/internal/metrics"
+	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/relay"
+)
+
+// shutdownGrace bounds how long in-flight SMTP transactions may take to
+// finish after SIGINT/SIGTERM before they are cut with 421.
+const shutdownGrace = 30 * time.Second
+
+func cmdServe(args []string) error {
+	fs := flag.NewFlagSet("serve", flag.ContinueOnError)
+	cfgPath := fs.String("config", defaultConfig, "configuration file")
+	if err := fs.Parse(args); err != nil {
+		return &usageError{err.Error()}
+	}
+	if fs.NArg() > 0 {
+		return &usageError{"serve: unexpected argument " + fs.Arg(0)}
+	}
+	cfg, err := config.Load(*cfgPath)
+	if err != nil {
+		return err
+	}
+	log, closeLog, err := logging.New(cfg.Log)
+	if err != nil {
+		return fmt.Errorf("config %s: %w", cfg.Path, err)
+	}
+	defer closeLog()
+	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	defer stop()
+	if err := serve(ctx, cfg, log); err != nil {
+		log.Error("stopped with error", zap.Error(err))
+		return err
+	}
+	return nil
+}
+
+// trustRoots returns the system roots plus tls.extra_root_ca_file: the
+// Web PKI for MX certificates and policy hosts alike.
+func trustRoots(cfg *config.Config) (*x509.CertPool, error) {
+	pool, err := x509.SystemCertPool()
+	if err != nil || pool == nil {
+		pool = x509.NewCertPool()
+	}
+	if f := cfg.TLS.ExtraRootCAFile; f != "" {
+		pem, err := os.ReadFile(f)
+		if err != nil {
+			return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
+		}
+		if !pool.AppendCertsFromPEM(pem) {
+			return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": no PEM certificate in %s", cfg.Path, f)
+		}
+	}
+	return pool, nil
+}
+
+// extraRoots returns only the extra roots (the mtasts fetcher adds them to
+// the system pool itself).
+func extraRoots(cfg *config.Config) (*x509.CertPool, error) {
+	if cfg.TLS.ExtraRootCAFile == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(cfg.TLS.ExtraRootCAFile)
+	if err != nil {
+		return nil, err
+	}
+	p := x509.NewCertPool()
+	p.AppendCertsFromPEM(pem)
+	return p, nil
+}
+
+func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
+	r, err := dnsclient.New(cfg.DNS.Servers, cfg.DNS.Timeout.Duration)
+	if err != nil {
+		return nil, fmt.Errorf("dns: %w", err)
+	}
+	return r, nil
+}
+
+func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
+	extra, err := extraRoots(cfg)
+	if err != nil {
+		return nil, err
+	}
+	return mtasts.New(mtasts.Options{
+		Resolver: res,
+		Fetcher: &mtasts.Fetcher{
+			HTTPSPort: cfg.MTASTS.HTTPSPort,
+			Timeout:   cfg.MTASTS.FetchTimeout.Duration,
+			MaxBytes:  cfg.MTASTS.MaxPolicyBytes,
+			RootCAs:   extra,
+		},
+		Dir:                 filepath.Join(cfg.DataDir, "mtasts"),
+		Logger:              log,
+		RefreshBeforeExpiry: cfg.MTASTS.RefreshBeforeExpiry.Duration,
+		OnFetch:             onFetch,
+	})
+}
+
+// policyAdapter shows the mtasts cache to delivery.
+type policyAdapter struct{ c *mtasts.Cache }
+
+func (p policyAdapter) Lookup(ctx context.Context, domain string) (delivery.PolicyResult, error) {
+	r, err := p.c.Get(ctx, domain)
+	if err != nil {
+		return delivery.PolicyResult{}, err
+	}
+	out := delivery.PolicyResult{Policy: r.Policy, ID: r.ID}
+	if r.Failure != nil {
+		out.FailureType = r.Failure.ResultType
+		out.FailureReason = r.Failure.Error()
+	}
+	return out, nil
+}
+
+func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
+	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
+		return fmt.Errorf("data_dir: %w", err)
+	}
+	store, err := queue.Open(queueOptions(cfg))
+	if err != nil {
+		return err
+	}
+	defer store.Close()
+	log.Info("queue opened", zap.String("dir", filepath.Join(cfg.DataDir, "queue")), zap.Int("messages", store.Len()))
+
+	met := metrics.New(
+		func() float64 { return float64(store.Len()) },
+		func() float64 {
+			if t, ok := store.Oldest(); ok {
+				return time.Since(t).Seconds()
+			}
+			return 0
+		})
+	resolver, err := newResolver(cfg)
+	if err != nil {
+		return err
+	}
+	roots, err := trustRoots(cfg)
+	if err != nil {
+		return err
+	}
+
+	runCtx, cancelRun := context.WithCancel(context.Background())
+	defer cancelRun()
+	var bg sync.WaitGroup
+
+	var policies delivery.PolicySource
+	var cache *mtasts.Cache
+	if cfg.MTASTS.Enabled {
+		cache, err = newPolicyCache(cfg, resolver, log, func(domain, id string, mode mtasts.Mode, result string) {
+			met.MTASTSFetches.WithLabelValues(result).Inc()
+		})
+		if err != nil {
+			return fmt.Errorf("mtasts cache: %w", err)
+		}
+		policies = policyAdapter{cache}
+		bg.Add(2)
+		go func() { defer bg.Done(); cache.Run(runCtx) }()
+		go func() {
+			defer bg.Done()
+			t := time.NewTicker(15 * time.Second)
+			defer t.Stop()
+			for {
+				byMode := map[string]int{}
+				for _, e := range cache.Entries() {
+					if !e.Expired {
+						byMode[string(e.Mode)]++
+					}
+				}
+				met.SetPolicies(byMode)
+				select {
+				case <-runCtx.Done():
+					return
+				case <-t.C:
+				}
+			}
+		}()
+	}
+
+	tlsrec, stopReports, err := startTLSRPT(runCtx, cfg, resolver, store, log, met, &bg)
+	if err != nil {
+		return err
+	}
+
+	eng := delivery.New(delivery.Options{
+		Config:   cfg,
+		Store:    store,
+		Resolver: resolver,
+		Policies: policies,
+		TLSRPT:   tlsrec,
+		Counters: met,
+		Roots:    roots,
+		Logger:   log,
+	})
+	engCtx, cancelEng := context.WithCancel(context.Background())
+	engDone := make(chan struct{})
+	go func() { eng.Run(engCtx); close(engDone) }()
+
+	srv, err := relay.New(relay.Options{Config: cfg, Queue: store, Logger: log, Accepted: met.MessagesAccepted})
+	if err != nil {
+		cancelEng()
+		<-engDone
+		return err
+	}
+	if err := srv.Start(); err != nil {
+		cancelEng()
+		<-engDone
+		return err
+	}
+	var addrs []string
+	for _, a := range srv.Addrs() {
+		addrs = append(addrs, a.String())
+	}
+
+	ctl, err := serveControl(cfg.DataDir, func(req controlRequest) (any, error) {
+		return handleControl(req, store, eng, cache, tlsrecPending(tlsrec))
+	}, isNotFound)
+	if err != nil {
+		log.Warn("control socket unavailable; CLI actions on the running relay will fail", zap.Error(err))
+	}
+	if cfg.Metrics.Listen != "" {
+		if _, err := met.Serve(runCtx, cfg.Metrics.Listen); err != nil {
+			log.Error("metrics listener failed", zap.Error(err))
+		}
+	}
+	met.SetReady(true)
+	log.Info("started", zap.Strings("listen", addrs), zap.String("hostname", cfg.Hostname), zap.String("version", version))
+
+	<-ctx.Done()
+	log.Info("stopping")
+	met.SetReady(false)
+	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
+		log.Warn("submission shutdown", zap.Error(err))
+	}
+	cancel()
+	if ctl != nil {
+		ctl.Close()
+	}
+	// In-flight deliveries finish (bounded by their SMTP timeouts); their
+	// outcomes are recorded before the store closes.
+	cancelEng()
+	<-engDone
+	stopReports()
+	cancelRun()
+	bg.Wait()
+	log.Info("stopped")
+	return nil
+}
+
+func isNotFound(err error) bool {
+	return errors.Is(err, queue.ErrNotFound) || errors.Is(err, errPolicyNotFound)
+}
+
+var errPolicyNotFound = errors.New("no cached policy for that domain")

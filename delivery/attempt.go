@@ -1,0 +1,559 @@
+package delivery
+
+import (
+	"bufio"
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"net"
+	"net/textproto"
+	"strings"
+
+	"github.com/emersion/go-smtp"
+	"go.uber.org/zap"
+
+	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// outcome is what happened to one recipient in one attempt.
+type outcome struct {
+	result   string // delivered, deferred, bounced
+	code     int
+	enhanced string
+	reason   string
+}
+
+// attempt carries what one delivery attempt learnt, for the log lines.
+type attempt struct {
+	mx, ip       string
+	tls          string
+	tlsVerified  bool
+	stsMode      string
+	stsID        string
+	tlsrptResult string
+}
+
+// deliver makes one attempt for job j, on sess when it is still fit to
+// carry the message, and returns the session if it can carry more.
+func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
+	ms := j.ms
+	m := ms.m
+	a := &attempt{}
+	outs := make([]outcome, len(j.idx))
+	setAll := func(o outcome) {
+		for i := range outs {
+			outs[i] = o
+		}
+	}
+	tlsRequiredNo := e.tlsRequiredNo(ms)
+	report := m.Env.Kind != queue.KindTLSRPT && !tlsRequiredNo
+
+	// RFC 8461 §4, §5: the policy in force for the recipient domain.
+	var pol PolicyResult
+	if e.o.Policies != nil && !tlsRequiredNo {
+		var err error
+		pol, err = e.o.Policies.Lookup(ctx, j.domain)
+		if err != nil {
+			if sess != nil {
+				sess.close()
+			}
+			setAll(outcome{result: "deferred", code: 451, enhanced: "4.4.3", reason: "MTA-STS policy lookup failed: " + err.Error()})
+			e.finish(j, outs, a)
+			return nil
+		}
+		if pol.Policy != nil {
+			a.stsMode = string(pol.Policy.Mode)
+			a.stsID = pol.ID
+		}
+		if pol.FailureType != "" && report {
+			e.recordTLS(j.domain, pol, TLSResult{ResultType: pol.FailureType, Reason: pol.FailureReason})
+		}
+	}
+	mode := mtasts.Mode("")
+	if pol.Policy != nil {
+		mode = pol.Policy.Mode
+	}
+
+	// A parked session is used only if the policy now in force allows
+	// it: its MX must still match and its TLS state satisfy the mode.
+	if sess != nil {
+		if !e.sessionFits(sess, pol, m) {
+			sess.close()
+			sess = nil
+		} else if err := sess.reset(); err != nil {
+			sess.close()
+			sess = nil
+		}
+	}
+	var lastErr *sessionError
+	if sess == nil {
+		hosts, err := route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
+		var re *routeError
+		if errors.As(err, &re) {
+			res := "deferred"
+			code := 451
+			if re.Permanent {
+				res, code = "bounced", 550
+				if re.Enhanced == "5.1.10" {
+					code = 556 // RFC 7505 §4.1
+				}
+			}
+			setAll(outcome{result: res, code: code, enhanced: re.Enhanced, reason: re.Msg})
+			e.finish(j, outs, a)
+			return nil
+		}
+		sess, lastErr = e.connect(ctx, j.domain, hosts, pol, m, report, tlsRequiredNo, a)
+		if sess == nil {
+			o := outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "no MX host could be used"}
+			if lastErr != nil {
+				o.code, o.reason = lastErr.Code, lastErr.Error()
+				if o.code == 0 {
+					o.code = 451
+				}
+				if lastErr.Enhanced != "" {
+					o.enhanced = lastErr.Enhanced
+				}
+				if lastErr.Permanent && (lastErr.Stage == "mail" || lastErr.Stage == "requiretls") {
+					o.result = "bounced"
+				}
+				if o.code >= 500 && o.result != "bounced" {
+					// A 5xx from a host we moved past says nothing
+					// final about the others: retry later.
+					o.code = 451
+				}
+			}
+			if o.result == "deferred" && o.enhanced[0] == '5' {
+				o.enhanced = "4" + o.enhanced[1:]
+			}
+			setAll(o)
+			e.finish(j, outs, a)
+			return nil
+		}
+	}
+	a.mx, a.ip = sess.host, sess.ip
+	a.tls = tlsVersionName(sess.version)
+	a.tlsVerified = sess.tls && sess.cert.Verified
+	if sess.tls && !sess.cert.Verified {
+		a.tlsrptResult = sess.cert.ResultType
+	} else if !sess.tls && mode != "" && mode != mtasts.ModeNone {
+		a.tlsrptResult = ResultSTARTTLSNotSupported
+	}
+
+	// Extensions the message needs.
+	if m.Env.SMTPUTF8 {
+		if ok, _ := sess.c.Extension("SMTPUTF8"); !ok {
+			setAll(outcome{result: "bounced", code: 553, enhanced: "5.6.7", reason: "message needs SMTPUTF8 and " + sess.host + " does not support it"})
+			e.finish(j, outs, a)
+			return sess
+		}
+	}
+	if max, ok := sess.c.MaxMessageSize(); ok && max > 0 && m.Size > int64(max) {
+		setAll(outcome{result: "bounced", code: 552, enhanced: "5.3.4", reason: fmt.Sprintf("message size %d exceeds %s's limit of %d", m.Size, sess.host, max)})
+		e.finish(j, outs, a)
+		return sess
+	}
+	mopts := &smtp.MailOptions{Size: m.Size, UTF8: m.Env.SMTPUTF8, EnvelopeID: m.Env.EnvID}
+	if m.Env.Body == "8BITMIME" {
+		if ok, _ := sess.c.Extension("8BITMIME"); ok {
+			mopts.Body = smtp.Body8BitMIME
+		}
+	}
+	switch m.Env.Ret {
+	case "FULL":
+		mopts.Return = smtp.DSNReturnFull
+	case "HDRS":
+		mopts.Return = smtp.DSNReturnHeaders
+	}
+	if m.Env.RequireTLS {
+		mopts.RequireTLS = true
+	}
+	rcpts := make([]string, len(j.idx))
+	ropts := make([]*smtp.RcptOptions, len(j.idx))
+	for k, i := range j.idx {
+		r := &m.Rcpts[i]
+		rcpts[k] = r.Addr
+		if len(r.Notify) > 0 || r.ORcpt != "" {
+			ro := &smtp.RcptOptions{}
+			for _, n := range r.Notify {
+				ro.Notify = append(ro.Notify, smtp.DSNNotify(n))
+			}
+			if r.ORcpt != "" {
+				ro.OriginalRecipientType = smtp.DSNAddressTypeRFC822
+				ro.OriginalRecipient = strings.TrimPrefix(r.ORcpt, "rfc822;")
+			}
+			ropts[k] = ro
+		}
+	}
+	body, err := e.store.Body(m.ID)
+	if err != nil {
+		setAll(outcome{result: "deferred", code: 451, enhanced: "4.3.0", reason: "reading queued body: " + err.Error()})
+		e.finish(j, outs, a)
+		return sess
+	}
+	results, serr := sess.send(m.Env.From, rcpts, mopts, ropts, body)
+	for k, r := range results {
+		switch {
+		case r.Delivered:
+			outs[k] = outcome{result: "delivered", code: r.Code, enhanced: "2.0.0", reason: r.Msg}
+		case r.Permanent:
+			outs[k] = outcome{result: "bounced", code: r.Code, enhanced: r.Enhanced, reason: r.Msg}
+		default:
+			code := r.Code
+			if code == 0 {
+				code = 451
+			}
+			outs[k] = outcome{result: "deferred", code: code, enhanced: r.Enhanced, reason: r.Msg}
+		}
+	}
+	e.finish(j, outs, a)
+	if serr != nil && (serr.Code == 0 || serr.Code == 421) || sess.messages >= e.cfg.Delivery.ConnectionReuseLimit {
+		sess.close()
+		return nil
+	}
+	return sess
+}
+
+// sessionFits reports whether a parked session may carry m under the
+// policy now in force (RFC 8461 §5: reuse must not bypass the policy).
+func (e *Engine) sessionFits(s *session, pol PolicyResult, m *queue.Message) bool {
+	if s.messages >= e.cfg.Delivery.ConnectionReuseLimit {
+		return false
+	}
+	if s.policyID != pol.ID {
+		// The policy changed since the session was set up: set up anew
+		// so the MX choice follows the new policy.
+		return false
+	}
+	if m.Env.RequireTLS && !(s.tls && s.cert.Verified) {
+		return false
+	}
+	if pol.Policy == nil || pol.Policy.Mode != mtasts.ModeEnforce {
+		return true
+	}
+	return pol.Policy.Matches(s.host) && s.tls && s.cert.Verified
+}
+
+// connect walks the hosts in preference order and returns the first
+// session that the policy allows (RFC 8461 §5.1 guidance, §8.4: an
+// invalid candidate is treated as unreachable and the next one tried).
+func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pol PolicyResult, m *queue.Message, report, tlsRequiredNo bool, a *attempt) (*session, *sessionError) {
+	mode := mtasts.Mode("")
+	if pol.Policy != nil {
+		mode = pol.Policy.Mode
+	}
+	enforce := mode == mtasts.ModeEnforce
+	testing := mode == mtasts.ModeTesting
+	requireTLS := m.Env.RequireTLS
+	var lastErr *sessionError
+	for _, h := range hosts {
+		if len(h.IPs) == 0 {
+			continue
+		}
+		// RFC 8461 §4.1: the MX name from DNS must match a pattern.
+		if (enforce || testing || requireTLS) && (pol.Policy == nil || !pol.Policy.Matches(h.Name)) {
+			if (enforce || testing) && report {
+				e.recordTLS(domain, pol, TLSResult{MX: h.Name, ResultType: ResultValidationFailure, Reason: "mtasts-policy-mx-mismatch"})
+			}
+			if enforce || requireTLS {
+				a.mx = h.Name
+				a.tlsrptResult = ResultValidationFailure
+				code, enh := 451, "4.7.5"
+				msg := "MX host " + h.Name + " is not allowed by the MTA-STS policy of " + domain
+				stage := "policy"
+				if requireTLS && !enforce {
+					stage, code, enh = "requiretls", 550, "5.7.30"
+					msg = "REQUIRETLS: MX host " + h.Name + " is not validated by MTA-STS"
+				}
+				lastErr = &sessionError{Stage: stage, Code: code, Enhanced: enh, Msg: msg, Permanent: stage == "requiretls"}
+				continue
+			}
+		}
+		for _, ip := range h.IPs {
+			a.mx, a.ip = h.Name, ip.String()
+			s, err := e.dialHost(ctx, h.Name, ip, false)
+			if err != nil {
+				se := asSessionError(err)
+				if se.ResultType != "" {
+					// The TLS handshake (or STARTTLS) failed.
+					if report {
+						e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), ResultType: se.ResultType, Reason: se.Msg})
+					}
+					a.tlsrptResult = se.ResultType
+					if enforce || requireTLS {
+						se.Code, se.Enhanced = 451, "4.7.5"
+						lastErr = se
+						continue
+					}
+					// Opportunistic: as a sender without a policy would,
+					// fall back to plaintext on a new connection.
+					s, err = e.dialHost(ctx, h.Name, ip, true)
+					if err != nil {
+						lastErr = asSessionError(err)
+						continue
+					}
+				} else {
+					lastErr = se
+					continue
+				}
+			}
+			s.policyID = pol.ID
+			if ok, why := e.tlsAcceptable(s, mode, requireTLS); !ok {
+				rt := ResultSTARTTLSNotSupported
+				if s.tls {
+					rt = s.cert.ResultType
+				}
+				if report {
+					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: rt, Reason: why})
+				}
+				a.tlsrptResult = rt
+				s.close()
+				code, enh := 451, "4.7.5"
+				if requireTLS && !enforce {
+					code, enh = 550, "5.7.10"
+				}
+				lastErr = &sessionError{Stage: "tls", Code: code, Enhanced: enh, Msg: why, Permanent: code == 550, ResultType: rt}
+				if requireTLS && !enforce {
+					lastErr.Stage = "requiretls"
+				}
+				continue
+			}
+			if report {
+				switch {
+				case !s.tls:
+					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: ResultSTARTTLSNotSupported, Reason: "STARTTLS not offered"})
+				case !s.cert.Verified && (testing || enforce):
+					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: s.cert.ResultType, Reason: s.cert.Reason})
+				default:
+					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, Success: true})
+				}
+			}
+			return s, nil
+		}
+	}
+	return nil, lastErr
+}
+
+// tlsAcceptable applies RFC 8461 §5 (enforce: STARTTLS and a verified
+// certificate, no plaintext fallback) and RFC 8689 §4.2.1 (REQUIRETLS)
+// to a fresh session.
+func (e *Engine) tlsAcceptable(s *session, mode mtasts.Mode, requireTLS bool) (bool, string) {
+	if mode != mtasts.ModeEnforce && !requireTLS {
+		return true, ""
+	}
+	if !s.tls {
+		return false, "STARTTLS not offered by " + s.host + ", required by policy"
+	}
+	if !s.cert.Verified {
+		return false, "certificate of " + s.host + " not valid: " + s.cert.Reason
+	}
+	if requireTLS {
+		if ok, _ := s.c.Extension("REQUIRETLS"); !ok {
+			return false, s.host + " does not offer REQUIRETLS"
+		}
+	}
+	return true, ""
+}
+
+func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext bool) (*session, error) {
+	o := dialOptions{
+		Hostname:       e.cfg.Hostname,
+		Port:           e.cfg.Delivery.Port,
+		ConnectTimeout: e.cfg.Delivery.ConnectTimeout.Duration,
+		CommandTimeout: e.cfg.Delivery.CommandTimeout.Duration,
+		Roots:          e.o.Roots,
+		Now:            e.now,
+		WantTLS:        true,
+		Plaintext:      plaintext,
+	}
+	for _, l := range e.localIPs {
+		if (l.To4() != nil) == (ip.To4() != nil) {
+			o.LocalAddr = l
+			break
+		}
+	}
+	return dial(ctx, host, ip.String(), o)
+}
+
+func asSessionError(err error) *sessionError {
+	var se *sessionError
+	if errors.As(err, &se) {
+		return se
+	}
+	return &sessionError{Stage: "connect", Msg: err.Error()}
+}
+
+// recordTLS counts a session for TLS-RPT against the policy in force.
+func (e *Engine) recordTLS(domain string, pol PolicyResult, r TLSResult) {
+	r.Time = e.now()
+	r.Domain = domain
+	if pol.Policy != nil && pol.Policy.Mode != mtasts.ModeNone {
+		r.PolicyType = "sts"
+		r.PolicyLines = pol.Policy.Lines
+		r.MXPatterns = pol.Policy.MX
+	} else {
+		r.PolicyType = "no-policy-found"
+	}
+	if e.o.Counters != nil {
+		rt := r.ResultType
+		if r.Success {
+			rt = "success"
+		}
+		e.o.Counters.TLSSession(rt)
+	}
+	if e.o.TLSRPT != nil {
+		e.o.TLSRPT.RecordTLS(r)
+	}
+}
+
+// tlsRequiredNo reads the message header once for "TLS-Required: No"
+// (RFC 8689 §3): the sender asks that MTA-STS and DANE be ignored for
+// this message. TLS-RPT reports carry it so that they reach a domain
+// whose TLS is broken.
+func (e *Engine) tlsRequiredNo(ms *msgState) bool {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	if ms.hdrRead {
+		return ms.tlsRequiredNo
+	}
+	ms.hdrRead = true
+	body, err := e.store.Body(ms.m.ID)
+	if err != nil {
+		return false
+	}
+	hdr, err := textproto.NewReader(bufio.NewReader(io.LimitReader(body, 256<<10))).ReadMIMEHeader()
+	if err != nil && len(hdr) == 0 {
+		return false
+	}
+	ms.tlsRequiredNo = strings.EqualFold(strings.TrimSpace(hdr.Get("TLS-Required")), "No")
+	return ms.tlsRequiredNo
+}
+
+// finish records the outcomes of a job, logs one line per recipient, and
+// when it was the message's last job of this round, writes the new state
+// and sends the DSNs due.
+func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
+	ms := j.ms
+	now := e.now()
+	ms.mu.Lock()
+	m := ms.m
+	for k, i := range j.idx {
+		r := &m.Rcpts[i]
+		o := outs[k]
+		r.Attempts++
+		r.LastAttempt = now
+		r.LastCode, r.LastEnhanced, r.LastError, r.LastMX = o.code, o.enhanced, o.reason, a.mx
+		switch o.result {
+		case "delivered":
+			r.Status = queue.Delivered
+		case "bounced":
+			r.Status = queue.Bounced
+			ms.bounced = append(ms.bounced, i)
+		default:
+			next, expired := e.sched.Next(m.Received, r.Attempts, now)
+			if expired {
+				// RFC 5321 §4.5.4.1: give up after the configured
+				// lifetime. An MTA-STS failure becomes 5.7.x here and
+				// only here (RFC 8461 §5: enforce failures are
+				// temporary until then).
+				o.result = "bounced"
+				r.Status = queue.Bounced
+				if o.enhanced == "" {
+					o.enhanced = "4.4.7"
+				}
+				r.LastEnhanced = "5" + o.enhanced[1:]
+				r.LastError = "delivery time expired; last error: " + o.reason
+				o.enhanced, o.reason = r.LastEnhanced, r.LastError
+				ms.bounced = append(ms.bounced, i)
+			} else {
+				r.Status = queue.Deferred
+				r.NextAttempt = next
+			}
+		}
+		e.logDelivery(m, r, o, a)
+		if e.o.Counters != nil {
+			e.o.Counters.Delivery(o.result)
+		}
+	}
+	ms.pending--
+	last := ms.pending == 0
+	ms.mu.Unlock()
+	if last {
+		e.complete(ms)
+	}
+}
+
+func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a *attempt) {
+	e.log.Info("delivery",
+		zap.String("queue_id", m.ID),
+		zap.String("from", m.Env.From),
+		zap.String("rcpt", r.Addr),
+		zap.String("domain", r.Domain()),
+		zap.String("mx", a.mx),
+		zap.String("ip", a.ip),
+		zap.Int("attempt", r.Attempts),
+		zap.String("result", o.result),
+		zap.Int("code", o.code),
+		zap.String("enhanced_code", o.enhanced),
+		zap.String("reason", o.reason),
+		zap.String("tls", a.tls),
+		zap.Bool("tls_verified", a.tlsVerified),
+		zap.String("sts_mode", a.stsMode),
+		zap.String("sts_policy_id", a.stsID),
+		zap.String("tlsrpt_result", a.tlsrptResult),
+	)
+}
+
+// complete ends a message's round: DSNs first (durably queued), then the
+// new recipient states.
+func (e *Engine) complete(ms *msgState) {
+	m := ms.m
+	now := e.now()
+	if len(ms.bounced) > 0 {
+		e.sendDSN(m, ms.bounced, actionFailed, now)
+	}
+	if d := e.cfg.Queue.DelayNoticeAfter.Duration; d > 0 && !m.DelayNotified && now.Sub(m.Received) >= d {
+		var delayed []int
+		for i := range m.Rcpts {
+			if m.Rcpts[i].Status == queue.Deferred {
+				delayed = append(delayed, i)
+			}
+		}
+		if len(delayed) > 0 {
+			e.sendDSN(m, delayed, actionDelayed, now)
+			m.DelayNotified = true
+		}
+	}
+	if err := e.store.Update(m); err != nil && !errors.Is(err, queue.ErrNotFound) {
+		e.log.Error("queue update failed", zap.String("queue_id", m.ID), zap.Error(err))
+		e.store.Release(m.ID)
+	}
+}
+
+// Bounce fails every recipient of a queued message that is not final,
+// with a DSN to the sender (operator action).
+func (e *Engine) Bounce(id string) error {
+	m, err := e.store.Get(id)
+	if err != nil {
+		return err
+	}
+	now := e.now()
+	var idx []int
+	for i := range m.Rcpts {
+		r := &m.Rcpts[i]
+		if r.Status.Final() {
+			continue
+		}
+		r.Status = queue.Bounced
+		r.LastCode, r.LastEnhanced = 550, "5.0.0"
+		r.LastError = "bounced by the operator"
+		idx = append(idx, i)
+		e.logDelivery(m, r, outcome{result: "bounced", code: 550, enhanced: "5.0.0", reason: "bounced by the operator"}, &attempt{})
+	}
+	if len(idx) == 0 {
+		return nil
+	}
+	e.sendDSN(m, idx, actionFailed, now)
+	return e.store.Update(m)
+}

@@ -1,0 +1,368 @@
+// Package delivery takes due recipients from the queue, finds where their
+// domain's mail goes (RFC 5321 §5.1), applies the domain's MTA-STS policy
+// (RFC 8461 §4, §5), delivers over SMTP with STARTTLS, records each
+// recipient's outcome, retries what failed temporarily and bounces what
+// failed for good with an RFC 3464 DSN.
+package delivery
+
+import (
+	"context"
+	"crypto/x509"
+	"net"
+	"sort"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// PolicyResult is the MTA-STS policy in force for a domain, as delivery
+// sees it.
+type PolicyResult struct {
+	// Policy is nil when the domain has no policy in force.
+	Policy *mtasts.Policy
+	// ID is the TXT id of the policy in force.
+	ID string
+	// FailureType and FailureReason describe a discovery or fetch
+	// failure met while looking the policy up (RFC 8460 result type),
+	// even when a cached policy was applied.
+	FailureType, FailureReason string
+}
+
+// PolicySource looks up a domain's MTA-STS policy. An error means no
+// decision can be made now (e.g. the TXT lookup failed and nothing is
+// cached): delivery defers.
+type PolicySource interface {
+	Lookup(ctx context.Context, domain string) (PolicyResult, error)
+}
+
+// TLSResult is one delivery session's TLS outcome, for TLS-RPT
+// (RFC 8460 §4: counted per session, not per message).
+type TLSResult struct {
+	Time         time.Time
+	Domain       string
+	PolicyType   string // "sts" or "no-policy-found"
+	PolicyLines  []string
+	MXPatterns   []string
+	Success      bool
+	ResultType   string
+	SendingIP    string
+	MX, Helo, IP string
+	Reason       string
+}
+
+// TLSRecorder counts TLS results.
+type TLSRecorder interface {
+	RecordTLS(TLSResult)
+}
+
+// Counters receives delivery outcomes (metrics).
+type Counters interface {
+	Delivery(result string)
+	TLSSession(resultType string)
+}
+
+// Options wire an Engine.
+type Options struct {
+	Config   *config.Config
+	Store    *queue.Store
+	Resolver Resolver
+	// Policies is nil when MTA-STS is off.
+	Policies PolicySource
+	// TLSRPT is nil when TLS-RPT is off.
+	TLSRPT   TLSRecorder
+	Counters Counters
+	// Roots verify MX certificates: the system pool plus
+	// tls.extra_root_ca_file.
+	Roots  *x509.CertPool
+	Logger *zap.Logger
+	Now    func() time.Time
+}
+
+// Engine runs deliveries.
+type Engine struct {
+	o        Options
+	cfg      *config.Config
+	store    *queue.Store
+	log      *zap.Logger
+	now      func() time.Time
+	sched    queue.Schedule
+	wantV6   bool
+	localIPs []net.IP
+
+	mu      sync.Mutex
+	domains map[string]*domainQueue
+	queued  int // jobs waiting in domain queues
+	running int // workers
+	idle    map[string][]*session
+	kick    chan struct{}
+	wg      sync.WaitGroup
+}
+
+type domainQueue struct {
+	jobs   []*job
+	active int
+}
+
+// job is the recipients of one message at one domain.
+type job struct {
+	ms     *msgState
+	domain string
+	idx    []int
+}
+
+// msgState gathers the results of a message's jobs in one round.
+type msgState struct {
+	mu      sync.Mutex
+	m       *queue.Message
+	pending int
+	bounced []int
+	// tlsRequiredNo is the RFC 8689 §3 header, read once.
+	hdrRead       bool
+	tlsRequiredNo bool
+}
+
+// New makes an Engine.
+func New(o Options) *Engine {
+	if o.Now == nil {
+		o.Now = time.Now
+	}
+	if o.Logger == nil {
+		o.Logger = zap.NewNop()
+	}
+	e := &Engine{
+		o:       o,
+		cfg:     o.Config,
+		store:   o.Store,
+		log:     o.Logger,
+		now:     o.Now,
+		sched:   o.Store.Schedule(),
+		wantV6:  hasIPv6Route(),
+		domains: map[string]*domainQueue{},
+		idle:    map[string][]*session{},
+		kick:    make(chan struct{}, 1),
+	}
+	for _, a := range o.Config.Delivery.LocalAddresses {
+		e.localIPs = append(e.localIPs, net.ParseIP(a))
+	}
+	return e
+}
+
+func (e *Engine) signal() {
+	select {
+	case e.kick <- struct{}{}:
+	default:
+	}
+}
+
+// maxQueuedJobs bounds how many leased jobs wait in memory.
+func (e *Engine) maxQueuedJobs() int { return 4*e.cfg.Queue.Workers*e.cfg.Queue.PerDomainConcurrency + 256 }
+
+// Run delivers until ctx ends, then waits for the sessions in flight
+// (bounded by their timeouts) and closes idle connections. An idle relay
+// sleeps: it wakes on a new message, a worker finishing, or the next due
+// time.
+func (e *Engine) Run(ctx context.Context) {
+	janitor := time.NewTicker(time.Second)
+	defer janitor.Stop()
+	timer := time.NewTimer(time.Hour)
+	defer timer.Stop()
+	for {
+		e.fill()
+		e.dispatch(ctx)
+		wait := time.Hour
+		if t, ok := e.store.NextDue(); ok {
+			wait = t.Sub(e.now())
+			if wait < 0 {
+				wait = 0
+			}
+			e.mu.Lock()
+			full := e.queued >= e.maxQueuedJobs()
+			e.mu.Unlock()
+			if full {
+				wait = time.Hour // a worker finishing kicks us
+			}
+		}
+		if !timer.Stop() {
+			select {
+			case <-timer.C:
+			default:
+			}
+		}
+		timer.Reset(wait + time.Millisecond)
+		select {
+		case <-ctx.Done():
+			e.wg.Wait()
+			e.closeIdle(0)
+			return
+		case <-e.store.Wake():
+		case <-e.kick:
+		case <-timer.C:
+		case <-janitor.C:
+			e.closeIdle(e.cfg.Delivery.ConnectionIdleTimeout.Duration)
+		}
+	}
+}
+
+// fill leases due messages and splits them into per-domain jobs.
+func (e *Engine) fill() {
+	for {
+		e.mu.Lock()
+		room := e.maxQueuedJobs() - e.queued
+		e.mu.Unlock()
+		if room <= 0 {
+			return
+		}
+		now := e.now()
+		msgs := e.store.Lease(now, min(room, 256))
+		if len(msgs) == 0 {
+			return
+		}
+		for _, m := range msgs {
+			e.split(m, now)
+		}
+	}
+}
+
+func (e *Engine) split(m *queue.Message, now time.Time) {
+	byDomain := map[string][]int{}
+	var order []string
+	for i := range m.Rcpts {
+		r := &m.Rcpts[i]
+		if r.Status.Final() || r.NextAttempt.After(now) {
+			continue
+		}
+		d := r.Domain()
+		if _, ok := byDomain[d]; !ok {
+			order = append(order, d)
+		}
+		byDomain[d] = append(byDomain[d], i)
+	}
+	if len(order) == 0 {
+		e.store.Release(m.ID)
+		return
+	}
+	ms := &msgState{m: m, pending: len(order)}
+	e.mu.Lock()
+	for _, d := range order {
+		dq := e.domains[d]
+		if dq == nil {
+			dq = &domainQueue{}
+			e.domains[d] = dq
+		}
+		dq.jobs = append(dq.jobs, &job{ms: ms, domain: d, idx: byDomain[d]})
+		e.queued++
+	}
+	e.mu.Unlock()
+}
+
+// dispatch starts workers for domains with waiting jobs, within
+// queue.workers in total and queue.per_domain_concurrency per domain. A
+// domain whose MX is down holds at most its own share of workers.
+func (e *Engine) dispatch(ctx context.Context) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	if ctx.Err() != nil {
+		return
+	}
+	var names []string
+	for d, dq := range e.domains {
+		if len(dq.jobs) > dq.active {
+			names = append(names, d)
+		}
+	}
+	// Oldest waiting job first, so no domain starves.
+	sort.Slice(names, func(i, j int) bool {
+		return e.domains[names[i]].jobs[0].ms.m.ID < e.domains[names[j]].jobs[0].ms.m.ID
+	})
+	for progress := true; progress; {
+		progress = false
+		for _, d := range names {
+			dq := e.domains[d]
+			if e.running >= e.cfg.Queue.Workers {
+				return
+			}
+			if dq.active >= e.cfg.Queue.PerDomainConcurrency || len(dq.jobs) <= dq.active {
+				continue
+			}
+			dq.active++
+			e.running++
+			e.wg.Add(1)
+			go e.worker(ctx, d)
+			progress = true
+		}
+	}
+}
+
+// worker delivers the jobs of one domain, one after another, reusing its
+// SMTP session between messages (RSET between them, a bounded count),
+// then parks the session for a later worker of the same domain.
+func (e *Engine) worker(ctx context.Context, domain string) {
+	defer e.wg.Done()
+	var sess *session
+	for {
+		e.mu.Lock()
+		dq := e.domains[domain]
+		if len(dq.jobs) == 0 || ctx.Err() != nil {
+			dq.active--
+			e.running--
+			if dq.active == 0 && len(dq.jobs) == 0 {
+				delete(e.domains, domain)
+			}
+			if sess != nil {
+				sess.lastUsed = e.now()
+				e.idle[domain] = append(e.idle[domain], sess)
+			}
+			e.mu.Unlock()
+			e.signal()
+			return
+		}
+		j := dq.jobs[0]
+		dq.jobs[0] = nil
+		dq.jobs = dq.jobs[1:]
+		e.queued--
+		if sess == nil {
+			if pool := e.idle[domain]; len(pool) > 0 {
+				sess = pool[len(pool)-1]
+				e.idle[domain] = pool[:len(pool)-1]
+				if len(e.idle[domain]) == 0 {
+					delete(e.idle, domain)
+				}
+			}
+		}
+		e.mu.Unlock()
+		e.signal() // room for more leased jobs
+		sess = e.deliver(ctx, j, sess)
+	}
+}
+
+// closeIdle closes parked sessions idle for longer than maxIdle (all of
+// them when maxIdle is 0).
+func (e *Engine) closeIdle(maxIdle time.Duration) {
+	now := e.now()
+	var toClose []*session
+	e.mu.Lock()
+	for d, pool := range e.idle {
+		keep := pool[:0]
+		for _, s := range pool {
+			if maxIdle == 0 || now.Sub(s.lastUsed) > maxIdle {
+				toClose = append(toClose, s)
+			} else {
+				keep = append(keep, s)
+			}
+		}
+		if len(keep) == 0 {
+			delete(e.idle, d)
+		} else {
+			e.idle[d] = keep
+		}
+	}
+	e.mu.Unlock()
+	for _, s := range toClose {
+		s.close()
+	}
+}

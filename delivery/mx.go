@@ -1,0 +1,157 @@
+package delivery
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"strings"
+	"sync"
+
+	"github.com/stsrelay/stsrelay/internal/dnsclient"
+)
+
+// Limits on what one attempt tries (RFC 5321 §5.1: a sender SHOULD try at
+// least two addresses; bounds keep a broken domain from eating a worker).
+const (
+	maxHostsPerAttempt = 5
+	maxIPsPerHost      = 2
+)
+
+// Host is one destination host: the name from the MX record (or the
+// domain itself for an implicit MX), which is the name MTA-STS matches and
+// the certificate must carry, and its addresses.
+type Host struct {
+	Name string
+	Pref uint16
+	IPs  []net.IP
+	// Err is why the host has no addresses (skipped).
+	Err error
+	// Implicit is set for the domain used as its own MX (RFC 5321 §5.1).
+	Implicit bool
+}
+
+// routeError is a failure to find where mail for a domain goes.
+type routeError struct {
+	Permanent bool
+	Enhanced  string
+	Msg       string
+}
+
+func (e *routeError) Error() string { return e.Msg }
+
+// Resolver is the part of the DNS client delivery needs.
+type Resolver interface {
+	LookupMX(ctx context.Context, domain string) ([]dnsclient.MX, error)
+	LookupIP(ctx context.Context, host string, wantV6 bool) ([]net.IP, error)
+}
+
+// route finds the hosts to try for domain, in order, with their
+// addresses (RFC 5321 §5.1, RFC 7505), so that the order and the failure
+// classes are decided in one place.
+func route(ctx context.Context, r Resolver, domain, self string, wantV6 bool) ([]Host, error) {
+	mxs, err := r.LookupMX(ctx, domain)
+	switch {
+	case err == nil:
+	case errors.Is(err, dnsclient.ErrNoData):
+		// RFC 5321 §5.1: no MX records → the domain itself is the
+		// implicit MX, with preference 0.
+		mxs = []dnsclient.MX{{Host: strings.TrimSuffix(strings.ToLower(domain), "."), Pref: 0}}
+		hosts, err := resolveHosts(ctx, r, mxs, self, wantV6)
+		for i := range hosts {
+			hosts[i].Implicit = true
+		}
+		if err != nil {
+			if re, ok := err.(*routeError); ok && re.Permanent {
+				return nil, &routeError{Permanent: true, Enhanced: "5.1.2", Msg: fmt.Sprintf("domain %s has no MX and no address records", domain)}
+			}
+		}
+		return hosts, err
+	case errors.Is(err, dnsclient.ErrNotFound):
+		// RFC 5321 §5.1: a domain that does not exist is a permanent
+		// error.
+		return nil, &routeError{Permanent: true, Enhanced: "5.1.2", Msg: fmt.Sprintf("domain %s does not exist (NXDOMAIN)", domain)}
+	default:
+		return nil, &routeError{Enhanced: "4.4.3", Msg: fmt.Sprintf("MX lookup for %s failed: %v", domain, err)}
+	}
+	// RFC 7505 §3: a lone "0 ." says the domain accepts no mail. A null
+	// MX mixed with real MX records is a publisher error; like mox we
+	// ignore the "." and use the others (NULLMX-3-b).
+	var real []dnsclient.MX
+	for _, mx := range mxs {
+		if mx.Host != "." && mx.Host != "" {
+			real = append(real, mx)
+		}
+	}
+	if len(real) == 0 {
+		return nil, &routeError{Permanent: true, Enhanced: "5.1.10", Msg: fmt.Sprintf("domain %s publishes a null MX: it accepts no mail (RFC 7505)", domain)}
+	}
+	return resolveHosts(ctx, r, real, self, wantV6)
+}
+
+// resolveHosts resolves the addresses of the MX hosts, in parallel, and
+// classifies the outcome: none resolvable and all NXDOMAIN → permanent
+// (RFC 5321 §5.1: MX records present but none usable); any temporary
+// failure → temporary.
+func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self string, wantV6 bool) ([]Host, error) {
+	self = strings.ToLower(strings.TrimSuffix(self, "."))
+	hosts := make([]Host, 0, len(mxs))
+	for _, mx := range mxs {
+		// The relay's own name is never a destination: that would loop
+		// (RFC 5321 §5.1).
+		if mx.Host == self {
+			continue
+		}
+		hosts = append(hosts, Host{Name: mx.Host, Pref: mx.Pref})
+		if len(hosts) == maxHostsPerAttempt {
+			break
+		}
+	}
+	if len(hosts) == 0 {
+		return nil, &routeError{Permanent: true, Enhanced: "5.4.6", Msg: "the only MX is this relay itself (mail loop)"}
+	}
+	var wg sync.WaitGroup
+	for i := range hosts {
+		wg.Add(1)
+		go func(h *Host) {
+			defer wg.Done()
+			ips, err := r.LookupIP(ctx, h.Name, wantV6)
+			if len(ips) > maxIPsPerHost {
+				ips = ips[:maxIPsPerHost]
+			}
+			h.IPs, h.Err = ips, err
+		}(&hosts[i])
+	}
+	wg.Wait()
+	usable, temp := 0, 0
+	var lastErr error
+	for _, h := range hosts {
+		if len(h.IPs) > 0 {
+			usable++
+		} else if h.Err != nil {
+			lastErr = h.Err
+			if dnsclient.IsTemporary(h.Err) {
+				temp++
+			}
+		}
+	}
+	if usable == 0 {
+		if temp > 0 {
+			return hosts, &routeError{Enhanced: "4.4.3", Msg: fmt.Sprintf("MX host address lookup failed: %v", lastErr)}
+		}
+		return hosts, &routeError{Permanent: true, Enhanced: "5.4.4", Msg: fmt.Sprintf("no MX host has an address: %v", lastErr)}
+	}
+	return hosts, nil
+}
+
+// hasIPv6Route reports whether this host can reach the IPv6 Internet, so
+// AAAA records are worth trying (no packet is sent: a UDP "connect" only
+// consults the routing table).
+func hasIPv6Route() bool {
+	c, err := net.Dial("udp6", "[2001:db8::1]:53")
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}

@@ -1,0 +1,59 @@
+// Package logging builds the zap logger from the [log] configuration:
+// JSON lines (or console text), "ts" in RFC 3339 UTC.
+package logging
+
+import (
+	"fmt"
+	"os"
+	"time"
+
+	"go.uber.org/zap"
+	"go.uber.org/zap/zapcore"
+
+	"github.com/stsrelay/stsrelay/internal/config"
+)
+
+// New returns a logger writing to cfg.Output at cfg.Level in cfg.Format.
+// The returned close function flushes and closes a log file.
+func New(cfg config.Log) (*zap.Logger, func(), error) {
+	var level zapcore.Level
+	if err := level.UnmarshalText([]byte(cfg.Level)); err != nil {
+		return nil, nil, fmt.Errorf("log.level: %w", err)
+	}
+	enc := zapcore.EncoderConfig{
+		TimeKey:        "ts",
+		LevelKey:       "level",
+		MessageKey:     "msg",
+		CallerKey:      "",
+		StacktraceKey:  "",
+		LineEnding:     zapcore.DefaultLineEnding,
+		EncodeLevel:    zapcore.LowercaseLevelEncoder,
+		EncodeDuration: zapcore.StringDurationEncoder,
+		EncodeTime: func(t time.Time, pe zapcore.PrimitiveArrayEncoder) {
+			pe.AppendString(t.UTC().Format("2006-01-02T15:04:05.000000Z07:00"))
+		},
+	}
+	var encoder zapcore.Encoder
+	if cfg.Format == "console" {
+		encoder = zapcore.NewConsoleEncoder(enc)
+	} else {
+		encoder = zapcore.NewJSONEncoder(enc)
+	}
+	var ws zapcore.WriteSyncer
+	closeFn := func() {}
+	switch cfg.Output {
+	case "", "stderr":
+		ws = zapcore.Lock(os.Stderr)
+	case "stdout":
+		ws = zapcore.Lock(os.Stdout)
+	default:
+		f, err := os.OpenFile(cfg.Output, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
+		if err != nil {
+			return nil, nil, fmt.Errorf("log.output: %w", err)
+		}
+		ws = zapcore.Lock(f)
+		closeFn = func() { f.Sync(); f.Close() }
+	}
+	logger := zap.New(zapcore.NewCore(encoder, ws, level))
+	return logger, func() { _ = logger.Sync(); closeFn() }, nil
+}

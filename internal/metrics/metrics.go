@@ -1,0 +1,90 @@
+// Package metrics holds stsrelay's Prometheus metrics (names per
+// interface.md) in a registry of their own, and serves them with
+// /healthz and /readyz.
+package metrics
+
+import (
+	"context"
+	"net"
+	"net/http"
+	"sync/atomic"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+)
+
+// Metrics are the relay's counters and gauges.
+type Metrics struct {
+	Registry          *prometheus.Registry
+	MessagesAccepted  prometheus.Counter
+	Deliveries        *prometheus.CounterVec
+	MTASTSFetches     *prometheus.CounterVec
+	TLSSessions       *prometheus.CounterVec
+	TLSRPTReports     *prometheus.CounterVec
+	policiesByMode    *prometheus.GaugeVec
+	ready             atomic.Bool
+	queueLen, oldestS func() float64
+}
+
+// New creates the metrics. queueLen and oldest feed the queue gauges
+// (read at scrape time); policies feeds stsrelay_mtasts_policies.
+func New(queueLen, oldestSeconds func() float64) *Metrics {
+	m := &Metrics{Registry: prometheus.NewRegistry()}
+	m.MessagesAccepted = prometheus.NewCounter(prometheus.CounterOpts{Name: "stsrelay_messages_accepted_total", Help: "Messages accepted at submission (250 sent)."})
+	m.Deliveries = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_deliveries_total", Help: "Per-recipient delivery attempt outcomes."}, []string{"result"})
+	m.MTASTSFetches = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_mtasts_fetches_total", Help: "MTA-STS policy fetches by result."}, []string{"result"})
+	m.TLSSessions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_tls_sessions_total", Help: "Delivery sessions by TLS-RPT result type (success for compliant sessions)."}, []string{"result_type"})
+	m.TLSRPTReports = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_tlsrpt_reports_total", Help: "TLS-RPT reports sent by result."}, []string{"result"})
+	m.policiesByMode = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stsrelay_mtasts_policies", Help: "Cached MTA-STS policies by mode."}, []string{"mode"})
+	queueGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_messages", Help: "Messages in the queue."}, queueLen)
+	oldestGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_oldest_seconds", Help: "Age of the oldest queued message."}, oldestSeconds)
+	m.Registry.MustRegister(m.MessagesAccepted, m.Deliveries, m.MTASTSFetches, m.TLSSessions, m.TLSRPTReports,
+		m.policiesByMode, queueGauge, oldestGauge,
+		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+// Delivery counts one recipient outcome.
+func (m *Metrics) Delivery(result string) { m.Deliveries.WithLabelValues(result).Inc() }
+
+// TLSSession counts one delivery session's TLS outcome.
+func (m *Metrics) TLSSession(resultType string) { m.TLSSessions.WithLabelValues(resultType).Inc() }
+
+// SetPolicies sets the cached-policy gauge.
+func (m *Metrics) SetPolicies(byMode map[string]int) {
+	for _, mode := range []string{"enforce", "testing", "none"} {
+		m.policiesByMode.WithLabelValues(mode).Set(float64(byMode[mode]))
+	}
+}
+
+// SetReady flips /readyz.
+func (m *Metrics) SetReady(ok bool) { m.ready.Store(ok) }
+
+// Serve listens on addr until ctx ends.
+func (m *Metrics) Serve(ctx context.Context, addr string) (net.Addr, error) {
+	ln, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(m.Registry, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, _ *http.Request) { w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, _ *http.Request) {
+		if !m.ready.Load() {
+			http.Error(w, "not ready", http.StatusServiceUnavailable)
+			return
+		}
+		w.Write([]byte("ready\n"))
+	})
+	srv := &http.Server{Handler: mux, ReadHeaderTimeout: 10 * time.Second}
+	go srv.Serve(ln)
+	go func() {
+		<-ctx.Done()
+		sctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+		defer cancel()
+		srv.Shutdown(sctx)
+	}()
+	return ln.Addr(), nil
+}
