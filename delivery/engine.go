@@ -160,7 +160,9 @@ func (e *Engine) signal() {
 }
 
 // maxQueuedJobs bounds how many leased jobs wait in memory.
-func (e *Engine) maxQueuedJobs() int { return 4*e.cfg.Queue.Workers*e.cfg.Queue.PerDomainConcurrency + 256 }
+func (e *Engine) maxQueuedJobs() int {
+	return 4*e.cfg.Queue.Workers*e.cfg.Queue.PerDomainConcurrency + 256
+}
 
 // Run delivers until ctx ends, then waits for the sessions in flight
 // (bounded by their timeouts) and closes idle connections. An idle relay

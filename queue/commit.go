@@ -50,7 +50,19 @@ func (s *Store) submit(req *commitReq) error {
 	case <-s.stop:
 		return ErrClosed
 	}
-	return <-req.done
+	select {
+	case err := <-req.done:
+		return err
+	case <-s.exited:
+		// A request sent after the committer's last drain (Close raced
+		// this call) is never written: it gets no answer otherwise.
+		select {
+		case err := <-req.done:
+			return err
+		default:
+			return ErrClosed
+		}
+	}
 }
 
 // commitLoop is the group committer: it takes every request waiting,
@@ -58,6 +70,7 @@ func (s *Store) submit(req *commitReq) error {
 // then lets their callers answer 250.
 func (s *Store) commitLoop() {
 	defer s.committer.Done()
+	defer close(s.exited)
 	bw := bufio.NewWriterSize(s.active, 256<<10)
 	var batch []*commitReq
 	for {

@@ -67,6 +67,7 @@ type Store struct {
 
 	reqs      chan *commitReq
 	stop      chan struct{}
+	exited    chan struct{} // closed when commitLoop has returned
 	committer sync.WaitGroup
 	active    *os.File
 	activeSeg *segment
@@ -105,6 +106,7 @@ func Open(opts Options) (*Store, error) {
 		wake:     make(chan struct{}, 1),
 		reqs:     make(chan *commitReq, 1024),
 		stop:     make(chan struct{}),
+		exited:   make(chan struct{}),
 	}
 	if opts.ReadOnly {
 		if err := s.recover(); err != nil {

@@ -10,6 +10,8 @@ import (
 	"net"
 	"net/netip"
 	"os"
+	"reflect"
+	"strconv"
 	"strings"
 	"time"
 
@@ -224,17 +226,139 @@ func Parse(path string, data []byte) (*Config, error) {
 			}
 			return nil, fmt.Errorf("config %s:%d: %s", path, line, msg)
 		}
+		// go-toml hands the raw text of a number or boolean to a
+		// TextUnmarshaler (Duration) and returns its error without key or
+		// position: find the key ourselves.
+		if kerr := checkDurationKinds(data); kerr != nil {
+			err = kerr
+		}
+		var ke *keyError
+		if errors.As(err, &ke) {
+			if line := keyLine(data, ke.key); line > 0 {
+				return nil, fmt.Errorf("config %s:%d: %w", path, line, err)
+			}
+		}
 		return nil, fmt.Errorf("config %s: %v", path, err)
 	}
 	cfg.Path = path
 	if err := cfg.validate(); err != nil {
+		var ke *keyError
+		if errors.As(err, &ke) {
+			if line := keyLine(data, ke.key); line > 0 {
+				return nil, fmt.Errorf("config %s:%d: %w", path, line, err)
+			}
+		}
 		return nil, fmt.Errorf("config %s: %w", path, err)
 	}
 	return cfg, nil
 }
 
+var durationType = reflect.TypeOf(Duration{})
+
+// checkDurationKinds returns a keyError for the first Duration key of data
+// whose value is not a string.
+func checkDurationKinds(data []byte) error {
+	var raw map[string]any
+	if toml.Unmarshal(data, &raw) != nil {
+		return nil
+	}
+	return walkDurationKinds(raw, reflect.TypeOf(Config{}), "")
+}
+
+func walkDurationKinds(raw map[string]any, t reflect.Type, prefix string) error {
+	for i := range t.NumField() {
+		f := t.Field(i)
+		tag := f.Tag.Get("toml")
+		v, ok := raw[tag]
+		if tag == "" || tag == "-" || !ok {
+			continue
+		}
+		key := tag
+		if prefix != "" {
+			key = prefix + "." + tag
+		}
+		switch {
+		case f.Type == durationType:
+			if _, ok := v.(string); !ok {
+				return keyErr(key, "want a duration string like \"30s\", got %v", v)
+			}
+		case f.Type == reflect.SliceOf(durationType):
+			vs, _ := v.([]any)
+			for _, e := range vs {
+				if _, ok := e.(string); !ok {
+					return keyErr(key, "want duration strings like \"30s\", got %v", e)
+				}
+			}
+		case f.Type.Kind() == reflect.Struct:
+			if m, ok := v.(map[string]any); ok {
+				if err := walkDurationKinds(m, f.Type, key); err != nil {
+					return err
+				}
+			}
+		}
+	}
+	return nil
+}
+
+// keyError is a value that failed validation; key is its dotted name.
+type keyError struct{ key, msg string }
+
+func (e *keyError) Error() string { return fmt.Sprintf("key %q: %s", e.key, e.msg) }
+
 func keyErr(key, format string, args ...any) error {
-	return fmt.Errorf("key %q: %s", key, fmt.Sprintf(format, args...))
+	return &keyError{key: key, msg: fmt.Sprintf(format, args...)}
+}
+
+// keyLine returns the 1-based line of data where key ("queue.workers",
+// "submission.users[1].password_hash") is set or, when it is not written
+// there (a default that conflicts with another key), the line of its
+// table header; 0 when neither is found. It reads the plain
+// "[table]" / "[[array]]" / "key = value" layout of config files; dotted
+// keys and inline tables give 0 or the table line.
+func keyLine(data []byte, key string) int {
+	table, leaf := "", key
+	if i := strings.LastIndexByte(key, '.'); i >= 0 {
+		table, leaf = key[:i], key[i+1:]
+	}
+	idx := -1 // submission.users[1] is the second [[submission.users]]
+	if i := strings.IndexByte(table, '['); i >= 0 && strings.HasSuffix(table, "]") {
+		if n, err := strconv.Atoi(table[i+1 : len(table)-1]); err == nil {
+			idx = n
+		}
+		table = table[:i]
+	}
+	cur, curIdx, tableLine := "", -1, 0
+	seen := map[string]int{}
+	for i, line := range strings.Split(string(data), "\n") {
+		l := strings.TrimSpace(line)
+		switch {
+		case strings.HasPrefix(l, "[["):
+			end := strings.Index(l, "]]")
+			if end < 0 {
+				continue
+			}
+			cur = strings.TrimSpace(l[2:end])
+			curIdx = seen[cur]
+			seen[cur]++
+		case strings.HasPrefix(l, "["):
+			end := strings.IndexByte(l, ']')
+			if end < 0 {
+				continue
+			}
+			cur, curIdx = strings.TrimSpace(l[1:end]), -1
+		default:
+			if cur == table && curIdx == idx {
+				if name, _, ok := strings.Cut(l, "="); ok && strings.Trim(strings.TrimSpace(name), `"'`) == leaf {
+					return i + 1
+				}
+			}
+			continue
+		}
+		if cur == table && curIdx == idx && tableLine == 0 {
+			tableLine = i + 1
+		}
+	}
+	return tableLine
 }
 
 func (c *Config) validate() error {
@@ -264,13 +388,15 @@ func (c *Config) validate() error {
 	if len(s.ImplicitTLSListen) > 0 && s.TLSCertFile == "" {
 		return keyErr("submission.implicit_tls_listen", "needs submission.tls_cert_file and tls_key_file")
 	}
-	for key, f := range map[string]string{"submission.tls_cert_file": s.TLSCertFile, "submission.tls_key_file": s.TLSKeyFile,
-		"tls.extra_root_ca_file": c.TLS.ExtraRootCAFile, "tlsrpt.dkim_key_file": c.TLSRPT.DKIMKeyFile} {
-		if f == "" {
+	for _, kf := range []struct{ key, file string }{
+		{"submission.tls_cert_file", s.TLSCertFile}, {"submission.tls_key_file", s.TLSKeyFile},
+		{"tls.extra_root_ca_file", c.TLS.ExtraRootCAFile}, {"tlsrpt.dkim_key_file", c.TLSRPT.DKIMKeyFile},
+	} {
+		if kf.file == "" {
 			continue
 		}
-		if _, err := os.Stat(f); err != nil {
-			return keyErr(key, "cannot read file: %v", err)
+		if _, err := os.Stat(kf.file); err != nil {
+			return keyErr(kf.key, "cannot read file: %v", err)
 		}
 	}
 	if s.MaxMessageBytes <= 0 {
