@@ -181,7 +181,11 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			}
 			if r.ORcpt != "" {
 				ro.OriginalRecipientType = smtp.DSNAddressTypeRFC822
-				ro.OriginalRecipient = strings.TrimPrefix(r.ORcpt, "rfc822;")
+				orcpt := r.ORcpt
+				if t, addr, ok := strings.Cut(orcpt, ";"); ok && strings.EqualFold(t, "rfc822") {
+					orcpt = addr
+				}
+				ro.OriginalRecipient = orcpt
 			}
 			ropts[k] = ro
 		}
