@@ -121,8 +121,13 @@ func (m *Message) NextDue() time.Time {
 		if r.Status.Final() {
 			continue
 		}
-		if t.IsZero() || r.NextAttempt.Before(t) {
-			t = r.NextAttempt
+		next := r.NextAttempt
+		if next.IsZero() {
+			// Never scheduled: due at once (zero means "all final").
+			next = time.Unix(1, 0)
+		}
+		if t.IsZero() || next.Before(t) {
+			t = next
 		}
 	}
 	return t

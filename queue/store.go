@@ -184,6 +184,12 @@ func (s *Store) recover() error {
 		path := segPath(s.logDir, seq)
 		f, err := os.Open(path)
 		if err != nil {
+			if os.IsNotExist(err) && s.opts.ReadOnly {
+				// Removed by the running relay since the listing:
+				// segments go oldest first and only when nothing in
+				// them is queued, so skipping it loses nothing.
+				continue
+			}
 			return fmt.Errorf("queue: %w", err)
 		}
 		seg := &segment{seq: seq, path: path, f: f}

@@ -16,6 +16,7 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+	"golang.org/x/crypto/bcrypt"
 )
 
 // Duration is a time.Duration written in TOML as a Go duration string
@@ -426,7 +427,7 @@ func (c *Config) validate() error {
 			return keyErr(fmt.Sprintf("submission.users[%d].username", i), "duplicate user %q", u.Username)
 		}
 		seen[u.Username] = true
-		if !strings.HasPrefix(u.PasswordHash, "$2") {
+		if _, err := bcrypt.Cost([]byte(u.PasswordHash)); err != nil {
 			return keyErr(fmt.Sprintf("submission.users[%d].password_hash", i), "must be a bcrypt hash (use `stsrelay hash-password`)")
 		}
 	}

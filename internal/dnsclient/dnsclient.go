@@ -79,7 +79,7 @@ func systemServers(path string) ([]string, error) {
 	for sc.Scan() {
 		fields := strings.Fields(sc.Text())
 		if len(fields) >= 2 && fields[0] == "nameserver" {
-			out = append(out, net.JoinHostPort(strings.TrimSuffix(fields[1], "%"), "53"))
+			out = append(out, net.JoinHostPort(fields[1], "53"))
 		}
 	}
 	if len(out) == 0 {
@@ -109,9 +109,8 @@ func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Answ
 	name = dns.Fqdn(strings.ToLower(name))
 	seen := map[string]bool{}
 	for range maxCNAMEChain + 1 {
-		if seen[name] {
-			return nil, fmt.Errorf("%s %s: CNAME loop: %w", name, dns.TypeToString[qtype], ErrTemporary)
-		}
+		// A name asked again was reached through a CNAME, and the walk
+		// below already checked it against the chain for a loop.
 		seen[name] = true
 		msg, err := r.exchange(ctx, name, qtype)
 		if err != nil {
@@ -261,8 +260,8 @@ func (r *Resolver) LookupMX(ctx context.Context, domain string) ([]MX, error) {
 	return out, nil
 }
 
-// LookupIP returns the IPv4 and IPv6 addresses of host, IPv4 first when
-// preferV4, in the order the server gave them. A name with neither kind
+// LookupIP returns the IPv4 addresses of host and, when wantV6, its IPv6
+// addresses after them, each family in the order the server gave them. A name with neither kind
 // returns an error wrapping ErrNoData or ErrNotFound; if one family fails
 // temporarily and the other answers, the answer is returned.
 func (r *Resolver) LookupIP(ctx context.Context, host string, wantV6 bool) ([]net.IP, error) {
