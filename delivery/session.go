@@ -29,6 +29,7 @@ type session struct {
 	tls      bool
 	version  uint16
 	cert     certCheck
+	leaf     *x509.Certificate
 	messages int
 	lastUsed time.Time
 	// policyID is the MTA-STS policy id in force when the session was
@@ -172,6 +173,9 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 		s.tls = true
 		s.version = st.Version
 		s.cert = verifyCert(st, host, o.Roots, o.Now())
+		if len(st.PeerCertificates) > 0 {
+			s.leaf = st.PeerCertificates[0]
+		}
 		c, r = tc, tc
 	}
 	_ = conn.SetDeadline(time.Time{})

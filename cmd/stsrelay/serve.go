@@ -110,6 +110,7 @@ func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, log *zap.Logger
 			Timeout:   cfg.MTASTS.FetchTimeout.Duration,
 			MaxBytes:  cfg.MTASTS.MaxPolicyBytes,
 			RootCAs:   extra,
+			DialAddr:  res.DialContext,
 		},
 		Dir:                 filepath.Join(cfg.DataDir, "mtasts"),
 		Logger:              log,

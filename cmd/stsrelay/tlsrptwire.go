@@ -2,8 +2,15 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
 	"sync"
+	"text/tabwriter"
+	"time"
 
 	"go.uber.org/zap"
 
@@ -12,15 +19,156 @@ import (
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
-// startTLSRPT starts the TLS-RPT recorder and reporter (not yet wired).
-func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (delivery.TLSRecorder, func(), error) {
-	return nil, func() {}, nil
+// recorderAdapter shows the TLS-RPT recorder to delivery.
+type recorderAdapter struct{ r *tlsrpt.Recorder }
+
+func (a recorderAdapter) RecordTLS(t delivery.TLSResult) {
+	a.r.Record(tlsrpt.Session{
+		Time:              t.Time,
+		PolicyDomain:      t.Domain,
+		PolicyType:        t.PolicyType,
+		PolicyString:      t.PolicyLines,
+		MXPatterns:        t.MXPatterns,
+		Success:           t.Success,
+		ResultType:        t.ResultType,
+		SendingIP:         t.SendingIP,
+		ReceivingMX:       t.MX,
+		ReceivingHelo:     t.Helo,
+		ReceivingIP:       t.IP,
+		FailureReasonCode: t.Reason,
+	})
 }
 
-func tlsrecPending(rec delivery.TLSRecorder) func() any { return nil }
+func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
+
+// startTLSRPT starts the recorder (counts flushed to disk every second)
+// and the reporter (reports after each period). It returns the recorder
+// for delivery (nil when TLS-RPT is off) and a function that flushes the
+// counts at shutdown.
+func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (delivery.TLSRecorder, func(), error) {
+	if !cfg.TLSRPT.Enabled {
+		return nil, func() {}, nil
+	}
+	rec, err := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, log, tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
+	if err != nil {
+		return nil, nil, fmt.Errorf("tlsrpt: %w", err)
+	}
+	roots, err := trustRoots(cfg)
+	if err != nil {
+		return nil, nil, err
+	}
+	var dkim *tlsrpt.DKIMOptions
+	if cfg.TLSRPT.DKIMKeyFile != "" {
+		signer, err := tlsrpt.LoadDKIMKey(cfg.TLSRPT.DKIMKeyFile)
+		if err != nil {
+			return nil, nil, fmt.Errorf("config %s: key \"tlsrpt.dkim_key_file\": %w", cfg.Path, err)
+		}
+		dkim = &tlsrpt.DKIMOptions{Domain: cfg.TLSRPT.DKIMDomain, Selector: cfg.TLSRPT.DKIMSelector,
+			KeyFile: cfg.TLSRPT.DKIMKeyFile, Signer: signer}
+	}
+	rep, err := tlsrpt.NewReporter(tlsrpt.Options{
+		Recorder:         rec,
+		Resolver:         res,
+		Queue:            st,
+		RootCAs:          roots,
+		DialContext:      res.DialContext,
+		Hostname:         cfg.Hostname,
+		OrganizationName: cfg.TLSRPT.OrganizationName,
+		ContactInfo:      cfg.TLSRPT.ContactInfo,
+		From:             cfg.TLSRPT.From,
+		Interval:         cfg.TLSRPT.Interval.Duration,
+		DKIM:             dkim,
+		Logger:           log,
+		OnReport:         func(result string) { met.TLSRPTReports.WithLabelValues(result).Inc() },
+		SendDelay:        tlsrpt.DefaultSendDelay(cfg.TLSRPT.Interval.Duration),
+	})
+	if err != nil {
+		return nil, nil, fmt.Errorf("tlsrpt: %w", err)
+	}
+	recCtx, stopRec := context.WithCancel(context.Background())
+	bg.Add(2)
+	go func() { defer bg.Done(); rec.Run(recCtx) }()
+	go func() { defer bg.Done(); rep.Run(ctx) }()
+	stop := func() {
+		stopRec()
+		if err := rec.Close(); err != nil {
+			log.Error("tlsrpt: flushing counts", zap.Error(err))
+		}
+	}
+	return recorderAdapter{rec}, stop, nil
+}
+
+// tlsrecPending returns what `tlsrpt pending` shows, from the live
+// recorder.
+func tlsrecPending(rec delivery.TLSRecorder) func() any {
+	a, ok := rec.(recorderAdapter)
+	if !ok {
+		return nil
+	}
+	return func() any { return a.r.Pending() }
+}
 
 func cmdTLSRPT(args []string) error {
-	return errors.New("tlsrpt: not available yet")
+	var cf commonFlags
+	fs := newFlagSet("tlsrpt", &cf)
+	pos, err := parseFlags(fs, args)
+	if err != nil {
+		return err
+	}
+	if len(pos) != 1 || pos[0] != "pending" {
+		return &usageError{"tlsrpt: want pending"}
+	}
+	cfg, err := loadConfig(cf.config)
+	if err != nil {
+		return err
+	}
+	var pending []tlsrpt.PolicyCounts
+	err = callControl(cfg.DataDir, controlRequest{Op: "tlsrpt.pending"}, &pending)
+	if errors.Is(err, errNoServer) {
+		// The relay is stopped: read the counts it flushed.
+		rec, rerr := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, zap.NewNop(), tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
+		if rerr != nil {
+			return rerr
+		}
+		pending, err = rec.Pending(), nil
+	}
+	if err != nil {
+		return err
+	}
+	if cf.json {
+		if pending == nil {
+			pending = []tlsrpt.PolicyCounts{}
+		}
+		enc := json.NewEncoder(os.Stdout)
+		enc.SetIndent("", "  ")
+		return enc.Encode(pending)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "PERIOD (UTC)\tPOLICY DOMAIN\tPOLICY\tSUCCESS\tFAILURE\tFAILURES BY TYPE")
+	for _, p := range pending {
+		for _, pol := range p.Policies {
+			byType := map[string]int64{}
+			var types []string
+			for _, fd := range pol.FailureDetails {
+				if byType[fd.ResultType] == 0 {
+					types = append(types, fd.ResultType)
+				}
+				byType[fd.ResultType] += fd.FailedSessionCount
+			}
+			var parts []string
+			for _, t := range types {
+				parts = append(parts, fmt.Sprintf("%s=%d", t, byType[t]))
+			}
+			fmt.Fprintf(tw, "%s – %s\t%s\t%s\t%d\t%d\t%s\n", p.PeriodStart.UTC().Format(time.RFC3339), p.PeriodEnd.UTC().Format(time.RFC3339),
+				p.PolicyDomain, pol.Policy.PolicyType, pol.Summary.TotalSuccessfulSessionCount, pol.Summary.TotalFailureSessionCount, strings.Join(parts, " "))
+		}
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Printf("%d report(s) pending\n", len(pending))
+	return nil
 }

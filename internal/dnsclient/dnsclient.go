@@ -304,3 +304,42 @@ func (r *Resolver) LookupIP(ctx context.Context, host string, wantV6 bool) ([]ne
 	}
 	return nil, fmt.Errorf("%s: %w", host, ErrNoData)
 }
+
+// DialContext connects to addr ("host:port") resolving host with this
+// resolver rather than the system's, trying its addresses in order. The
+// HTTPS clients (policy fetch, TLS-RPT upload) use it so that every name
+// the relay looks up goes through the configured DNS servers.
+func (r *Resolver) DialContext(ctx context.Context, network, addr string) (net.Conn, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, err
+	}
+	var d net.Dialer
+	if ip := net.ParseIP(host); ip != nil {
+		return d.DialContext(ctx, network, addr)
+	}
+	ips, err := r.LookupIP(ctx, host, hasIPv6())
+	if err != nil {
+		return nil, fmt.Errorf("dial %s: %w", addr, err)
+	}
+	var lastErr error
+	for _, ip := range ips {
+		c, err := d.DialContext(ctx, network, net.JoinHostPort(ip.String(), port))
+		if err == nil {
+			return c, nil
+		}
+		lastErr = err
+	}
+	return nil, lastErr
+}
+
+// hasIPv6 reports whether an IPv6 route exists (a UDP "connect" sends no
+// packet).
+func hasIPv6() bool {
+	c, err := net.Dial("udp6", "[2001:db8::1]:53")
+	if err != nil {
+		return false
+	}
+	c.Close()
+	return true
+}

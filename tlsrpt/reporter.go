@@ -1,0 +1,802 @@
+package tlsrpt
+
+import (
+	"bytes"
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net"
+	"net/http"
+	"net/mail"
+	"os"
+	"path/filepath"
+	"slices"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"go.uber.org/zap"
+
+	"github.com/stsrelay/stsrelay/queue"
+)
+
+// Enqueuer queues a message the relay makes itself. *queue.Store
+// satisfies it.
+type Enqueuer interface {
+	Enqueue(env queue.Envelope, body io.Reader) (string, error)
+}
+
+// Defaults of Options.
+const (
+	DefaultHTTPTimeout = 2 * time.Minute
+	DefaultRetryFor    = 24 * time.Hour // RFC 8460 §5.5
+	DefaultRetryBase   = 5 * time.Minute
+	maxRetryGap        = 4 * time.Hour
+	// doneRetention is how long a finished job's file is kept (it also
+	// guards against making the same report twice after a crash).
+	doneRetention = 24 * time.Hour
+	// sendParallel bounds concurrent report jobs in one pass.
+	sendParallel = 16
+	reportsDir   = "reports"
+)
+
+// Results passed to Options.OnReport and logged as "result".
+const (
+	ResultOK      = "ok"      // one rua accepted the report
+	ResultFailed  = "failed"  // one attempt failed; it will be retried
+	ResultDropped = "dropped" // given up on one rua after RetryFor
+)
+
+// DefaultSendDelay is the RFC 8460 §4.1 suggestion for interval: a random
+// delay of up to 4 hours after a day ends, or a sixth of shorter intervals.
+func DefaultSendDelay(interval time.Duration) time.Duration {
+	return min(4*time.Hour, interval/6)
+}
+
+// Options configure a Reporter.
+type Options struct {
+	// Recorder holds the counts; its directory also holds the report jobs.
+	Recorder *Recorder
+	// Resolver looks up _smtp._tls records.
+	Resolver TXTResolver
+	// Queue takes mailto: reports.
+	Queue Enqueuer
+
+	// RootCAs verify https: report endpoints: the complete pool (system
+	// roots plus tls.extra_root_ca_file). Nil means the system roots.
+	RootCAs *x509.CertPool
+	// Timeout bounds one HTTPS POST; 0 means DefaultHTTPTimeout.
+	Timeout time.Duration
+	// DialContext, when set, opens TCP connections for HTTPS reports, e.g.
+	// to resolve through the relay's own DNS client.
+	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// HTTPSPort, when non-zero, is dialled for https: URIs that name no
+	// port instead of 443. Only tests use it.
+	HTTPSPort int
+
+	// Hostname is the report submitter: the relay's hostname (a domain,
+	// RFC 8460 §5.1 "sender", §5.3 TLS-Report-Submitter). Required.
+	Hostname string
+	// OrganizationName and ContactInfo go into every report (§4.4).
+	OrganizationName string
+	ContactInfo      string
+	// From is the From: header and envelope sender of mailed reports;
+	// empty means "tlsrpt-noreply@<Hostname>".
+	From string
+	// Interval must be 0 or equal to the Recorder's interval.
+	Interval time.Duration
+	// DKIM signs mailed reports when set.
+	DKIM *DKIMOptions
+
+	// Now is the clock; nil means time.Now.
+	Now func() time.Time
+	// Logger; nil discards.
+	Logger *zap.Logger
+	// OnReport is called with ResultOK/ResultFailed/ResultDropped per rua
+	// attempt outcome (metrics: stsrelay_tlsrpt_reports_total{result}).
+	OnReport func(result string)
+	// SendDelay is the largest random delay between the end of a period
+	// and the first attempt at its reports (§4.1); each policy domain
+	// draws its own. 0 sends at once (tests); production should use
+	// DefaultSendDelay(interval).
+	SendDelay time.Duration
+	// RetryFor is how long after the first attempt a failing rua is
+	// retried (§5.5); 0 means DefaultRetryFor.
+	RetryFor time.Duration
+	// RetryBase is the first retry gap, doubled after each failure up to
+	// 4h; 0 means DefaultRetryBase.
+	RetryBase time.Duration
+}
+
+// Reporter turns finished periods into reports and sends them (RFC 8460
+// §5). Create it with NewReporter and call Run.
+type Reporter struct {
+	opts   Options
+	rec    *Recorder
+	log    *zap.Logger
+	now    func() time.Time
+	dir    string
+	client *http.Client
+	grace  time.Duration
+
+	passMu sync.Mutex // one pass at a time
+	mu     sync.Mutex
+	jobs   map[string]*job // by file name
+}
+
+// job is one report for one policy domain and period, and its delivery
+// state. It is persisted as reports/<start>_<domain>.json.
+type job struct {
+	PeriodStart  int64     `json:"period_start"`
+	PolicyDomain string    `json:"policy_domain"`
+	Report       *Report   `json:"report"`
+	Created      time.Time `json:"created"`
+	// NotBefore is the period end plus the random send delay.
+	NotBefore time.Time `json:"not_before"`
+	// Discovery of the TLSRPT record: attempts and the next one.
+	Discovered   bool      `json:"discovered"`
+	LookupTries  int       `json:"lookup_tries,omitempty"`
+	FirstAttempt time.Time `json:"first_attempt,omitzero"`
+	NextAttempt  time.Time `json:"next_attempt,omitzero"`
+	Targets      []*target `json:"targets,omitempty"`
+	// Done: nothing more to do; Outcome says why.
+	Done    bool      `json:"done"`
+	Outcome string    `json:"outcome,omitempty"` // sent, partial, no-record, dropped
+	DoneAt  time.Time `json:"done_at,omitzero"`
+}
+
+// target is one rua of a job.
+type target struct {
+	RUA          RUA       `json:"rua"`
+	State        string    `json:"state"` // pending, sent, dropped
+	Attempts     int       `json:"attempts"`
+	FirstAttempt time.Time `json:"first_attempt,omitzero"`
+	NextAttempt  time.Time `json:"next_attempt,omitzero"`
+	LastError    string    `json:"last_error,omitempty"`
+	QueueID      string    `json:"queue_id,omitempty"`
+	SentAt       time.Time `json:"sent_at,omitzero"`
+}
+
+const (
+	statePending = "pending"
+	stateSent    = "sent"
+	stateDropped = "dropped"
+)
+
+// NewReporter checks opts and loads the report jobs left by an earlier
+// run from the Recorder's directory.
+func NewReporter(opts Options) (*Reporter, error) {
+	if opts.Recorder == nil || opts.Resolver == nil {
+		return nil, errors.New("tlsrpt: Reporter needs a Recorder and a Resolver")
+	}
+	opts.Hostname = normDomain(opts.Hostname)
+	if opts.Hostname == "" {
+		return nil, errors.New("tlsrpt: Reporter needs the relay's Hostname (the report submitter)")
+	}
+	if opts.Interval != 0 && opts.Interval != opts.Recorder.Interval() {
+		return nil, fmt.Errorf("tlsrpt: interval %v differs from the recorder's %v", opts.Interval, opts.Recorder.Interval())
+	}
+	if opts.Now == nil {
+		opts.Now = time.Now
+	}
+	if opts.Logger == nil {
+		opts.Logger = zap.NewNop()
+	}
+	if opts.Timeout <= 0 {
+		opts.Timeout = DefaultHTTPTimeout
+	}
+	if opts.RetryFor <= 0 {
+		opts.RetryFor = DefaultRetryFor
+	}
+	if opts.RetryBase <= 0 {
+		opts.RetryBase = DefaultRetryBase
+	}
+	if opts.From == "" {
+		opts.From = "tlsrpt-noreply@" + opts.Hostname
+	}
+	from, err := mail.ParseAddress(opts.From)
+	if err != nil {
+		return nil, fmt.Errorf("tlsrpt: from %q: %w", opts.From, err)
+	}
+	opts.From = from.Address // the envelope sender too: a bare address
+	if d := opts.DKIM; d != nil && d.Signer == nil {
+		if d.KeyFile == "" {
+			opts.DKIM = nil
+		} else {
+			s, err := LoadDKIMKey(d.KeyFile)
+			if err != nil {
+				return nil, fmt.Errorf("tlsrpt: %w", err)
+			}
+			dk := *d
+			dk.Signer = s
+			opts.DKIM = &dk
+		}
+	}
+	if opts.DKIM != nil && (opts.DKIM.Domain == "" || opts.DKIM.Selector == "") {
+		return nil, errors.New("tlsrpt: DKIM needs a domain and a selector")
+	}
+	log := opts.Logger
+	if opts.DKIM == nil {
+		log.Warn("tlsrpt_no_dkim", zap.String("reason", "mailed TLS reports are sent without a DKIM signature; RFC 8460 §3 lets receivers ignore them"))
+	}
+	contact := ContactAddress(opts.ContactInfo)
+	if _, dom, ok := strings.Cut(contact, "@"); !ok || normDomain(dom) != opts.Hostname {
+		log.Warn("tlsrpt_contact_domain",
+			zap.String("contact_info", contact), zap.String("submitter", opts.Hostname),
+			zap.String("reason", "RFC 8460 §5.3: TLS-Report-Submitter (the hostname) must match the domain of contact-info"))
+	}
+
+	dial := opts.DialContext
+	if dial == nil {
+		dial = (&net.Dialer{Timeout: opts.Timeout}).DialContext
+	}
+	if port := opts.HTTPSPort; port != 0 {
+		inner := dial
+		dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
+			if host, p, err := net.SplitHostPort(addr); err == nil && p == "443" {
+				addr = net.JoinHostPort(host, strconv.Itoa(port))
+			}
+			return inner(ctx, network, addr)
+		}
+	}
+	transport := &http.Transport{
+		Proxy:               nil,
+		DialContext:         dial,
+		TLSClientConfig:     &tls.Config{RootCAs: opts.RootCAs, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout: opts.Timeout,
+		DisableKeepAlives:   true,
+		ForceAttemptHTTP2:   true,
+	}
+	rp := &Reporter{
+		opts: opts,
+		rec:  opts.Recorder,
+		log:  log,
+		now:  opts.Now,
+		dir:  filepath.Join(opts.Recorder.dir, reportsDir),
+		client: &http.Client{
+			Transport: transport,
+			Timeout:   opts.Timeout,
+			// Never follow redirects: a 3xx is a failed attempt.
+			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+		},
+		grace: min(30*time.Second, opts.Recorder.Interval()/10),
+		jobs:  map[string]*job{},
+	}
+	if err := os.MkdirAll(rp.dir, 0o750); err != nil {
+		return nil, fmt.Errorf("tlsrpt: %w", err)
+	}
+	if err := rp.loadJobs(); err != nil {
+		return nil, err
+	}
+	return rp, nil
+}
+
+func (rp *Reporter) loadJobs() error {
+	ents, err := os.ReadDir(rp.dir)
+	if err != nil {
+		return fmt.Errorf("tlsrpt: %w", err)
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if e.IsDir() || !strings.HasSuffix(name, ".json") || strings.HasPrefix(name, ".") {
+			continue
+		}
+		path := filepath.Join(rp.dir, name)
+		data, err := os.ReadFile(path)
+		if err != nil {
+			return fmt.Errorf("tlsrpt: %w", err)
+		}
+		j := &job{}
+		if err := json.Unmarshal(data, j); err != nil || j.Report == nil {
+			os.Rename(path, path+".bad")
+			rp.log.Error("tlsrpt_job_corrupt", zap.String("file", path+".bad"), zap.Error(err))
+			continue
+		}
+		rp.jobs[name] = j
+	}
+	return nil
+}
+
+// jobName is the job's file name: deterministic, so that a period is never
+// turned into a second job for the same domain.
+func jobName(start int64, domain string) string {
+	var sb strings.Builder
+	sb.WriteString(strconv.FormatInt(start, 10))
+	sb.WriteByte('_')
+	for i := 0; i < len(domain); i++ {
+		c := domain[i]
+		if c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '-' {
+			sb.WriteByte(c)
+		} else {
+			fmt.Fprintf(&sb, "%%%02X", c)
+		}
+	}
+	sb.WriteString(".json")
+	return sb.String()
+}
+
+// Run sends reports until ctx ends: after each period, plus a grace for
+// sessions still being recorded (a tenth of the interval, at most 30s), it
+// makes the period's report jobs, then attempts the due ones. The
+// Recorder's own Run, which flushes counts every second, must run too.
+func (rp *Reporter) Run(ctx context.Context) {
+	for {
+		rp.SendDue(ctx)
+		wait := rp.nextWake().Sub(rp.now())
+		wait = min(max(wait, 50*time.Millisecond), time.Minute)
+		t := time.NewTimer(wait)
+		select {
+		case <-ctx.Done():
+			t.Stop()
+			return
+		case <-t.C:
+		}
+	}
+}
+
+// nextWake is when the next pass has something to do.
+func (rp *Reporter) nextWake() time.Time {
+	now := rp.now()
+	iv := rp.rec.Interval()
+	next := time.Unix(periodStart(now.Unix(), int64(iv/time.Second)), 0).Add(iv + rp.grace)
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	for _, j := range rp.jobs {
+		if t, ok := j.due(); ok && t.Before(next) {
+			next = t
+		}
+	}
+	return next
+}
+
+// due is when the job next has something to do.
+func (j *job) due() (time.Time, bool) {
+	if j.Done {
+		return time.Time{}, false
+	}
+	if !j.Discovered {
+		return later(j.NotBefore, j.NextAttempt), true
+	}
+	var t time.Time
+	found := false
+	for _, tg := range j.Targets {
+		if tg.State == statePending && (!found || tg.NextAttempt.Before(t)) {
+			t, found = tg.NextAttempt, true
+		}
+	}
+	// With no rua pending the job only needs to be marked done (a crash
+	// may have come between the last rua's state and that).
+	return later(j.NotBefore, t), true
+}
+
+func later(a, b time.Time) time.Time {
+	if a.After(b) {
+		return a
+	}
+	return b
+}
+
+// SendDue does one pass: it turns every finished period into report jobs,
+// attempts the jobs that are due, and removes old finished ones. Run calls
+// it; tests with a fake clock call it directly.
+func (rp *Reporter) SendDue(ctx context.Context) {
+	rp.passMu.Lock()
+	defer rp.passMu.Unlock()
+	now := rp.now()
+	if err := rp.makeJobs(now); err != nil {
+		rp.log.Error("tlsrpt_make_reports", zap.Error(err))
+	}
+	rp.attemptDue(ctx, now)
+	rp.prune(now)
+}
+
+// makeJobs turns the counts of each finished period into one job per policy
+// domain, written durably before the counts are dropped from the Recorder.
+// A job that already exists (the counts survived a crash after the jobs were
+// written) is not made again.
+func (rp *Reporter) makeJobs(now time.Time) error {
+	iv := int64(rp.rec.Interval() / time.Second)
+	for _, start := range rp.rec.pendingPeriods() {
+		end := time.Unix(start+iv, 0)
+		if now.Before(end.Add(rp.grace)) {
+			break
+		}
+		counts := rp.rec.collect(func(s int64) bool { return s == start })
+		wrote := false
+		for _, pc := range counts {
+			name := jobName(start, pc.PolicyDomain)
+			rp.mu.Lock()
+			_, exists := rp.jobs[name]
+			rp.mu.Unlock()
+			if exists {
+				continue
+			}
+			j := &job{
+				PeriodStart:  start,
+				PolicyDomain: pc.PolicyDomain,
+				Report: BuildReport(ReportOptions{
+					OrganizationName: rp.opts.OrganizationName,
+					ContactInfo:      rp.opts.ContactInfo,
+					Submitter:        rp.opts.Hostname,
+				}, pc),
+				Created:   now.UTC(),
+				NotBefore: end.Add(rp.sendDelay()).UTC(),
+			}
+			if err := rp.writeJob(name, j, false); err != nil {
+				return err
+			}
+			rp.mu.Lock()
+			rp.jobs[name] = j
+			rp.mu.Unlock()
+			wrote = true
+		}
+		if wrote {
+			if err := syncDir(rp.dir); err != nil {
+				return fmt.Errorf("sync %s: %w", rp.dir, err)
+			}
+		}
+		rp.rec.closePeriod(start)
+		if err := rp.rec.Flush(); err != nil {
+			return err
+		}
+		rp.log.Debug("tlsrpt_period_closed", zap.Time("period_start", time.Unix(start, 0).UTC()), zap.Int("policy_domains", len(counts)))
+	}
+	return nil
+}
+
+func (rp *Reporter) sendDelay() time.Duration {
+	if rp.opts.SendDelay <= 0 {
+		return 0
+	}
+	return rand.N(rp.opts.SendDelay)
+}
+
+// writeJob writes j to its file (tmp, fsync, rename); syncParent also
+// fsyncs the directory.
+func (rp *Reporter) writeJob(name string, j *job, syncParent bool) error {
+	data, err := json.Marshal(j)
+	if err != nil {
+		return err
+	}
+	path := filepath.Join(rp.dir, name)
+	f, err := os.CreateTemp(rp.dir, "."+name+".tmp*")
+	if err != nil {
+		return err
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if err == nil {
+		err = f.Sync()
+	}
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err == nil {
+		err = os.Rename(tmp, path)
+	}
+	if err != nil {
+		os.Remove(tmp)
+		return fmt.Errorf("write report job %s: %w", path, err)
+	}
+	if syncParent {
+		return syncDir(rp.dir)
+	}
+	return nil
+}
+
+// attemptDue runs the due jobs, a bounded number at a time.
+func (rp *Reporter) attemptDue(ctx context.Context, now time.Time) {
+	type item struct {
+		name string
+		j    *job
+	}
+	var due []item
+	rp.mu.Lock()
+	for name, j := range rp.jobs {
+		if t, ok := j.due(); ok && !t.After(now) {
+			due = append(due, item{name, j.clone()})
+		}
+	}
+	rp.mu.Unlock()
+	slices.SortFunc(due, func(a, b item) int { return strings.Compare(a.name, b.name) })
+
+	sem := make(chan struct{}, sendParallel)
+	var wg sync.WaitGroup
+	for _, it := range due {
+		if ctx.Err() != nil {
+			break
+		}
+		sem <- struct{}{}
+		wg.Add(1)
+		go func() {
+			defer func() { <-sem; wg.Done() }()
+			rp.attemptJob(ctx, it.name, it.j)
+		}()
+	}
+	wg.Wait()
+}
+
+// attemptJob discovers the domain's TLSRPT record if not done yet, then
+// tries each due rua. j is this goroutine's own copy; after every change it
+// is written to disk and a copy published in rp.jobs.
+func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
+	now := rp.now()
+	pd := j.PolicyDomain
+	save := func() {
+		if err := rp.writeJob(name, j, false); err != nil {
+			rp.log.Error("tlsrpt_job_write", zap.String("policy_domain", pd), zap.Error(err))
+		}
+		c := j.clone()
+		rp.mu.Lock()
+		rp.jobs[name] = c
+		rp.mu.Unlock()
+	}
+	if !j.Discovered {
+		if j.FirstAttempt.IsZero() {
+			j.FirstAttempt = now.UTC()
+		}
+		lctx, cancel := context.WithTimeout(ctx, rp.opts.Timeout)
+		rec, err := LookupRecord(lctx, rp.opts.Resolver, pd)
+		cancel()
+		switch {
+		case err == nil:
+			j.Discovered = true
+			for _, rua := range rec.RUAs {
+				j.Targets = append(j.Targets, &target{RUA: rua, State: statePending})
+			}
+			if len(rec.Ignored) > 0 {
+				rp.log.Debug("tlsrpt_rua_ignored", zap.String("policy_domain", pd), zap.Strings("rua", rec.Ignored))
+			}
+		case errors.Is(err, ErrDNS) && ctx.Err() == nil:
+			j.LookupTries++
+			if now.Sub(j.FirstAttempt) >= rp.opts.RetryFor {
+				rp.finish(j, now, ResultDropped)
+				rp.log.Info("tlsrpt_sent", zap.String("policy_domain", pd), zap.String("rua", ""),
+					zap.String("report_id", j.Report.ReportID), zap.String("result", ResultDropped), zap.Error(err))
+				rp.onReport(ResultDropped)
+			} else {
+				j.NextAttempt = now.Add(rp.backoff(j.LookupTries)).UTC()
+				rp.log.Debug("tlsrpt_lookup_failed", zap.String("policy_domain", pd), zap.Error(err))
+			}
+			save()
+			return
+		case ctx.Err() != nil:
+			return // shutting down; try again next time
+		default:
+			// No (valid) record: the domain does not want reports (§3).
+			rp.finish(j, now, "no-record")
+			rp.log.Debug("tlsrpt_no_record", zap.String("policy_domain", pd), zap.Error(err))
+			save()
+			return
+		}
+		save()
+	}
+
+	var gz []byte
+	for _, tg := range j.Targets {
+		if tg.State != statePending || tg.NextAttempt.After(now) || ctx.Err() != nil {
+			continue
+		}
+		if gz == nil {
+			var err error
+			if gz, err = j.Report.Gzip(); err != nil {
+				rp.log.Error("tlsrpt_gzip", zap.String("policy_domain", pd), zap.Error(err))
+				return
+			}
+		}
+		if tg.FirstAttempt.IsZero() {
+			tg.FirstAttempt = now.UTC()
+		}
+		tg.Attempts++
+		var err error
+		switch tg.RUA.Scheme {
+		case "https":
+			err = rp.post(ctx, tg.RUA.URI, gz)
+		case "mailto":
+			tg.QueueID, err = rp.mail(j, tg.RUA.Address, gz)
+		default:
+			err = fmt.Errorf("unsupported rua scheme %q", tg.RUA.Scheme)
+		}
+		result := ResultOK
+		switch {
+		case err == nil:
+			tg.State, tg.SentAt, tg.LastError = stateSent, rp.now().UTC(), ""
+		case ctx.Err() != nil:
+			// Interrupted by shutdown: not a failure of the endpoint.
+			tg.Attempts--
+			continue
+		case rp.now().Sub(tg.FirstAttempt) >= rp.opts.RetryFor:
+			tg.State, tg.LastError = stateDropped, err.Error()
+			result = ResultDropped
+		default:
+			tg.LastError = err.Error()
+			tg.NextAttempt = rp.now().Add(rp.backoff(tg.Attempts)).UTC()
+			result = ResultFailed
+		}
+		// Persist before logging "ok": a sent report is never sent again.
+		save()
+		fields := []zap.Field{zap.String("policy_domain", pd), zap.String("rua", tg.RUA.URI),
+			zap.String("report_id", j.Report.ReportID), zap.String("result", result), zap.Int("attempt", tg.Attempts)}
+		if err != nil {
+			fields = append(fields, zap.Error(err))
+		}
+		if tg.QueueID != "" && result == ResultOK {
+			fields = append(fields, zap.String("queue_id", tg.QueueID))
+		}
+		rp.log.Info("tlsrpt_sent", fields...)
+		rp.onReport(result)
+	}
+
+	sent, pending := 0, 0
+	for _, tg := range j.Targets {
+		switch tg.State {
+		case stateSent:
+			sent++
+		case statePending:
+			pending++
+		}
+	}
+	if pending == 0 {
+		switch {
+		case sent == len(j.Targets):
+			rp.finish(j, now, "sent")
+		case sent > 0:
+			rp.finish(j, now, "partial")
+		default:
+			rp.finish(j, now, ResultDropped)
+		}
+		save()
+	}
+}
+
+func (rp *Reporter) finish(j *job, now time.Time, outcome string) {
+	j.Done, j.Outcome, j.DoneAt = true, outcome, now.UTC()
+}
+
+func (rp *Reporter) onReport(result string) {
+	if rp.opts.OnReport != nil {
+		rp.opts.OnReport(result)
+	}
+}
+
+// backoff is the gap after the n-th failed attempt: RetryBase doubled each
+// time (§5.5 "exponential backoff"), at most 4h.
+func (rp *Reporter) backoff(n int) time.Duration {
+	d := rp.opts.RetryBase
+	for i := 1; i < n && d < maxRetryGap; i++ {
+		d *= 2
+	}
+	return min(d, maxRetryGap)
+}
+
+// post sends the gzip report to an https: rua (§5.4): any 2xx is success;
+// redirects are not followed.
+func (rp *Reporter) post(ctx context.Context, uri string, gz []byte) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, uri, bytes.NewReader(gz))
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Content-Type", MediaTypeGzip)
+	req.Header.Set("User-Agent", "stsrelay-tlsrpt")
+	resp, err := rp.client.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
+	if resp.StatusCode < 200 || resp.StatusCode > 299 {
+		if loc := resp.Header.Get("Location"); loc != "" {
+			return fmt.Errorf("HTTP %s (redirect to %s not followed)", resp.Status, loc)
+		}
+		return fmt.Errorf("HTTP %s", resp.Status)
+	}
+	return nil
+}
+
+// mail queues the report for a mailto: rua (§5.3). A successful Enqueue is
+// a sent report: from there on the queue owns its delivery.
+func (rp *Reporter) mail(j *job, to string, gz []byte) (string, error) {
+	if rp.opts.Queue == nil {
+		return "", errors.New("no queue for mailto: reports")
+	}
+	msg, err := composeMail(mailReport{
+		From:         rp.opts.From,
+		To:           to,
+		Submitter:    rp.opts.Hostname,
+		PolicyDomain: j.PolicyDomain,
+		Date:         rp.now(),
+		MessageID:    "tlsrpt." + newUnique() + "@" + rp.opts.Hostname,
+		Report:       j.Report,
+		Gzip:         gz,
+		Filename:     j.Report.Filename(rp.opts.Hostname, j.PolicyDomain),
+	}, rp.opts.DKIM)
+	if err != nil {
+		return "", err
+	}
+	return rp.opts.Queue.Enqueue(queue.Envelope{
+		From:  rp.opts.From,
+		Kind:  queue.KindTLSRPT,
+		Rcpts: []queue.RcptSpec{{Addr: to}},
+	}, bytes.NewReader(msg))
+}
+
+// prune removes finished jobs after doneRetention, once the Recorder's
+// durable state no longer holds the counts of their period (so the job can
+// never be made again).
+func (rp *Reporter) prune(now time.Time) {
+	closed := rp.rec.durableClosed()
+	iv := int64(rp.rec.Interval() / time.Second)
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	for name, j := range rp.jobs {
+		if !j.Done || now.Sub(j.DoneAt) < doneRetention || j.PeriodStart+iv > closed {
+			continue
+		}
+		if err := os.Remove(filepath.Join(rp.dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+			rp.log.Error("tlsrpt_job_remove", zap.String("file", name), zap.Error(err))
+			continue
+		}
+		delete(rp.jobs, name)
+	}
+}
+
+// ReportStatus is the state of one report job, for the CLI.
+type ReportStatus struct {
+	PolicyDomain string         `json:"policy_domain"`
+	PeriodStart  time.Time      `json:"period_start"`
+	ReportID     string         `json:"report_id"`
+	Done         bool           `json:"done"`
+	Outcome      string         `json:"outcome,omitempty"`
+	Targets      []TargetStatus `json:"targets,omitempty"`
+}
+
+// TargetStatus is the state of one rua of a report.
+type TargetStatus struct {
+	URI         string    `json:"uri"`
+	State       string    `json:"state"` // pending, sent, dropped
+	Attempts    int       `json:"attempts"`
+	NextAttempt time.Time `json:"next_attempt,omitzero"`
+	LastError   string    `json:"last_error,omitempty"`
+}
+
+// Reports lists the report jobs kept (pending, and finished ones for a
+// day), in order of period and domain.
+func (rp *Reporter) Reports() []ReportStatus {
+	rp.mu.Lock()
+	defer rp.mu.Unlock()
+	var out []ReportStatus
+	for _, j := range rp.jobs {
+		s := ReportStatus{PolicyDomain: j.PolicyDomain, PeriodStart: time.Unix(j.PeriodStart, 0).UTC(),
+			ReportID: j.Report.ReportID, Done: j.Done, Outcome: j.Outcome}
+		for _, tg := range j.Targets {
+			s.Targets = append(s.Targets, TargetStatus{URI: tg.RUA.URI, State: tg.State,
+				Attempts: tg.Attempts, NextAttempt: tg.NextAttempt, LastError: tg.LastError})
+		}
+		out = append(out, s)
+	}
+	slices.SortFunc(out, func(a, b ReportStatus) int {
+		if c := a.PeriodStart.Compare(b.PeriodStart); c != 0 {
+			return c
+		}
+		return strings.Compare(a.PolicyDomain, b.PolicyDomain)
+	})
+	return out
+}
+
+// clone copies j deeply enough for one goroutine to change it while
+// others read the original (the Report is never changed).
+func (j *job) clone() *job {
+	c := *j
+	c.Targets = make([]*target, len(j.Targets))
+	for i, t := range j.Targets {
+		tc := *t
+		c.Targets[i] = &tc
+	}
+	return &c
+}
