@@ -392,6 +392,9 @@ func asSessionError(err error) *sessionError {
 func (e *Engine) recordTLS(domain string, pol PolicyResult, r TLSResult) {
 	r.Time = e.now()
 	r.Domain = domain
+	if r.SendingIP == "" && r.IP != "" {
+		r.SendingIP = e.sourceIP(net.ParseIP(r.IP))
+	}
 	if pol.Policy != nil && pol.Policy.Mode != mtasts.ModeNone {
 		r.PolicyType = "sts"
 		r.PolicyLines = pol.Policy.Lines
@@ -560,4 +563,27 @@ func (e *Engine) Bounce(id string) error {
 	}
 	e.sendDSN(m, idx, actionFailed, now)
 	return e.store.Update(m)
+}
+
+// sourceIP is the address this host sends from towards dst: the
+// configured local address of dst's family, or the one the routing table
+// picks (a UDP "connect" sends no packet). For TLS-RPT sending-mta-ip.
+func (e *Engine) sourceIP(dst net.IP) string {
+	if dst == nil {
+		return ""
+	}
+	for _, l := range e.localIPs {
+		if (l.To4() != nil) == (dst.To4() != nil) {
+			return l.String()
+		}
+	}
+	c, err := net.Dial("udp", net.JoinHostPort(dst.String(), "25"))
+	if err != nil {
+		return ""
+	}
+	defer c.Close()
+	if a, ok := c.LocalAddr().(*net.UDPAddr); ok {
+		return a.IP.String()
+	}
+	return ""
 }

@@ -1,0 +1,369 @@
+package mtasts
+
+import (
+	"context"
+	"crypto/tls"
+	"crypto/x509"
+	"errors"
+	"fmt"
+	"io"
+	"mime"
+	"net"
+	"net/http"
+	"net/url"
+	"strconv"
+	"strings"
+	"time"
+)
+
+// Result types of RFC 8460 §4.3.2.2 for policy failures.
+const (
+	ResultFetchError    = "sts-policy-fetch-error"
+	ResultPolicyInvalid = "sts-policy-invalid"
+	ResultWebPKIInvalid = "sts-webpki-invalid"
+)
+
+// Defaults of Fetcher.
+const (
+	DefaultHTTPSPort      = 443
+	DefaultFetchTimeout   = time.Minute // RFC 8461 §3.3 suggests one minute
+	DefaultMaxPolicyBytes = 64 << 10    // RFC 8461 §3.3 suggests 64 KB
+	maxResponseHeader     = 16 << 10
+)
+
+// FetchError is a failed policy fetch, classified for TLS-RPT.
+type FetchError struct {
+	// ResultType is ResultFetchError, ResultPolicyInvalid or
+	// ResultWebPKIInvalid.
+	ResultType string
+	// Err says what went wrong; it wraps ErrPolicyFetch,
+	// ErrPolicySyntax, ErrWebPKI (or, for a discovery failure reported
+	// through Cache.Get, ErrDNS and the record errors).
+	Err error
+}
+
+func (e *FetchError) Error() string {
+	if e.Err == nil {
+		return e.ResultType
+	}
+	return e.Err.Error()
+}
+func (e *FetchError) Unwrap() error { return e.Err }
+
+// ResultType returns the RFC 8460 result-type for an error of this
+// package: that of a *FetchError in the chain, else one derived from the
+// sentinel errors; "" for nil or an unrelated error.
+func ResultType(err error) string {
+	if err == nil {
+		return ""
+	}
+	var fe *FetchError
+	if errors.As(err, &fe) {
+		return fe.ResultType
+	}
+	switch {
+	case errors.Is(err, ErrWebPKI):
+		return ResultWebPKIInvalid
+	case errors.Is(err, ErrPolicySyntax), errors.Is(err, ErrRecordSyntax), errors.Is(err, ErrMultipleRecords):
+		return ResultPolicyInvalid
+	case errors.Is(err, ErrPolicyFetch), errors.Is(err, ErrDNS), errors.Is(err, ErrNoRecord):
+		return ResultFetchError
+	}
+	return ""
+}
+
+// Fetcher fetches policies over HTTPS (RFC 8461 §3.3). The zero value
+// works with the defaults. A Fetcher is safe for concurrent use.
+type Fetcher struct {
+	// HTTPSPort is the policy host's port; 0 means 443. Only tests use
+	// another.
+	HTTPSPort int
+	// Timeout bounds the whole fetch: connection, TLS, headers and body.
+	// 0 means DefaultFetchTimeout.
+	Timeout time.Duration
+	// MaxBytes bounds the body; a larger body is an error, not truncated.
+	// 0 means DefaultMaxPolicyBytes.
+	MaxBytes int64
+	// RootCAs are trusted in addition to the system roots
+	// (tls.extra_root_ca_file). Nil: the system roots only.
+	RootCAs *x509.CertPool
+	// DialAddr, when set, opens the TCP connection to addr
+	// ("mta-sts.<domain>:port") in place of the default dialer, e.g. to
+	// resolve through the relay's own DNS client. It should honour ctx.
+	DialAddr func(ctx context.Context, network, addr string) (net.Conn, error)
+}
+
+// fetchResult is everything one fetch observed, for Fetch and the checker.
+type fetchResult struct {
+	URL         string
+	Status      int
+	Location    string
+	ContentType string
+	Body        []byte
+	PeerCerts   []*x509.Certificate // as presented, verified or not
+	CertErr     error               // nil when the chain verified
+	Policy      *Policy
+	Problems    []*SyntaxError
+	Err         *FetchError
+}
+
+// Fetch fetches and parses the policy of domain (RFC 8461 §3.3): a GET of
+// https://mta-sts.<domain>/.well-known/mta-sts.txt with SNI and Host
+// mta-sts.<domain>; the certificate must be valid for that name under the
+// Web PKI (system roots plus RootCAs); redirects are not followed; only a
+// 200 response with media type text/plain is accepted; no HTTP caching,
+// proxy or keep-alive is used; body size and total time are bounded.
+//
+// It returns the body whenever one was read, even with an error (for the
+// checker). Errors are *FetchError.
+func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, []byte, error) {
+	r := f.fetch(ctx, domain)
+	if r.Err != nil {
+		return nil, r.Body, r.Err
+	}
+	return r.Policy, r.Body, nil
+}
+
+func (f *Fetcher) fetch(ctx context.Context, domain string) *fetchResult {
+	res := &fetchResult{}
+	fail := func(rt string, sentinel error, format string, args ...any) *fetchResult {
+		res.Err = &FetchError{ResultType: rt, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %s", domain, sentinel, fmt.Sprintf(format, args...))}
+		return res
+	}
+	d, ok := normalizeDomain(domain)
+	if !ok {
+		return fail(ResultFetchError, ErrPolicyFetch, "invalid domain name %q", domain)
+	}
+	domain = d
+	host := "mta-sts." + domain
+	port := f.HTTPSPort
+	if port == 0 {
+		port = DefaultHTTPSPort
+	}
+	timeout := f.Timeout
+	if timeout <= 0 {
+		timeout = DefaultFetchTimeout
+	}
+	maxBytes := f.MaxBytes
+	if maxBytes <= 0 {
+		maxBytes = DefaultMaxPolicyBytes
+	}
+	u := url.URL{Scheme: "https", Host: host, Path: "/.well-known/mta-sts.txt"}
+	if port != 443 {
+		u.Host = net.JoinHostPort(host, strconv.Itoa(port))
+	}
+	res.URL = u.String()
+
+	ctx, cancel := context.WithTimeout(ctx, timeout)
+	defer cancel()
+
+	// RFC 8461 §3.3: the certificate must be valid for the DNS-ID
+	// mta-sts.<domain> and chain to a trusted root. We verify by hand so
+	// that RootCAs adds to the system roots instead of replacing them,
+	// and so that the checker can see the certificate even when it fails.
+	// Go's verification matches SAN DNS names only (never the CN) and
+	// allows "*" only as a whole leftmost label, as §3.3 requires.
+	extra := f.RootCAs
+	tlsConfig := &tls.Config{
+		ServerName:         host, // SNI, RFC 8461 §7.1
+		MinVersion:         tls.VersionTLS12,
+		InsecureSkipVerify: true, // replaced by VerifyConnection below
+		VerifyConnection: func(cs tls.ConnectionState) error {
+			res.PeerCerts = cs.PeerCertificates
+			err := verifyPeer(cs.PeerCertificates, host, extra)
+			res.CertErr = err
+			if err != nil {
+				return &webPKIError{err: err}
+			}
+			return nil
+		},
+	}
+	dial := f.DialAddr
+	if dial == nil {
+		dial = (&net.Dialer{}).DialContext
+	}
+	transport := &http.Transport{
+		Proxy:                  nil, // never a proxy from the environment
+		DialContext:            dial,
+		TLSClientConfig:        tlsConfig,
+		TLSHandshakeTimeout:    timeout,
+		ResponseHeaderTimeout:  timeout,
+		DisableKeepAlives:      true,
+		DisableCompression:     true,
+		MaxResponseHeaderBytes: maxResponseHeader,
+	}
+	defer transport.CloseIdleConnections()
+	client := &http.Client{
+		Transport: transport,
+		// RFC 8461 §3.3: 3xx redirects MUST NOT be followed.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, res.URL, nil)
+	if err != nil {
+		return fail(ResultFetchError, ErrPolicyFetch, "%v", err)
+	}
+	req.Host = host // no port, even when testing on another one
+	req.Header.Set("User-Agent", "stsrelay")
+	// No conditional headers, no cache: RFC 8461 §3.3 forbids HTTP caching.
+
+	resp, err := client.Do(req)
+	if err != nil {
+		var we *webPKIError
+		if errors.As(err, &we) || isCertError(err) {
+			if res.CertErr == nil {
+				res.CertErr = err
+			}
+			return fail(ResultWebPKIInvalid, ErrWebPKI, "%s: %v", host, res.CertErr)
+		}
+		if ctx.Err() != nil {
+			return fail(ResultFetchError, ErrPolicyFetch, "GET %s: no response within %v", res.URL, timeout)
+		}
+		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: %v", res.URL, unwrapURLError(err))
+	}
+	defer resp.Body.Close()
+	res.Status = resp.StatusCode
+	res.ContentType = resp.Header.Get("Content-Type")
+	if resp.StatusCode/100 == 3 {
+		res.Location = resp.Header.Get("Location")
+		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: HTTP %d redirect to %q not followed (RFC 8461 §3.3)", res.URL, resp.StatusCode, res.Location)
+	}
+	if resp.StatusCode != http.StatusOK {
+		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: HTTP status %d, only 200 is valid (RFC 8461 §3.3)", res.URL, resp.StatusCode)
+	}
+	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBytes+1))
+	if err != nil {
+		if ctx.Err() != nil {
+			return fail(ResultFetchError, ErrPolicyFetch, "GET %s: body not complete within %v", res.URL, timeout)
+		}
+		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: reading body: %v", res.URL, err)
+	}
+	if int64(len(body)) > maxBytes {
+		res.Body = body[:maxBytes]
+		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: body larger than %d bytes", res.URL, maxBytes)
+	}
+	res.Body = body
+	// RFC 8461 §3.2: the media type SHOULD be checked; parameters are
+	// ignored. A missing Content-Type is rejected too.
+	if mt, _, err := mime.ParseMediaType(res.ContentType); (err != nil && !errors.Is(err, mime.ErrInvalidMediaParameter)) || mt != "text/plain" {
+		return fail(ResultPolicyInvalid, ErrPolicySyntax, "GET %s: media type must be text/plain, got Content-Type %q", res.URL, res.ContentType)
+	}
+	p, problems := parsePolicy(body)
+	if len(problems) > 0 {
+		res.Problems = problems
+		res.Err = &FetchError{ResultType: ResultPolicyInvalid, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w", domain, problems[0])}
+		return res
+	}
+	res.Policy = p
+	return res
+}
+
+// webPKIError marks a certificate that failed verification.
+type webPKIError struct{ err error }
+
+func (e *webPKIError) Error() string { return e.err.Error() }
+func (e *webPKIError) Unwrap() error { return e.err }
+
+// verifyPeer verifies the chain for DNS-ID host against the system roots,
+// then, if that fails, against extra.
+func verifyPeer(certs []*x509.Certificate, host string, extra *x509.CertPool) error {
+	if len(certs) == 0 {
+		return errors.New("no certificate presented")
+	}
+	inter := x509.NewCertPool()
+	for _, c := range certs[1:] {
+		inter.AddCert(c)
+	}
+	opts := x509.VerifyOptions{DNSName: host, Intermediates: inter}
+	_, err := certs[0].Verify(opts) // Roots nil: the system pool
+	if err == nil {
+		return nil
+	}
+	if extra != nil {
+		opts.Roots = extra
+		_, err2 := certs[0].Verify(opts)
+		if err2 == nil {
+			return nil
+		}
+		// Prefer the error against the extra roots when the chain
+		// reaches them: it says the more specific thing (expired,
+		// wrong name) rather than "unknown authority".
+		var ua x509.UnknownAuthorityError
+		if !errors.As(err2, &ua) {
+			err = err2
+		}
+	}
+	return err
+}
+
+func isCertError(err error) bool {
+	var (
+		ua  x509.UnknownAuthorityError
+		ci  x509.CertificateInvalidError
+		hn  x509.HostnameError
+		cve *tls.CertificateVerificationError
+	)
+	return errors.As(err, &ua) || errors.As(err, &ci) || errors.As(err, &hn) || errors.As(err, &cve)
+}
+
+func unwrapURLError(err error) error {
+	var ue *url.Error
+	if errors.As(err, &ue) {
+		return ue.Err
+	}
+	return err
+}
+
+// normalizeDomain lower-cases a domain, removes a trailing dot and
+// converts U-labels to A-labels. It reports false for address literals,
+// IP addresses and names that cannot be domains: those have no policy
+// (RFC 8461 §3.4).
+func normalizeDomain(d string) (string, bool) {
+	d = strings.TrimSuffix(d, ".")
+	if !isASCII(d) {
+		a, err := toASCII(d)
+		if err != nil {
+			return "", false
+		}
+		d = a
+	}
+	d = strings.ToLower(d)
+	if !validHostname(d) || strings.Trim(d, "0123456789.") == "" {
+		return "", false // an IPv4 address (an IPv6 one fails validHostname)
+	}
+	return d, true
+}
+
+// IPResolver resolves host names to addresses; *dnsclient.Resolver
+// implements it.
+type IPResolver interface {
+	LookupIP(ctx context.Context, host string, wantV6 bool) ([]net.IP, error)
+}
+
+// DialVia returns a Fetcher.DialAddr that resolves the policy host with r
+// (the relay's own DNS client, so that `dns.servers` applies to the policy
+// host too) and connects to its addresses in turn.
+func DialVia(r IPResolver) func(ctx context.Context, network, addr string) (net.Conn, error) {
+	return func(ctx context.Context, network, addr string) (net.Conn, error) {
+		host, port, err := net.SplitHostPort(addr)
+		if err != nil {
+			return nil, err
+		}
+		ips, err := r.LookupIP(ctx, host, true)
+		if err != nil {
+			return nil, fmt.Errorf("resolve %s: %w", host, err)
+		}
+		var d net.Dialer
+		var errs []error
+		for _, ip := range ips {
+			c, err := d.DialContext(ctx, network, net.JoinHostPort(ip.String(), port))
+			if err == nil {
+				return c, nil
+			}
+			errs = append(errs, err)
+			if ctx.Err() != nil {
+				break
+			}
+		}
+		return nil, fmt.Errorf("connect to %s: %w", host, errors.Join(errs...))
+	}
+}

@@ -1,0 +1,248 @@
+// Package mtasts implements the sending side of SMTP MTA Strict Transport
+// Security (RFC 8461): discovery of the "_mta-sts" TXT record (§3.1), the
+// HTTPS policy fetch (§3.3), the policy parser (§3.2), MX host matching
+// (§4.1), a persistent policy cache with proactive refresh (§3.3, §5.1,
+// §10.2), and the policy half of the domain checker.
+//
+// The package knows nothing of queues or SMTP sessions: delivery asks
+// Cache.Get for the policy in force for a recipient domain and checks
+// each MX with Policy.Matches.
+package mtasts
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"strings"
+
+	"github.com/stsrelay/stsrelay/internal/dnsclient"
+)
+
+// Errors returned (wrapped) by this package. Use errors.Is.
+var (
+	// ErrNoRecord: no "_mta-sts" TXT record beginning with v=STSv1 exists.
+	ErrNoRecord = errors.New("no MTA-STS TXT record")
+	// ErrMultipleRecords: more than one v=STSv1 record (RFC 8461 §3.1).
+	ErrMultipleRecords = errors.New("more than one MTA-STS TXT record")
+	// ErrRecordSyntax: the one v=STSv1 record is not valid.
+	ErrRecordSyntax = errors.New("invalid MTA-STS TXT record")
+	// ErrDNS: the TXT lookup failed temporarily (SERVFAIL, timeout, ...).
+	ErrDNS = errors.New("temporary DNS failure in MTA-STS discovery")
+	// ErrPolicyFetch: the HTTPS fetch of the policy failed (network,
+	// timeout, status other than 200, redirect, body too large).
+	ErrPolicyFetch = errors.New("MTA-STS policy fetch failed")
+	// ErrPolicySyntax: the fetched policy is not a valid policy, or was not
+	// served as text/plain.
+	ErrPolicySyntax = errors.New("invalid MTA-STS policy")
+	// ErrWebPKI: the policy host's certificate did not validate.
+	ErrWebPKI = errors.New("MTA-STS policy host certificate not valid")
+)
+
+// TXTResolver looks up TXT records, each returned as its list of
+// character-strings. *dnsclient.Resolver implements it; errors should wrap
+// dnsclient.ErrNotFound / ErrNoData for an authoritative "no" and
+// dnsclient.ErrTemporary for anything that may succeed later.
+type TXTResolver interface {
+	LookupTXT(ctx context.Context, name string) ([][]string, error)
+}
+
+// Record is a parsed "_mta-sts" TXT record (RFC 8461 §3.1).
+type Record struct {
+	// ID identifies the policy instance: 1-32 letters and digits.
+	ID string
+	// Extensions holds the fields other than v and id, first
+	// occurrence of each name only. Nil when there are none.
+	Extensions map[string]string
+}
+
+const stsVersion = "v=STSv1"
+
+// ParseRecord parses an "_mta-sts" TXT record per the ABNF of RFC 8461
+// §3.1:
+//
+//	sts-text-record = sts-version 1*(sts-field-delim sts-field) [sts-field-delim]
+//	sts-field-delim = *WSP ";" *WSP
+//	sts-version     = %s"v=STSv1"
+//	sts-id          = %s"id=" 1*32(ALPHA / DIGIT)
+//	sts-extension   = sts-ext-name "=" sts-ext-value
+//
+// The record must begin with v=STSv1 (case-sensitive) and hold an id.
+// Unknown fields are ignored, and of a field given twice the first counts
+// (§3.2, last paragraph). Two leniencies: whitespace after the last field
+// with no ";" is accepted (the ABNF allows it only before a ";"), and so is
+// "v=STSv1 ;" (errata 6285 discusses it; WSP before ";" is in the ABNF).
+func ParseRecord(s string) (*Record, error) {
+	if !strings.HasPrefix(s, stsVersion) {
+		return nil, fmt.Errorf("%w: %q does not begin with %q (RFC 8461 §3.1)", ErrRecordSyntax, s, stsVersion)
+	}
+	rec := &Record{}
+	haveID := false
+	pos := len(stsVersion)
+	for {
+		j := skipWSP(s, pos)
+		if j == len(s) {
+			break // end, possibly after trailing whitespace
+		}
+		if s[j] != ';' {
+			return nil, fmt.Errorf("%w: %q: expected \";\" at offset %d, found %q", ErrRecordSyntax, s, j, s[j])
+		}
+		j = skipWSP(s, j+1)
+		if j == len(s) {
+			break // optional trailing delimiter
+		}
+		// sts-field: name "=" value
+		eq := j
+		for eq < len(s) && s[eq] != '=' && s[eq] != ';' && s[eq] != ' ' && s[eq] != '\t' {
+			eq++
+		}
+		name := s[j:eq]
+		if eq == len(s) || s[eq] != '=' {
+			return nil, fmt.Errorf("%w: %q: field %q has no \"=value\"", ErrRecordSyntax, s, name)
+		}
+		if !validExtName(name) {
+			return nil, fmt.Errorf("%w: %q: invalid field name %q (1-32 of letters, digits, \"_-.\", starting with a letter or digit)", ErrRecordSyntax, s, name)
+		}
+		vs := eq + 1
+		ve := vs
+		for ve < len(s) && isTXTValueChar(s[ve]) {
+			ve++
+		}
+		value := s[vs:ve]
+		if value == "" {
+			return nil, fmt.Errorf("%w: %q: field %q has an empty value", ErrRecordSyntax, s, name)
+		}
+		if ve < len(s) && s[ve] != ';' && s[ve] != ' ' && s[ve] != '\t' {
+			return nil, fmt.Errorf("%w: %q: invalid character %q in the value of %q", ErrRecordSyntax, s, s[ve], name)
+		}
+		pos = ve
+		if name == "id" {
+			if !validID(value) {
+				return nil, fmt.Errorf("%w: %q: id %q must be 1-32 letters and digits", ErrRecordSyntax, s, value)
+			}
+			if !haveID {
+				rec.ID = value
+				haveID = true
+			}
+			continue
+		}
+		if rec.Extensions == nil {
+			rec.Extensions = map[string]string{}
+		}
+		if _, dup := rec.Extensions[name]; !dup {
+			rec.Extensions[name] = value
+		}
+	}
+	if !haveID {
+		return nil, fmt.Errorf("%w: %q has no id field", ErrRecordSyntax, s)
+	}
+	return rec, nil
+}
+
+// isSTSRecord reports whether a TXT record is an MTA-STS record at all:
+// RFC 8461 §3.1 discards records that do not begin with "v=STSv1;". We
+// also keep "v=STSv1" followed by whitespace or nothing, so that such a
+// broken record is reported as invalid rather than silently absent; a
+// longer version such as "v=STSv10" is not ours.
+func isSTSRecord(s string) bool {
+	if !strings.HasPrefix(s, stsVersion) {
+		return false
+	}
+	if len(s) == len(stsVersion) {
+		return true
+	}
+	c := s[len(stsVersion)]
+	return c == ';' || c == ' ' || c == '\t'
+}
+
+// LookupRecord discovers the MTA-STS record of domain (RFC 8461 §3.1): it
+// queries TXT at "_mta-sts.<domain>" (never a parent domain, §3.4; the
+// resolver follows CNAMEs), joins each record's character-strings without
+// spaces, discards records not beginning with v=STSv1, and parses the one
+// that remains.
+//
+// Errors wrap ErrNoRecord (NXDOMAIN, NODATA or no STS record among the
+// answers), ErrMultipleRecords, ErrRecordSyntax, or ErrDNS for a temporary
+// failure (the caller must not conclude that the domain has no policy).
+func LookupRecord(ctx context.Context, r TXTResolver, domain string) (*Record, error) {
+	rec, _, err := lookupRecord(ctx, r, domain)
+	return rec, err
+}
+
+// lookupRecord is LookupRecord that also returns every TXT record found at
+// the name, joined, for the checker.
+func lookupRecord(ctx context.Context, r TXTResolver, domain string) (*Record, []string, error) {
+	name := "_mta-sts." + domain
+	txts, err := r.LookupTXT(ctx, name)
+	if err != nil {
+		if dnsclient.IsNotFound(err) {
+			return nil, nil, fmt.Errorf("look up TXT %s: %w (%w)", name, ErrNoRecord, err)
+		}
+		return nil, nil, fmt.Errorf("look up TXT %s: %w (%w)", name, ErrDNS, err)
+	}
+	var raw, sts []string
+	for _, parts := range txts {
+		s := strings.Join(parts, "") // §3.1: concatenate without adding spaces
+		raw = append(raw, s)
+		if isSTSRecord(s) {
+			sts = append(sts, s)
+		}
+	}
+	switch len(sts) {
+	case 0:
+		return nil, raw, fmt.Errorf("TXT %s: %w among %d record(s)", name, ErrNoRecord, len(raw))
+	case 1:
+	default:
+		return nil, raw, fmt.Errorf("TXT %s: %w (%d), so none applies (RFC 8461 §3.1)", name, ErrMultipleRecords, len(sts))
+	}
+	rec, err := ParseRecord(sts[0])
+	if err != nil {
+		return nil, raw, fmt.Errorf("TXT %s: %w", name, err)
+	}
+	return rec, raw, nil
+}
+
+func skipWSP(s string, i int) int {
+	for i < len(s) && (s[i] == ' ' || s[i] == '\t') {
+		i++
+	}
+	return i
+}
+
+func isAlnum(c byte) bool {
+	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
+}
+
+// validExtName checks sts-ext-name (RFC 8461 §3.1), which has the same
+// shape as sts-policy-ext-name (§3.2):
+// (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".").
+func validExtName(s string) bool {
+	if len(s) == 0 || len(s) > 32 || !isAlnum(s[0]) {
+		return false
+	}
+	for i := 1; i < len(s); i++ {
+		c := s[i]
+		if !isAlnum(c) && c != '_' && c != '-' && c != '.' {
+			return false
+		}
+	}
+	return true
+}
+
+// isTXTValueChar checks sts-ext-value characters: %x21-3A / %x3C / %x3E-7E,
+// that is printable ASCII except "=", ";" and space.
+func isTXTValueChar(c byte) bool {
+	return c >= 0x21 && c <= 0x7e && c != '=' && c != ';'
+}
+
+// validID checks sts-id's value: 1*32(ALPHA / DIGIT).
+func validID(s string) bool {
+	if len(s) == 0 || len(s) > 32 {
+		return false
+	}
+	for i := 0; i < len(s); i++ {
+		if !isAlnum(s[i]) {
+			return false
+		}
+	}
+	return true
+}
