@@ -54,7 +54,10 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	var pol PolicyResult
 	if e.o.Policies != nil && !tlsRequiredNo {
 		var err error
-		pol, err = e.o.Policies.Lookup(ctx, j.domain)
+		// RFC 8461 §5.1: before a final failure, look for a new policy
+		// (a new TXT id) rather than trust the cached one.
+		fresh := e.sched.Expired(m.Received, e.now())
+		pol, err = e.o.Policies.Lookup(ctx, j.domain, fresh)
 		if err != nil {
 			if sess != nil {
 				sess.close()

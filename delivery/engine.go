@@ -37,7 +37,9 @@ type PolicyResult struct {
 // decision can be made now (e.g. the TXT lookup failed and nothing is
 // cached): delivery defers.
 type PolicySource interface {
-	Lookup(ctx context.Context, domain string) (PolicyResult, error)
+	// Lookup returns the policy in force; fresh asks DNS for the TXT
+	// record even if a recent answer is remembered.
+	Lookup(ctx context.Context, domain string, fresh bool) (PolicyResult, error)
 }
 
 // TLSResult is one delivery session's TLS outcome, for TLS-RPT

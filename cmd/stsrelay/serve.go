@@ -122,8 +122,12 @@ func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, log *zap.Logger
 // policyAdapter shows the mtasts cache to delivery.
 type policyAdapter struct{ c *mtasts.Cache }
 
-func (p policyAdapter) Lookup(ctx context.Context, domain string) (delivery.PolicyResult, error) {
-	r, err := p.c.Get(ctx, domain)
+func (p policyAdapter) Lookup(ctx context.Context, domain string, fresh bool) (delivery.PolicyResult, error) {
+	get := p.c.Get
+	if fresh {
+		get = p.c.Recheck
+	}
+	r, err := get(ctx, domain)
 	if err != nil {
 		return delivery.PolicyResult{}, err
 	}
