@@ -9,6 +9,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"strconv"
 	"sync"
 
@@ -73,6 +74,7 @@ func (s *Store) commitLoop() {
 	defer close(s.exited)
 	bw := bufio.NewWriterSize(s.active, 256<<10)
 	var batch []*commitReq
+	lastBatch := 0
 	for {
 		batch = batch[:0]
 		select {
@@ -94,6 +96,12 @@ func (s *Store) commitLoop() {
 			}
 			return
 		}
+		// Writers woken by the last sync are usually a few microseconds
+		// from handing in their next record: when the last batch was
+		// shared, give them a moment so this sync carries them too.
+		if lastBatch > 1 {
+			runtime.Gosched()
+		}
 		bytes := int64(0)
 	drain:
 		for bytes < maxBatchBytes {
@@ -107,6 +115,7 @@ func (s *Store) commitLoop() {
 				break drain
 			}
 		}
+		lastBatch = len(batch)
 		bw = s.commitBatch(bw, batch)
 	}
 }
