@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"math/rand/v2"
 	"os"
 	"path/filepath"
@@ -765,54 +766,19 @@ func (c *Cache) persist(d string) {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
 		} else if err == nil {
-			syncDir(c.dir)
+			atomicfile.SyncDir(c.dir)
 		}
 		return
 	}
 	data, err := json.MarshalIndent(fe, "", "  ")
 	if err == nil {
-		err = writeFileAtomic(c.dir, d+".json", append(data, '\n'))
+		err = atomicfile.Write(filepath.Join(c.dir, d+".json"), append(data, '\n'))
 	}
 	if err != nil {
 		c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
 		return
 	}
 	e.persistedUsed.Store(used)
-}
-
-// writeFileAtomic writes name in dir through a temporary file, fsync,
-// rename and an fsync of the directory: after a crash the file holds the
-// old or the new content, never a mix.
-func writeFileAtomic(dir, name string, data []byte) error {
-	f, err := os.CreateTemp(dir, "."+name+".*.tmp")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, filepath.Join(dir, name))
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // load reads every stored entry. A file that cannot be read or whose

@@ -332,38 +332,3 @@ func normalizeDomain(d string) (string, bool) {
 	}
 	return d, true
 }
-
-// IPResolver resolves host names to addresses; *dnsclient.Resolver
-// implements it.
-type IPResolver interface {
-	LookupIP(ctx context.Context, host string, wantV6 bool) ([]net.IP, error)
-}
-
-// DialVia returns a Fetcher.DialAddr that resolves the policy host with r
-// (the relay's own DNS client, so that `dns.servers` applies to the policy
-// host too) and connects to its addresses in turn.
-func DialVia(r IPResolver) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		host, port, err := net.SplitHostPort(addr)
-		if err != nil {
-			return nil, err
-		}
-		ips, err := r.LookupIP(ctx, host, true)
-		if err != nil {
-			return nil, fmt.Errorf("resolve %s: %w", host, err)
-		}
-		var d net.Dialer
-		var errs []error
-		for _, ip := range ips {
-			c, err := d.DialContext(ctx, network, net.JoinHostPort(ip.String(), port))
-			if err == nil {
-				return c, nil
-			}
-			errs = append(errs, err)
-			if ctx.Err() != nil {
-				break
-			}
-		}
-		return nil, fmt.Errorf("connect to %s: %w", host, errors.Join(errs...))
-	}
-}

@@ -31,7 +31,7 @@ func newEnv(t *testing.T) *env {
 			Timeout:   2 * time.Second,
 			MaxBytes:  64 << 10,
 			RootCAs:   w.CA.Pool(),
-			DialAddr:  DialVia(r),
+			DialAddr:  r.DialContext,
 		},
 	}
 }

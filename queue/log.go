@@ -141,14 +141,4 @@ func scanSegment(f *os.File, fn func(scanRecord) error) (int64, error) {
 	}
 }
 
-// syncDir makes a directory's entries (a new or removed file) durable.
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
-}
-
 func segPath(dir string, seq uint64) string { return filepath.Join(dir, segName(seq)) }

@@ -11,6 +11,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"io"
 	"os"
 	"path/filepath"
@@ -275,7 +276,7 @@ func (s *Store) rotate() error {
 	}
 	// The new file's directory entry must be durable before any record
 	// in it is acknowledged.
-	if err := syncDir(s.logDir); err != nil {
+	if err := atomicfile.SyncDir(s.logDir); err != nil {
 		w.Close()
 		r.Close()
 		return fmt.Errorf("queue: sync %s: %w", s.logDir, err)
@@ -307,7 +308,7 @@ func (s *Store) collectSegments() {
 		if err := os.Remove(seg.path); err != nil && !os.IsNotExist(err) {
 			return
 		}
-		if err := syncDir(s.logDir); err != nil {
+		if err := atomicfile.SyncDir(s.logDir); err != nil {
 			return
 		}
 		delete(s.segs, seg.seq)

@@ -6,6 +6,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"os"
 	"path/filepath"
 	"slices"
@@ -352,7 +353,7 @@ func (r *Recorder) Flush() error {
 	st.Written = r.now().UTC()
 	data, err := json.Marshal(&st)
 	if err == nil {
-		err = writeFileAtomic(filepath.Join(r.dir, countsFile), data)
+		err = atomicfile.Write(filepath.Join(r.dir, countsFile), data)
 	}
 	if err != nil {
 		r.mu.Lock()
@@ -413,40 +414,6 @@ func (r *Recorder) load() error {
 		r.log.Warn("tlsrpt_interval_changed", zap.Int64("old_seconds", st.IntervalSeconds), zap.Int64("new_seconds", r.interval))
 	}
 	return nil
-}
-
-// writeFileAtomic replaces path with data durably.
-func writeFileAtomic(path string, data []byte) error {
-	dir := filepath.Dir(path)
-	f, err := os.CreateTemp(dir, "."+filepath.Base(path)+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
-		return err
-	}
-	return syncDir(dir)
-}
-
-func syncDir(dir string) error {
-	d, err := os.Open(dir)
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	return d.Sync()
 }
 
 // PolicyCounts is what the report for one policy domain and period will

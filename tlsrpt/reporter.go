@@ -8,6 +8,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"io"
 	"math/rand/v2"
 	"net"
@@ -437,7 +438,7 @@ func (rp *Reporter) makeJobs(now time.Time) error {
 			wrote = true
 		}
 		if wrote {
-			if err := syncDir(rp.dir); err != nil {
+			if err := atomicfile.SyncDir(rp.dir); err != nil {
 				return fmt.Errorf("sync %s: %w", rp.dir, err)
 			}
 		}
@@ -465,27 +466,11 @@ func (rp *Reporter) writeJob(name string, j *job, syncParent bool) error {
 		return err
 	}
 	path := filepath.Join(rp.dir, name)
-	f, err := os.CreateTemp(rp.dir, "."+name+".tmp*")
-	if err != nil {
-		return err
-	}
-	tmp := f.Name()
-	_, err = f.Write(data)
-	if err == nil {
-		err = f.Sync()
-	}
-	if cerr := f.Close(); err == nil {
-		err = cerr
-	}
-	if err == nil {
-		err = os.Rename(tmp, path)
-	}
-	if err != nil {
-		os.Remove(tmp)
+	if err := atomicfile.WriteNoDirSync(path, data); err != nil {
 		return fmt.Errorf("write report job %s: %w", path, err)
 	}
 	if syncParent {
-		return syncDir(rp.dir)
+		return atomicfile.SyncDir(rp.dir)
 	}
 	return nil
 }
