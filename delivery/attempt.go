@@ -138,10 +138,18 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	a.mx, a.ip = sess.host, sess.ip
 	a.tls = tlsVersionName(sess.version)
 	a.tlsVerified = sess.tls && sess.cert.Verified
-	if sess.tls && !sess.cert.Verified {
+	// tlsrpt_result describes the session that carries the message, not
+	// the hosts passed over on the way to it (connect records those).
+	a.tlsrptResult = ""
+	switch {
+	case sess.tls && !sess.cert.Verified:
 		a.tlsrptResult = sess.cert.ResultType
-	} else if !sess.tls && mode != "" && mode != mtasts.ModeNone {
+	case !sess.tls && mode != "" && mode != mtasts.ModeNone:
 		a.tlsrptResult = ResultSTARTTLSNotSupported
+	case mode == mtasts.ModeTesting && !pol.Policy.Matches(sess.host):
+		// RFC 8461 §5 testing: delivered to an MX the policy does not
+		// list; that mismatch is the failure TLS-RPT records.
+		a.tlsrptResult = ResultValidationFailure
 	}
 
 	// Extensions the message needs.
@@ -547,6 +555,9 @@ func (e *Engine) Bounce(id string) error {
 	m, err := e.store.Get(id)
 	if err != nil {
 		return err
+	}
+	if e.store.Leased(id) {
+		return fmt.Errorf("%s: a delivery attempt is in flight; try again in a moment", id)
 	}
 	now := e.now()
 	var idx []int

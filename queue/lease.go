@@ -105,6 +105,17 @@ func (s *Store) Update(m *Message) error {
 		return fmt.Errorf("%s: recipient count changed", m.ID)
 	}
 	rcpts := append([]Recipient(nil), m.Rcpts...)
+	s.mu.Lock()
+	if s.retryNow[m.ID] {
+		now := s.opts.Now()
+		for i := range rcpts {
+			if !rcpts[i].Status.Final() {
+				rcpts[i].NextAttempt = now
+			}
+		}
+		delete(s.retryNow, m.ID)
+	}
+	s.mu.Unlock()
 	done := m.Done()
 	var rec *pendingRecord
 	var err error
@@ -165,6 +176,14 @@ func (s *Store) Retry(id string) error {
 		s.mu.Unlock()
 		return fmt.Errorf("%s: %w", id, ErrNotFound)
 	}
+	if s.leased[id] {
+		// A delivery is in flight: writing its recipients now could
+		// overwrite the outcome it is about to record. Its Update
+		// applies the retry instead.
+		s.retryNow[id] = true
+		s.mu.Unlock()
+		return nil
+	}
 	m := cur.clone()
 	s.mu.Unlock()
 	now := s.opts.Now()
@@ -187,4 +206,11 @@ func (s *Store) Retry(id string) error {
 			s.pushDue(cur)
 		}
 	}})
+}
+
+// Leased reports whether a delivery of id is in flight.
+func (s *Store) Leased(id string) bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.leased[id]
 }

@@ -63,6 +63,9 @@ type Store struct {
 	order  []uint64 // segment seqs, ascending
 	due    dueHeap
 	leased map[string]bool
+	// retryNow marks leased messages an operator asked to retry: their
+	// Update makes the non-final recipients due at once.
+	retryNow map[string]bool
 	wake   chan struct{}
 	closed bool
 
@@ -104,6 +107,7 @@ func Open(opts Options) (*Store, error) {
 		msgs:     map[string]*Message{},
 		segs:     map[uint64]*segment{},
 		leased:   map[string]bool{},
+		retryNow: map[string]bool{},
 		wake:     make(chan struct{}, 1),
 		reqs:     make(chan *commitReq, 1024),
 		stop:     make(chan struct{}),
