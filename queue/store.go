@@ -66,8 +66,8 @@ type Store struct {
 	// retryNow marks leased messages an operator asked to retry: their
 	// Update makes the non-final recipients due at once.
 	retryNow map[string]bool
-	wake   chan struct{}
-	closed bool
+	wake     chan struct{}
+	closed   bool
 
 	reqs      chan *commitReq
 	stop      chan struct{}
