@@ -33,6 +33,9 @@ type attempt struct {
 	stsMode      string
 	stsID        string
 	tlsrptResult string
+	// counted is false for sessions TLS-RPT does not count (report mail,
+	// TLS-Required: No): their lines carry no tlsrpt_result.
+	counted bool
 }
 
 // deliver makes one attempt for job j, on sess when it is still fit to
@@ -49,6 +52,7 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	}
 	tlsRequiredNo := e.tlsRequiredNo(ms)
 	report := m.Env.Kind != queue.KindTLSRPT && !tlsRequiredNo
+	a.counted = report
 
 	// RFC 8461 §4, §5: the policy in force for the recipient domain.
 	var pol PolicyResult
@@ -454,6 +458,9 @@ func (e *Engine) tlsRequiredNo(ms *msgState) bool {
 func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
 	ms := j.ms
 	now := e.now()
+	if !a.counted {
+		a.tlsrptResult = ""
+	}
 	ms.mu.Lock()
 	m := ms.m
 	for k, i := range j.idx {
