@@ -50,6 +50,15 @@ type Resolver interface {
 // addresses (RFC 5321 §5.1, RFC 7505), so that the order and the failure
 // classes are decided in one place.
 func route(ctx context.Context, r Resolver, domain, self string, wantV6 bool) ([]Host, error) {
+	// RFC 5321 §4.1.3: an address literal names the host itself; no DNS.
+	if strings.HasPrefix(domain, "[") && strings.HasSuffix(domain, "]") {
+		lit := strings.TrimPrefix(strings.TrimPrefix(domain[1:len(domain)-1], "IPv6:"), "ipv6:")
+		ip := net.ParseIP(lit)
+		if ip == nil {
+			return nil, &routeError{Permanent: true, Enhanced: "5.1.2", Msg: fmt.Sprintf("bad address literal %s", domain)}
+		}
+		return []Host{{Name: lit, IPs: []net.IP{ip}, Implicit: true}}, nil
+	}
 	mxs, err := r.LookupMX(ctx, domain)
 	switch {
 	case err == nil:

@@ -68,6 +68,8 @@ func TestRoute(t *testing.T) {
 		{name: "MX targets that do not exist: permanent (SMTP-5.1-f)", domain: "deadtargets.test", permanent: true, enhanced: "5.4.4"},
 		{name: "MX target lookups failing temporarily: temporary (SMTP-5.1-f)", domain: "tempfail.test", enhanced: "4.4.3"},
 		{name: "the relay itself is never a destination", domain: "self.test", permanent: true, enhanced: "5.4.6"},
+		{name: "address literal needs no DNS (RFC 5321 §4.1.3)", domain: "[192.0.2.7]", want: []string{"192.0.2.7"}, implicit: true},
+		{name: "bad address literal", domain: "[nonsense]", permanent: true, enhanced: "5.1.2"},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
