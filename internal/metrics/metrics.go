@@ -40,6 +40,17 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 	m.policiesByMode = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stsrelay_mtasts_policies", Help: "Cached MTA-STS policies by mode."}, []string{"mode"})
 	queueGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_messages", Help: "Messages in the queue."}, queueLen)
 	oldestGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_oldest_seconds", Help: "Age of the oldest queued message."}, oldestSeconds)
+	// Start the known series at zero so that rates and alerts work from
+	// the first scrape.
+	for _, r := range []string{"delivered", "deferred", "bounced"} {
+		m.Deliveries.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "sts-policy-fetch-error", "sts-policy-invalid", "sts-webpki-invalid"} {
+		m.MTASTSFetches.WithLabelValues(r)
+	}
+	for _, r := range []string{"ok", "failed", "dropped"} {
+		m.TLSRPTReports.WithLabelValues(r)
+	}
 	m.Registry.MustRegister(m.MessagesAccepted, m.Deliveries, m.MTASTSFetches, m.TLSSessions, m.TLSRPTReports,
 		m.policiesByMode, queueGauge, oldestGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
