@@ -550,9 +550,16 @@ func (e *Engine) complete(ms *msgState) {
 			m.DelayNotified = true
 		}
 	}
-	if err := e.store.Update(m); err != nil && !errors.Is(err, queue.ErrNotFound) {
-		e.log.Error("queue update failed", zap.String("queue_id", m.ID), zap.Error(err))
-		e.store.Release(m.ID)
+	// The worker goes on while the group commit makes the new states
+	// durable: a crash before that repeats only this (in-flight) attempt.
+	failed := func(err error) {
+		if err != nil && !errors.Is(err, queue.ErrNotFound) {
+			e.log.Error("queue update failed", zap.String("queue_id", m.ID), zap.Error(err))
+			e.store.Release(m.ID)
+		}
+	}
+	if err := e.store.UpdateAsync(m, failed); err != nil {
+		failed(err)
 	}
 }
 

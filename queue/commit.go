@@ -33,6 +33,34 @@ type commitReq struct {
 	recs  []*pendingRecord
 	apply func(recs []*pendingRecord) // run under s.mu after the sync
 	done  chan error
+	// then, when set, receives the outcome instead of done (UpdateAsync);
+	// it runs on the committer goroutine and must not block.
+	then func(error)
+}
+
+func (req *commitReq) finish(err error) {
+	if req.then != nil {
+		req.then(err)
+		return
+	}
+	req.done <- err
+}
+
+// submitAsync hands req to the committer without waiting; req.then gets
+// the outcome.
+func (s *Store) submitAsync(req *commitReq) error {
+	s.mu.Lock()
+	closed := s.closed
+	s.mu.Unlock()
+	if closed || s.opts.ReadOnly {
+		return ErrClosed
+	}
+	select {
+	case s.reqs <- req:
+		return nil
+	case <-s.stop:
+		return ErrClosed
+	}
 }
 
 // maxBatchBytes bounds how much one group commit writes before it syncs.
@@ -172,7 +200,7 @@ write:
 		_ = s.active.Truncate(start)
 		err = fmt.Errorf("queue write: %w", err)
 		for _, req := range batch {
-			req.done <- err
+			req.finish(err)
 		}
 		bw.Reset(s.active)
 		if rerr := s.rotate(); rerr == nil {
@@ -191,7 +219,7 @@ write:
 	s.collectSegments()
 	s.mu.Unlock()
 	for _, req := range batch {
-		req.done <- nil
+		req.finish(nil)
 	}
 	s.signal()
 	if off >= s.opts.SegmentBytes {

@@ -95,14 +95,35 @@ func (s *Store) Release(id string) {
 // message whose recipients are all final leaves the queue. Updating a
 // message that was deleted meanwhile returns ErrNotFound.
 func (s *Store) Update(m *Message) error {
+	req, err := s.updateReq(m)
+	if err != nil {
+		return err
+	}
+	return s.submit(req)
+}
+
+// UpdateAsync is Update without waiting for the sync: then receives the
+// outcome later, on the committer goroutine (it must not block). The
+// message stays leased until the record is durable. A delivery worker
+// uses it to go on to its next message while the group commit runs.
+func (s *Store) UpdateAsync(m *Message, then func(error)) error {
+	req, err := s.updateReq(m)
+	if err != nil {
+		return err
+	}
+	req.then = then
+	return s.submitAsync(req)
+}
+
+func (s *Store) updateReq(m *Message) (*commitReq, error) {
 	s.mu.Lock()
 	cur, ok := s.msgs[m.ID]
 	s.mu.Unlock()
 	if !ok {
-		return fmt.Errorf("%s: %w", m.ID, ErrNotFound)
+		return nil, fmt.Errorf("%s: %w", m.ID, ErrNotFound)
 	}
 	if len(m.Rcpts) != len(cur.Rcpts) {
-		return fmt.Errorf("%s: recipient count changed", m.ID)
+		return nil, fmt.Errorf("%s: recipient count changed", m.ID)
 	}
 	rcpts := append([]Recipient(nil), m.Rcpts...)
 	s.mu.Lock()
@@ -125,11 +146,11 @@ func (s *Store) Update(m *Message) error {
 		rec, err = newRecord(recState, stateMeta{ID: m.ID, Rcpts: rcpts, DelayNotified: m.DelayNotified})
 	}
 	if err != nil {
-		return err
+		return nil, err
 	}
 	id := m.ID
 	delayNotified := m.DelayNotified
-	return s.submit(&commitReq{recs: []*pendingRecord{rec}, apply: func([]*pendingRecord) {
+	return &commitReq{recs: []*pendingRecord{rec}, apply: func([]*pendingRecord) {
 		delete(s.leased, id)
 		cur, ok := s.msgs[id]
 		if !ok {
@@ -143,7 +164,7 @@ func (s *Store) Update(m *Message) error {
 		cur.Rcpts = rcpts
 		cur.DelayNotified = delayNotified
 		s.pushDue(cur)
-	}})
+	}}, nil
 }
 
 // Delete removes a message from the queue whatever its state (operator

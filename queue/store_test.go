@@ -1129,3 +1129,43 @@ func TestAddrDomain(t *testing.T) {
 		}
 	}
 }
+
+// UpdateAsync reports through its callback once the state is durable; the
+// message stays leased until then, and the state survives a reopen.
+func TestUpdateAsync(t *testing.T) {
+	s := openStore(t, t.TempDir())
+	id := commitBody(t, s, testEnv("a@x.test", "b@x.test"), []byte("body\r\n"), 1024)
+	m := s.Lease(time.Now().Add(time.Second), 1)[0]
+	m.Rcpts[0].Status = Delivered
+	m.Rcpts[1].Status = Deferred
+	m.Rcpts[1].NextAttempt = time.Now().Add(time.Hour)
+	done := make(chan error, 1)
+	if err := s.UpdateAsync(m, func(err error) { done <- err }); err != nil {
+		t.Fatal(err)
+	}
+	select {
+	case err := <-done:
+		if err != nil {
+			t.Fatal(err)
+		}
+	case <-time.After(10 * time.Second):
+		t.Fatal("UpdateAsync callback never ran")
+	}
+	if s.Leased(id) {
+		t.Error("still leased after the update was applied")
+	}
+	s = reopen(t, s)
+	got, err := s.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Rcpts[0].Status != Delivered || got.Rcpts[1].Status != Deferred {
+		t.Errorf("states after reopen: %s, %s", got.Rcpts[0].Status, got.Rcpts[1].Status)
+	}
+	if err := s.Close(); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.UpdateAsync(got, func(error) {}); !errors.Is(err, ErrClosed) {
+		t.Errorf("UpdateAsync after Close: %v, want ErrClosed", err)
+	}
+}

@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"runtime/pprof"
 	"sync"
 	"syscall"
 	"time"
@@ -49,6 +50,18 @@ func cmdServe(args []string) error {
 	defer closeLog()
 	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
 	defer stop()
+	// STSRELAY_CPUPROFILE=FILE writes a CPU profile of the whole run, for
+	// `go tool pprof` (benchmarks; not an operator setting).
+	if path := os.Getenv("STSRELAY_CPUPROFILE"); path != "" {
+		f, err := os.Create(path)
+		if err != nil {
+			return fmt.Errorf("STSRELAY_CPUPROFILE: %w", err)
+		}
+		if err := pprof.StartCPUProfile(f); err != nil {
+			return fmt.Errorf("STSRELAY_CPUPROFILE: %w", err)
+		}
+		defer func() { pprof.StopCPUProfile(); f.Close() }()
+	}
 	if err := serve(ctx, cfg, log); err != nil {
 		log.Error("stopped with error", zap.Error(err))
 		return err
