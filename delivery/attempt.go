@@ -245,8 +245,16 @@ func (e *Engine) sessionFits(s *session, pol PolicyResult, m *queue.Message) boo
 		// so the MX choice follows the new policy.
 		return false
 	}
-	if m.Env.RequireTLS && !(s.tls && s.cert.Verified) {
-		return false
+	if m.Env.RequireTLS {
+		// RFC 8689 §4.2.1, as connect applies it to a new session: an MX
+		// validated by MTA-STS, verified TLS, and REQUIRETLS offered. A
+		// session set up for an ordinary message need not have any.
+		if pol.Policy == nil || !pol.Policy.Matches(s.host) {
+			return false
+		}
+		if ok, _ := e.tlsAcceptable(s, pol.Policy.Mode, true); !ok {
+			return false
+		}
 	}
 	if pol.Policy == nil || pol.Policy.Mode != mtasts.ModeEnforce {
 		return true
@@ -463,6 +471,7 @@ func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
 	}
 	ms.mu.Lock()
 	m := ms.m
+	ms.attempted = true
 	for k, i := range j.idx {
 		r := &m.Rcpts[i]
 		o := outs[k]
@@ -534,6 +543,11 @@ func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a 
 // new recipient states.
 func (e *Engine) complete(ms *msgState) {
 	m := ms.m
+	if !ms.attempted {
+		// Only abandoned jobs (shutdown): nothing changed.
+		e.store.Release(m.ID)
+		return
+	}
 	now := e.now()
 	if len(ms.bounced) > 0 {
 		e.sendDSN(m, ms.bounced, actionFailed, now)
@@ -555,7 +569,10 @@ func (e *Engine) complete(ms *msgState) {
 	failed := func(err error) {
 		if err != nil && !errors.Is(err, queue.ErrNotFound) {
 			e.log.Error("queue update failed", zap.String("queue_id", m.ID), zap.Error(err))
-			e.store.Release(m.ID)
+			// Not Release: the message would come due at once with
+			// its old states and be delivered again, in a loop while
+			// the disk fails.
+			e.store.Requeue(m)
 		}
 	}
 	if err := e.store.UpdateAsync(m, failed); err != nil {

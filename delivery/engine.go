@@ -123,6 +123,8 @@ type msgState struct {
 	m       *queue.Message
 	pending int
 	bounced []int
+	// attempted is set once a job of this round made an attempt.
+	attempted bool
 	// tlsRequiredNo is the RFC 8689 §3 header, read once.
 	hdrRead       bool
 	tlsRequiredNo bool
@@ -201,6 +203,7 @@ func (e *Engine) Run(ctx context.Context) {
 		select {
 		case <-ctx.Done():
 			e.wg.Wait()
+			e.abandonQueued()
 			e.closeIdle(0)
 			return
 		case <-e.store.Wake():
@@ -344,8 +347,34 @@ func (e *Engine) worker(ctx context.Context, domain string) {
 	}
 }
 
+// abandonQueued ends, at shutdown, the round of every job that never
+// started: no attempt is counted for it, but the message's round is closed
+// so that what its other jobs did (a recipient delivered at another
+// domain) is recorded rather than redone after the restart.
+func (e *Engine) abandonQueued() {
+	e.mu.Lock()
+	var jobs []*job
+	for d, dq := range e.domains {
+		jobs = append(jobs, dq.jobs...)
+		delete(e.domains, d)
+	}
+	e.queued = 0
+	e.mu.Unlock()
+	for _, j := range jobs {
+		ms := j.ms
+		ms.mu.Lock()
+		ms.pending--
+		last := ms.pending == 0
+		ms.mu.Unlock()
+		if last {
+			e.complete(ms)
+		}
+	}
+}
+
 // closeIdle closes parked sessions idle for longer than maxIdle (all of
-// them when maxIdle is 0).
+// them when maxIdle is 0), in parallel: each close is bounded by
+// sessionCloseTimeout, and Run waits for them.
 func (e *Engine) closeIdle(maxIdle time.Duration) {
 	now := e.now()
 	var toClose []*session
@@ -366,7 +395,10 @@ func (e *Engine) closeIdle(maxIdle time.Duration) {
 		}
 	}
 	e.mu.Unlock()
+	var wg sync.WaitGroup
 	for _, s := range toClose {
-		s.close()
+		wg.Add(1)
+		go func() { defer wg.Done(); s.close() }()
 	}
+	wg.Wait()
 }

@@ -259,9 +259,14 @@ func firstWord(s string) string {
 	return ""
 }
 
-// close ends the session politely, bounded in time.
+// sessionCloseTimeout bounds QUIT when a session ends (a var for tests).
+var sessionCloseTimeout = 5 * time.Second
+
+// close ends the session politely, bounded in time. go-smtp sets its own
+// deadline (CommandTimeout) around QUIT, so the bound goes there: a deadline
+// on the raw connection would be overwritten.
 func (s *session) close() {
-	_ = s.raw.SetDeadline(time.Now().Add(5 * time.Second))
+	s.c.CommandTimeout = sessionCloseTimeout
 	_ = s.c.Quit()
 	_ = s.raw.Close()
 }
@@ -322,7 +327,11 @@ func (s *session) send(from string, rcpts []string, mopts *smtp.MailOptions, rop
 		return fail(smtpErr("data", err))
 	}
 	if _, err := io.Copy(w, body); err != nil {
-		_ = w.Close()
+		// Never w.Close here: it sends the final dot, and the server
+		// would take a truncated message (a body read failing, say).
+		// Dropping the connection aborts the transaction (RFC 5321
+		// §4.1.1.4: no dot, no message).
+		_ = s.raw.Close()
 		return fail(&sessionError{Stage: "data", Msg: "sending body: " + err.Error()})
 	}
 	if err := w.Close(); err != nil {

@@ -90,6 +90,24 @@ func (s *Store) Release(id string) {
 	s.signal()
 }
 
+// Requeue gives a leased message back with m's recipient states and
+// DelayNotified applied in memory only: for when Update failed (a disk
+// error). Release would make the message due again at once with its old
+// states, so every recipient just delivered would be sent the message
+// again, in a loop for as long as the disk fails. The states hold until a
+// restart, which then redoes the attempt; a later Update records them.
+func (s *Store) Requeue(m *Message) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	delete(s.leased, m.ID)
+	if cur, ok := s.msgs[m.ID]; ok && len(cur.Rcpts) == len(m.Rcpts) {
+		cur.Rcpts = append([]Recipient(nil), m.Rcpts...)
+		cur.DelayNotified = m.DelayNotified
+		s.pushDue(cur)
+	}
+	s.signal()
+}
+
 // Update durably records the recipients' states (and DelayNotified) of m,
 // which must be a message of this store, and releases its lease. A
 // message whose recipients are all final leaves the queue. Updating a

@@ -1169,3 +1169,37 @@ func TestUpdateAsync(t *testing.T) {
 		t.Errorf("UpdateAsync after Close: %v, want ErrClosed", err)
 	}
 }
+
+// When Update fails, the engine gives the message back with the outcomes
+// it learnt: a delivered recipient must not come due again (that would
+// redeliver it in a loop for as long as the disk fails).
+func TestRequeueKeepsOutcomesInMemory(t *testing.T) {
+	s := openStore(t, t.TempDir())
+	id := commitMsg(t, s, "x", "a@one.test", "b@two.test")
+	now := time.Now()
+	l := s.Lease(now, 10)
+	if len(l) != 1 {
+		t.Fatalf("Lease = %q", ids(l))
+	}
+	m := l[0]
+	m.Rcpts[0].Status = Delivered
+	m.Rcpts[1].Status = Deferred
+	m.Rcpts[1].NextAttempt = now.Add(time.Hour)
+	s.Requeue(m)
+	if s.Leased(id) {
+		t.Fatal("still leased after Requeue")
+	}
+	if l := s.Lease(now.Add(time.Minute), 10); len(l) != 0 {
+		t.Fatalf("requeued message due again at once: %q", ids(l))
+	}
+	got, err := s.Get(id)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if got.Rcpts[0].Status != Delivered || got.Rcpts[1].Status != Deferred {
+		t.Fatalf("states after Requeue: %v %v", got.Rcpts[0].Status, got.Rcpts[1].Status)
+	}
+	if l := s.Lease(now.Add(time.Hour), 10); len(l) != 1 {
+		t.Fatalf("requeued message not due at its next attempt: %q", ids(l))
+	}
+}
