@@ -66,6 +66,11 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			if sess != nil {
 				sess.close()
 			}
+			if ctx.Err() != nil {
+				// Shutdown, not a failure of the domain's.
+				e.abandon(j)
+				return nil
+			}
 			setAll(outcome{result: "deferred", code: 451, enhanced: "4.4.3", reason: "MTA-STS policy lookup failed: " + err.Error()})
 			e.finish(j, outs, a)
 			return nil
@@ -97,6 +102,10 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	var lastErr *sessionError
 	if sess == nil {
 		hosts, err := route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
+		if err != nil && ctx.Err() != nil {
+			e.abandon(j)
+			return nil
+		}
 		var re *routeError
 		if errors.As(err, &re) {
 			res := "deferred"
@@ -112,6 +121,10 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			return nil
 		}
 		sess, lastErr = e.connect(ctx, j.domain, hosts, pol, m, report, tlsRequiredNo, a)
+		if sess == nil && ctx.Err() != nil {
+			e.abandon(j)
+			return nil
+		}
 		if sess == nil {
 			o := outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "no MX host could be used"}
 			if lastErr != nil {
@@ -550,7 +563,15 @@ func (e *Engine) complete(ms *msgState) {
 	}
 	now := e.now()
 	if len(ms.bounced) > 0 {
-		e.sendDSN(m, ms.bounced, actionFailed, now)
+		if err := e.sendDSN(m, ms.bounced, actionFailed, now); err != nil {
+			// The sender must hear of the failure: keep these
+			// recipients until a later round can queue the DSN.
+			for _, i := range ms.bounced {
+				r := &m.Rcpts[i]
+				r.Status = queue.Deferred
+				r.NextAttempt = now.Add(e.cfg.Queue.RetryDelay(1))
+			}
+		}
 	}
 	if d := e.cfg.Queue.DelayNoticeAfter.Duration; d > 0 && !m.DelayNotified && now.Sub(m.Received) >= d {
 		var delayed []int
@@ -559,8 +580,7 @@ func (e *Engine) complete(ms *msgState) {
 				delayed = append(delayed, i)
 			}
 		}
-		if len(delayed) > 0 {
-			e.sendDSN(m, delayed, actionDelayed, now)
+		if len(delayed) > 0 && e.sendDSN(m, delayed, actionDelayed, now) == nil {
 			m.DelayNotified = true
 		}
 	}
@@ -583,12 +603,11 @@ func (e *Engine) complete(ms *msgState) {
 // Bounce fails every recipient of a queued message that is not final,
 // with a DSN to the sender (operator action).
 func (e *Engine) Bounce(id string) error {
-	m, err := e.store.Get(id)
+	// Take the message's lease, so that no delivery starts meanwhile;
+	// Update below gives it back.
+	m, err := e.store.LeaseID(id)
 	if err != nil {
 		return err
-	}
-	if e.store.Leased(id) {
-		return fmt.Errorf("%s: a delivery attempt is in flight; try again in a moment", id)
 	}
 	now := e.now()
 	var idx []int
@@ -604,9 +623,13 @@ func (e *Engine) Bounce(id string) error {
 		e.logDelivery(m, r, outcome{result: "bounced", code: 550, enhanced: "5.0.0", reason: "bounced by the operator"}, &attempt{})
 	}
 	if len(idx) == 0 {
+		e.store.Release(id)
 		return nil
 	}
-	e.sendDSN(m, idx, actionFailed, now)
+	if err := e.sendDSN(m, idx, actionFailed, now); err != nil {
+		e.store.Release(id)
+		return fmt.Errorf("%s: queueing the DSN: %w", id, err)
+	}
 	return e.store.Update(m)
 }
 

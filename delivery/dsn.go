@@ -55,9 +55,9 @@ func wantsDSN(r *queue.Recipient, action dsnAction) bool {
 // to m's sender. Never a DSN for a message with a null sender or for one
 // the relay made itself (RFC 5321 §4.5.4: no errors about errors; no
 // bounces of TLS reports).
-func (e *Engine) sendDSN(m *queue.Message, idx []int, action dsnAction, now time.Time) {
+func (e *Engine) sendDSN(m *queue.Message, idx []int, action dsnAction, now time.Time) error {
 	if m.Env.From == "" || m.Env.Kind != queue.KindSubmitted {
-		return
+		return nil
 	}
 	var rcpts []*queue.Recipient
 	for _, i := range idx {
@@ -66,7 +66,7 @@ func (e *Engine) sendDSN(m *queue.Message, idx []int, action dsnAction, now time
 		}
 	}
 	if len(rcpts) == 0 {
-		return
+		return nil
 	}
 	var orig io.Reader
 	if body, err := e.store.Body(m.ID); err == nil {
@@ -85,10 +85,11 @@ func (e *Engine) sendDSN(m *queue.Message, idx []int, action dsnAction, now time
 		Rcpts: []queue.RcptSpec{{Addr: m.Env.From}}}, bytes.NewReader(msg))
 	if err != nil {
 		e.log.Error("queueing DSN failed", zap.String("queue_id", m.ID), zap.Error(err))
-		return
+		return err
 	}
 	e.log.Info("dsn", zap.String("queue_id", m.ID), zap.String("dsn_id", id), zap.String("action", string(action)),
 		zap.String("to", m.Env.From), zap.Int("rcpt", len(rcpts)))
+	return nil
 }
 
 // DSNInput is what a DSN is made of.

@@ -361,14 +361,20 @@ func (e *Engine) abandonQueued() {
 	e.queued = 0
 	e.mu.Unlock()
 	for _, j := range jobs {
-		ms := j.ms
-		ms.mu.Lock()
-		ms.pending--
-		last := ms.pending == 0
-		ms.mu.Unlock()
-		if last {
-			e.complete(ms)
-		}
+		e.abandon(j)
+	}
+}
+
+// abandon ends job j without counting an attempt (shutdown cut it
+// short); the message's round closes when it was its last job.
+func (e *Engine) abandon(j *job) {
+	ms := j.ms
+	ms.mu.Lock()
+	ms.pending--
+	last := ms.pending == 0
+	ms.mu.Unlock()
+	if last {
+		e.complete(ms)
 	}
 }
 

@@ -134,7 +134,13 @@ func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self stri
 	wg.Wait()
 	usable, temp := 0, 0
 	var lastErr error
-	for _, h := range hosts {
+	for i := range hosts {
+		h := &hosts[i]
+		if len(h.IPs) == 0 && h.Err == nil {
+			// Addresses of a family this host cannot reach (an
+			// AAAA-only MX without IPv6): try again later.
+			h.Err = fmt.Errorf("%s has no address reachable from here: %w", h.Name, dnsclient.ErrTemporary)
+		}
 		if len(h.IPs) > 0 {
 			usable++
 		} else if h.Err != nil {

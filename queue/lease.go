@@ -2,6 +2,7 @@ package queue
 
 import (
 	"container/heap"
+	"errors"
 	"fmt"
 	"time"
 )
@@ -136,11 +137,15 @@ func (s *Store) UpdateAsync(m *Message, then func(error)) error {
 func (s *Store) updateReq(m *Message) (*commitReq, error) {
 	s.mu.Lock()
 	cur, ok := s.msgs[m.ID]
+	n := 0
+	if ok {
+		n = len(cur.Rcpts)
+	}
 	s.mu.Unlock()
 	if !ok {
 		return nil, fmt.Errorf("%s: %w", m.ID, ErrNotFound)
 	}
-	if len(m.Rcpts) != len(cur.Rcpts) {
+	if len(m.Rcpts) != n {
 		return nil, fmt.Errorf("%s: recipient count changed", m.ID)
 	}
 	rcpts := append([]Recipient(nil), m.Rcpts...)
@@ -252,4 +257,24 @@ func (s *Store) Leased(id string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.leased[id]
+}
+
+// ErrLeased is returned by LeaseID for a message a delivery holds.
+var ErrLeased = errors.New("a delivery attempt of this message is in flight; try again in a moment")
+
+// LeaseID takes the lease of one message whatever its due time, for an
+// operator action that must not race a delivery; give it back with Update
+// or Release.
+func (s *Store) LeaseID(id string) (*Message, error) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	m, ok := s.msgs[id]
+	if !ok {
+		return nil, fmt.Errorf("%s: %w", id, ErrNotFound)
+	}
+	if s.leased[id] {
+		return nil, fmt.Errorf("%s: %w", id, ErrLeased)
+	}
+	s.leased[id] = true
+	return m.clone(), nil
 }

@@ -219,6 +219,8 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 
 	tlsrec, stopReports, err := startTLSRPT(runCtx, cfg, resolver, store, log, met, &bg)
 	if err != nil {
+		cancelRun()
+		bg.Wait()
 		return err
 	}
 
@@ -235,32 +237,51 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	engCtx, cancelEng := context.WithCancel(context.Background())
 	engDone := make(chan struct{})
 	go func() { eng.Run(engCtx); close(engDone) }()
+	// stopBackground runs on every way out once delivery has started, in
+	// this order: in-flight deliveries finish (bounded by their SMTP
+	// timeouts) and record their outcomes, the TLS-RPT counts are
+	// flushed, the background loops end — all before the store closes
+	// (deferred above).
+	stopBackground := func() {
+		cancelEng()
+		<-engDone
+		stopReports()
+		cancelRun()
+		bg.Wait()
+	}
 
 	srv, err := relay.New(relay.Options{Config: cfg, Queue: store, Logger: log, Accepted: met.MessagesAccepted})
 	if err != nil {
-		cancelEng()
-		<-engDone
+		stopBackground()
 		return err
 	}
 	if err := srv.Start(); err != nil {
-		cancelEng()
-		<-engDone
+		stopBackground()
 		return err
 	}
 	var addrs []string
 	for _, a := range srv.Addrs() {
 		addrs = append(addrs, a.String())
 	}
-
+	// A listener that cannot start is a configuration error (exit 2),
+	// not something to run without.
+	fail := func(err error) error {
+		sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
+		defer cancel()
+		_ = srv.Shutdown(sctx)
+		stopBackground()
+		return err
+	}
 	ctl, err := serveControl(cfg.DataDir, func(req controlRequest) (any, error) {
 		return handleControl(req, store, eng, cache, tlsrecPending(tlsrec))
 	}, isNotFound)
 	if err != nil {
-		log.Warn("control socket unavailable; CLI actions on the running relay will fail", zap.Error(err))
+		return fail(err)
 	}
+	defer ctl.Close()
 	if cfg.Metrics.Listen != "" {
 		if _, err := met.Serve(runCtx, cfg.Metrics.Listen); err != nil {
-			log.Error("metrics listener failed", zap.Error(err))
+			return fail(fmt.Errorf("config %s: key \"metrics.listen\": %w", cfg.Path, err))
 		}
 	}
 	met.SetReady(true)
@@ -274,16 +295,8 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		log.Warn("submission shutdown", zap.Error(err))
 	}
 	cancel()
-	if ctl != nil {
-		ctl.Close()
-	}
-	// In-flight deliveries finish (bounded by their SMTP timeouts); their
-	// outcomes are recorded before the store closes.
-	cancelEng()
-	<-engDone
-	stopReports()
-	cancelRun()
-	bg.Wait()
+	ctl.Close()
+	stopBackground()
 	log.Info("stopped")
 	return nil
 }
