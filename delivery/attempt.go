@@ -135,7 +135,7 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 				if lastErr.Enhanced != "" {
 					o.enhanced = lastErr.Enhanced
 				}
-				if lastErr.Permanent && (lastErr.Stage == "mail" || lastErr.Stage == "requiretls") {
+				if lastErr.Permanent && lastErr.Stage == "requiretls" {
 					o.result = "bounced"
 				}
 				if o.code >= 500 && o.result != "bounced" {
@@ -404,7 +404,6 @@ func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext
 		CommandTimeout: e.cfg.Delivery.CommandTimeout.Duration,
 		Roots:          e.o.Roots,
 		Now:            e.now,
-		WantTLS:        true,
 		Plaintext:      plaintext,
 	}
 	for _, l := range e.localIPs {

@@ -146,7 +146,7 @@ func TestSendBodyReadErrorDeliversNothing(t *testing.T) {
 	w := testworld.New(t)
 	mx := w.NewMX(testworld.MXOptions{Hostname: "mx.trunc.test"})
 	s, err := dial(context.Background(), "mx.trunc.test", mx.IP(), dialOptions{Hostname: "relay.test",
-		Port: w.MXPort(), ConnectTimeout: 5 * time.Second, CommandTimeout: 10 * time.Second, Now: time.Now, WantTLS: true})
+		Port: w.MXPort(), ConnectTimeout: 5 * time.Second, CommandTimeout: 10 * time.Second, Now: time.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -206,7 +206,7 @@ func TestSessionCloseIsBounded(t *testing.T) {
 	sessionCloseTimeout = 300 * time.Millisecond
 	defer func() { sessionCloseTimeout = old }()
 	s, err := dial(context.Background(), "silent.test", "127.0.0.1", dialOptions{Hostname: "relay.test",
-		Port: p, ConnectTimeout: 5 * time.Second, CommandTimeout: time.Minute, Now: time.Now, WantTLS: true})
+		Port: p, ConnectTimeout: 5 * time.Second, CommandTimeout: time.Minute, Now: time.Now})
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -46,7 +46,7 @@ func Probe(ctx context.Context, host string, ip net.IP, o ProbeOptions) ProbeRes
 	res := ProbeResult{Host: host, IP: ip.String()}
 	s, err := dial(ctx, host, ip.String(), dialOptions{Hostname: o.Hostname, Port: o.Port,
 		ConnectTimeout: o.ConnectTimeout, CommandTimeout: o.CommandTimeout, Roots: o.Roots,
-		Now: o.Now, WantTLS: true})
+		Now: o.Now})
 	if err != nil {
 		var se *sessionError
 		if errors.As(err, &se) {

@@ -79,9 +79,6 @@ type dialOptions struct {
 	CommandTimeout time.Duration
 	Roots          *x509.CertPool
 	Now            func() time.Time
-	// WantTLS: try STARTTLS when offered. (Always, today; a knob for
-	// tests and for a future "never" mode.)
-	WantTLS bool
 	// Plaintext skips STARTTLS even if offered (the fallback after a
 	// failed handshake when no policy demands TLS).
 	Plaintext bool
@@ -133,9 +130,9 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 		io.WriteCloser
 	}{br, conn})
 	_ = conn.SetDeadline(time.Now().Add(o.CommandTimeout))
-	code, msg, err := tp.ReadResponse(220)
+	_, msg, err := tp.ReadResponse(220)
 	if err != nil {
-		return nil, protoErr("greeting", code, msg, err)
+		return nil, protoErr("greeting", err)
 	}
 	s.helo = firstWord(msg)
 	ext, err := ehlo(tp, o.Hostname)
@@ -144,13 +141,12 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 	}
 	var r io.Reader = br
 	var c net.Conn = conn
-	if _, offered := ext["STARTTLS"]; offered && o.WantTLS && !o.Plaintext {
+	if _, offered := ext["STARTTLS"]; offered && !o.Plaintext {
 		if err := tp.PrintfLine("STARTTLS"); err != nil {
 			return nil, &sessionError{Stage: "starttls", Msg: err.Error()}
 		}
-		code, msg, err := tp.ReadResponse(220)
-		if err != nil {
-			e := protoErr("starttls", code, msg, err)
+		if _, _, err := tp.ReadResponse(220); err != nil {
+			e := protoErr("starttls", err)
 			e.ResultType = ResultValidationFailure
 			return nil, e
 		}
@@ -197,7 +193,7 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 	return s, nil
 }
 
-func protoErr(stage string, code int, msg string, err error) *sessionError {
+func protoErr(stage string, err error) *sessionError {
 	var pe *textproto.Error
 	if errors.As(err, &pe) {
 		e := &sessionError{Stage: stage, Code: pe.Code, Msg: pe.Msg, Permanent: pe.Code >= 500}
@@ -206,8 +202,6 @@ func protoErr(stage string, code int, msg string, err error) *sessionError {
 		}
 		return e
 	}
-	_ = code
-	_ = msg
 	return &sessionError{Stage: stage, Msg: err.Error()}
 }
 
@@ -236,12 +230,12 @@ func ehlo(tp *textproto.Conn, name string) (map[string]string, error) {
 			if err := tp.PrintfLine("HELO %s", name); err != nil {
 				return nil, &sessionError{Stage: "helo", Msg: err.Error()}
 			}
-			if code, msg, err := tp.ReadResponse(250); err != nil {
-				return nil, protoErr("helo", code, msg, err)
+			if _, _, err := tp.ReadResponse(250); err != nil {
+				return nil, protoErr("helo", err)
 			}
 			return map[string]string{}, nil
 		}
-		return nil, protoErr("ehlo", code, msg, err)
+		return nil, protoErr("ehlo", err)
 	}
 	ext := map[string]string{}
 	lines := strings.Split(msg, "\n")

@@ -69,6 +69,23 @@ func cmdServe(args []string) error {
 	return nil
 }
 
+// extraRoots returns the roots of tls.extra_root_ca_file (nil when it is
+// not set).
+func extraRoots(cfg *config.Config) (*x509.CertPool, error) {
+	if cfg.TLS.ExtraRootCAFile == "" {
+		return nil, nil
+	}
+	pem, err := os.ReadFile(cfg.TLS.ExtraRootCAFile)
+	if err != nil {
+		return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
+	}
+	p := x509.NewCertPool()
+	if !p.AppendCertsFromPEM(pem) {
+		return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": no PEM certificate in %s", cfg.Path, cfg.TLS.ExtraRootCAFile)
+	}
+	return p, nil
+}
+
 // trustRoots returns the system roots plus tls.extra_root_ca_file: the
 // Web PKI for MX certificates and policy hosts alike.
 func trustRoots(cfg *config.Config) (*x509.CertPool, error) {
@@ -76,31 +93,15 @@ func trustRoots(cfg *config.Config) (*x509.CertPool, error) {
 	if err != nil || pool == nil {
 		pool = x509.NewCertPool()
 	}
-	if f := cfg.TLS.ExtraRootCAFile; f != "" {
-		pem, err := os.ReadFile(f)
-		if err != nil {
-			return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
-		}
-		if !pool.AppendCertsFromPEM(pem) {
-			return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": no PEM certificate in %s", cfg.Path, f)
-		}
-	}
-	return pool, nil
-}
-
-// extraRoots returns only the extra roots (the mtasts fetcher adds them to
-// the system pool itself).
-func extraRoots(cfg *config.Config) (*x509.CertPool, error) {
 	if cfg.TLS.ExtraRootCAFile == "" {
-		return nil, nil
+		return pool, nil
 	}
 	pem, err := os.ReadFile(cfg.TLS.ExtraRootCAFile)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
 	}
-	p := x509.NewCertPool()
-	p.AppendCertsFromPEM(pem)
-	return p, nil
+	pool.AppendCertsFromPEM(pem)
+	return pool, nil
 }
 
 func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
