@@ -1,0 +1,518 @@
+#!/usr/bin/env bash
+# bench/run.sh — stsrelay and Postfix side by side, everything on loopback.
+#
+# Usage (as root, on Debian/Ubuntu, from any directory):
+#
+#   bench/run.sh               full mode  (est. 50-60 minutes on a slow 2-core VM,
+#                              most of it Postfix; not yet run end to end)
+#   QUICK=1 bench/run.sh       quick mode (fewer messages; ~12 minutes on 2
+#                              cores, most of it Postfix starting and stopping)
+#
+# Environment (all optional):
+#   QUICK=1            fewer messages per case, smaller restart test
+#   REPS=3             repetitions of every case; the order of the systems
+#                      alternates from one repetition to the next
+#   SIZES="2048 102400"      message payload sizes (smtp-source -l)
+#   CONCS="1 20 100"         concurrent submitting sessions
+#   MODES="plain tls sts accept"
+#                      plain : deliver to Postfix's smtp-sink, no TLS
+#                      tls   : deliver to a STARTTLS sink whose certificate
+#                              chains to a test CA; Postfix with
+#                              smtp_tls_security_level=verify, once with
+#                              defaults ("postfix") and once with
+#                              smtp_tls_connection_reuse=yes + tlsproxy
+#                              ("postfix-reuse"); stsrelay verifies against
+#                              tls.extra_root_ca_file (the run checks its
+#                              delivery log says tls_verified true)
+#                      sts   : as tls, destination under an MTA-STS enforce
+#                              policy (stsrelay only: the cost of the policy)
+#                      accept: destination down; only the durable accept
+#                              path is measured
+#   RESTART_N=100000   messages queued (destination down) for the restart
+#                      and memory-with-a-full-queue test; 0 skips it
+#                      (QUICK default: 10000)
+#   RESTART_SYSTEMS="stsrelay postfix"   which systems the restart test runs
+#   FSYNC=1            count fdatasync/fsync calls per accepted message with
+#                      `perf stat` tracepoints (separate, untimed runs); 0 skips
+#   OUT=DIR            results directory (default: a new directory under /tmp)
+#   NO_INSTALL=1       do not apt-get install postfix (it must be installed)
+#   NMSG=N             messages per run, overriding the per-case defaults
+#
+# What it does: installs Postfix (apt-get, noninteractive) unless present;
+# builds stsrelay and the helpers bench/cmd/benchworld (DNS zone, test CA,
+# STARTTLS sink with a message counter, HTTPS MTA-STS policy host) and
+# bench/cmd/benchtool (load driver, latency client, PSS sampler); then, per
+# repetition and per case, starts a fresh stsrelay (fresh data_dir) or a fresh
+# private Postfix instance (own config_directory and queue_directory under
+# $OUT, started with `postfix -c DIR start`, stopped by its master PID),
+# submits with smtp-source (or, at 1 session, the benchtool latency client),
+# waits until the sink holds every message and stops it again. At the end it
+# prints the table (medians, min-max, stsrelay/Postfix ratios from the same
+# repetition) and writes it to $OUT/table.md; every raw figure is in
+# $OUT/results.tsv.
+#
+# Addresses (all 127.0.0.0/8): 127.0.0.2 benchworld DNS :53535 and counter
+# :8089; 127.0.0.3:2526 smtp-sink; 127.0.0.4:2526 STARTTLS sink;
+# 127.0.0.5:8443 MTA-STS policy host; 127.0.0.6:2526 nothing (down);
+# 127.0.0.10:2525 stsrelay submission; 127.0.0.11:2525 Postfix smtpd.
+set -euo pipefail
+
+BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+REPO=$(cd "$BENCH_DIR/.." && pwd)
+
+QUICK=${QUICK:-0}
+REPS=${REPS:-3}
+SIZES=${SIZES:-"2048 102400"}
+CONCS=${CONCS:-"1 20 100"}
+MODES=${MODES:-"plain tls sts accept"}
+FSYNC=${FSYNC:-1}
+if [ "$QUICK" = 1 ]; then RESTART_N=${RESTART_N:-10000}; else RESTART_N=${RESTART_N:-100000}; fi
+
+# Messages per run, by payload size and sessions.
+msgs() { # size conc
+	local size=$1 conc=$2
+	if [ -n "${NMSG:-}" ]; then echo "$NMSG"; return; fi
+	if [ "$QUICK" = 1 ]; then
+		if [ "$conc" = 1 ]; then echo 60; elif [ "$size" -le 4096 ]; then echo 400; else echo 200; fi
+	else
+		if [ "$conc" = 1 ]; then echo 500; elif [ "$size" -le 4096 ]; then echo 4000; else echo 1500; fi
+	fi
+}
+
+SUB_STS=127.0.0.10:2525
+SUB_PF=127.0.0.11:2525
+DNS_ADDR=127.0.0.2:53535
+COUNT_URL=http://127.0.0.2:8089/count
+SINK_PLAIN_IP=127.0.0.3
+SINK_TLS_IP=127.0.0.4
+HTTPS_IP=127.0.0.5
+DOWN_IP=127.0.0.6
+MX_PORT=2526
+HTTPS_PORT=8443
+FROM=bench@client.bench.test
+
+log() { printf '%s %s\n' "$(date -u +%H:%M:%S)" "$*" >&2; }
+die() { log "FATAL: $*"; exit 1; }
+
+[ "$(id -u)" = 0 ] || die "run as root (Postfix's master and smtp-sink need it)"
+
+# ---------------------------------------------------------------- install
+if [ "${NO_INSTALL:-0}" != 1 ] && ! command -v smtp-source >/dev/null 2>&1; then
+	log "installing postfix with apt-get"
+	export DEBIAN_FRONTEND=noninteractive
+	echo "postfix postfix/main_mailer_type select No configuration" | debconf-set-selections || true
+	apt-get update -qq
+	apt-get install -y -qq postfix >/dev/null
+	# The package may have started the system instance: this benchmark
+	# does not use it and leaves nothing of its own running.
+	if [ -f /var/spool/postfix/pid/master.pid ] && kill -0 "$(cat /var/spool/postfix/pid/master.pid)" 2>/dev/null; then
+		log "stopping the system Postfix instance the package started"
+		postfix stop >/dev/null 2>&1 || true
+	fi
+fi
+command -v smtp-source >/dev/null || die "smtp-source not found (install postfix)"
+command -v postfix >/dev/null || die "postfix not found"
+PERF=$(command -v perf || true)
+[ -n "$PERF" ] || { [ "$FSYNC" = 1 ] && log "perf not found: skipping the fsync count"; FSYNC=0; }
+
+# ---------------------------------------------------------------- work dir
+OUT=${OUT:-$(mktemp -d /tmp/stsrelay-bench.XXXXXX)}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+chmod 755 "$OUT" # Postfix's unprivileged daemons must reach their queue below it
+log "results in $OUT"
+RESULTS=$OUT/results.tsv
+printf 'rep\tsys\tmode\tsize\tconc\tn\taccept_s\tdeliver_s\tdrain_s\tpeak_pss_kb\tpeak_rss_kb\tmax_procs\tlat_p50_ms\tlat_p99_ms\tlat_min_ms\tlat_max_ms\tcheck\n' >"$RESULTS"
+
+PIDS_TO_STOP=() # everything this script started and that may still run
+cleanup() {
+	local p
+	for p in "${PIDS_TO_STOP[@]}"; do
+		[ -n "$p" ] && kill -TERM "$p" 2>/dev/null || true
+	done
+	sleep 0.5
+	for p in "${PIDS_TO_STOP[@]}"; do
+		[ -n "$p" ] && kill -KILL "$p" 2>/dev/null || true
+	done
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+track() { PIDS_TO_STOP+=("$1"); }
+untrack() { local p keep=(); for p in "${PIDS_TO_STOP[@]}"; do [ "$p" = "$1" ] || keep+=("$p"); done; PIDS_TO_STOP=("${keep[@]}"); }
+
+# wait_gone PID [seconds]: wait for a process that is not our child
+wait_gone() {
+	local pid=$1 i
+	for ((i = 0; i < ${2:-30} * 20; i++)); do
+		kill -0 "$pid" 2>/dev/null || return 0
+		sleep 0.05
+	done
+	log "pid $pid did not stop; killing it"
+	kill -KILL "$pid" 2>/dev/null || true
+}
+
+# ---------------------------------------------------------------- build
+log "building stsrelay and the bench helpers"
+mkdir -p "$OUT/bin"
+(cd "$REPO" && go build -o "$OUT/bin/stsrelay" ./cmd/stsrelay &&
+	go build -o "$OUT/bin/benchworld" ./bench/cmd/benchworld &&
+	go build -o "$OUT/bin/benchtool" ./bench/cmd/benchtool)
+STSRELAY=$OUT/bin/stsrelay
+BT=$OUT/bin/benchtool
+
+# ---------------------------------------------------------------- world
+mkdir -p "$OUT/world"
+"$OUT/bin/benchworld" -dir "$OUT/world" -dns "$DNS_ADDR" -http "127.0.0.2:8089" -plain-ip $SINK_PLAIN_IP -tls-ip $SINK_TLS_IP -down-ip $DOWN_IP \
+	-https-ip $HTTPS_IP -smtp-port $MX_PORT -https-port $HTTPS_PORT >"$OUT/world/log" 2>&1 &
+WORLD_PID=$!
+track $WORLD_PID
+for _ in $(seq 100); do [ -f "$OUT/world/ready" ] && break; sleep 0.05; done
+[ -f "$OUT/world/ready" ] || die "benchworld did not start: $(cat "$OUT/world/log")"
+CA=$OUT/world/ca.pem
+
+# ---------------------------------------------------------------- smtp-sink
+SINK_PID=
+sink_start() { # counter file
+	"$(command -v smtp-sink)" -u postfix -c $SINK_PLAIN_IP:$MX_PORT 1024 >"$1" 2>&1 &
+	SINK_PID=$!
+	track $SINK_PID
+	local i
+	for i in $(seq 100); do
+		(exec 3<>/dev/tcp/$SINK_PLAIN_IP/$MX_PORT) 2>/dev/null && return 0
+		sleep 0.05
+	done
+	die "smtp-sink did not start"
+}
+sink_stop() {
+	[ -n "$SINK_PID" ] || return 0
+	kill -TERM "$SINK_PID" 2>/dev/null || true
+	wait "$SINK_PID" 2>/dev/null || true
+	untrack "$SINK_PID"
+	SINK_PID=
+}
+
+# ---------------------------------------------------------------- stsrelay
+STS_PID=
+sts_config() { # dir
+	cat >"$1/stsrelay.toml" <<EOF
+hostname = "stsrelay.bench.test"
+data_dir = "$1/data"
+
+[submission]
+listen = ["$SUB_STS"]
+trusted_networks = ["127.0.0.0/8"]
+require_tls_for_auth = false
+
+[dns]
+servers = ["$DNS_ADDR"]
+timeout = "5s"
+
+[delivery]
+port = $MX_PORT
+
+[tls]
+extra_root_ca_file = "$CA"
+
+[mtasts]
+https_port = $HTTPS_PORT
+
+[log]
+output = "$1/stsrelay.log"
+
+[metrics]
+listen = "127.0.0.10:9464"
+EOF
+}
+sts_start() { # dir [keep-data]
+	local d=$1
+	if [ "${2:-}" != keep ]; then rm -rf "$d"; mkdir -p "$d/data"; sts_config "$d"; fi
+	local t0
+	t0=$(date +%s%N)
+	"$STSRELAY" serve -config "$d/stsrelay.toml" >>"$d/stderr" 2>&1 &
+	STS_PID=$!
+	track $STS_PID
+	READY=$("$BT" waitbanner -addr $SUB_STS -since "$t0" -timeout 5m) || die "stsrelay did not start: $(tail -5 "$d/stderr")"
+	READY=${READY#ready_s=}
+	MAIN_PID=$STS_PID
+}
+sts_stop() {
+	[ -n "$STS_PID" ] || return 0
+	kill -TERM "$STS_PID" 2>/dev/null || true
+	wait "$STS_PID" 2>/dev/null || true
+	untrack "$STS_PID"
+	STS_PID=
+}
+
+# ---------------------------------------------------------------- Postfix
+PF_MASTER=
+pf_config() { # dir mode reuse(0|1)
+	local d=$1 mode=$2 reuse=$3 nexthop
+	case $mode in
+	plain) nexthop="[$SINK_PLAIN_IP]:$MX_PORT" ;;
+	tls) nexthop="[$SINK_TLS_IP]:$MX_PORT" ;;
+	accept) nexthop="[$DOWN_IP]:$MX_PORT" ;;
+	*) die "postfix has no mode $mode" ;;
+	esac
+	mkdir -p "$d/etc" "$d/queue" "$d/data"
+	chown postfix "$d/data"
+	cat >"$d/etc/main.cf" <<EOF
+# Private instance for bench/run.sh.
+compatibility_level = 3.6
+queue_directory = $d/queue
+data_directory = $d/data
+mail_owner = postfix
+setgid_group = postdrop
+myhostname = postfix.bench.test
+mydomain = bench.test
+myorigin = \$myhostname
+mydestination =
+relay_domains =
+mynetworks = 127.0.0.0/8
+# Postfix refuses addresses that are not on an interface (127.0.0.11 is
+# routed via lo but not configured on it): the smtpd listener in master.cf
+# names its own address, the rest of Postfix uses 127.0.0.1.
+inet_interfaces = 127.0.0.1
+inet_protocols = ipv4
+smtpd_relay_restrictions = permit_mynetworks, reject_unauth_destination
+default_transport = smtp:$nexthop
+relay_transport = smtp:$nexthop
+smtp_host_lookup = native
+smtp_dns_support_level = disabled
+alias_maps =
+alias_database =
+local_recipient_maps =
+biff = no
+append_dot_mydomain = no
+maillog_file = $d/postfix.log
+maillog_file_prefixes = $d
+EOF
+	if [ "$mode" = tls ]; then
+		# Debian's packaged main.cf turns the TLS session cache on; so do we.
+		cat >>"$d/etc/main.cf" <<EOF
+smtp_tls_security_level = verify
+smtp_tls_CAfile = $CA
+smtp_tls_policy_maps = texthash:$d/etc/tls_policy
+smtp_tls_session_cache_database = btree:\${data_directory}/smtp_scache
+smtp_tls_loglevel = 1
+EOF
+		# The nexthop is an IP literal: name the certificate to match.
+		echo "$nexthop verify match=mx.tls.bench.test" >"$d/etc/tls_policy"
+		if [ "$reuse" = 1 ]; then
+			echo "smtp_tls_connection_reuse = yes" >>"$d/etc/main.cf"
+		fi
+	fi
+	# Debian's master.cf services, none chrooted; smtpd on our address.
+	cat >"$d/etc/master.cf" <<EOF
+$SUB_PF inet n - n - - smtpd
+pickup    unix  n       -       n       60      1       pickup
+cleanup   unix  n       -       n       -       0       cleanup
+qmgr      unix  n       -       n       300     1       qmgr
+tlsmgr    unix  -       -       n       1000?   1       tlsmgr
+rewrite   unix  -       -       n       -       -       trivial-rewrite
+bounce    unix  -       -       n       -       0       bounce
+defer     unix  -       -       n       -       0       bounce
+trace     unix  -       -       n       -       0       bounce
+verify    unix  -       -       n       -       1       verify
+flush     unix  n       -       n       1000?   0       flush
+proxymap  unix  -       -       n       -       -       proxymap
+proxywrite unix -       -       n       -       1       proxymap
+smtp      unix  -       -       n       -       -       smtp
+relay     unix  -       -       n       -       -       smtp
+showq     unix  n       -       n       -       -       showq
+error     unix  -       -       n       -       -       error
+retry     unix  -       -       n       -       -       error
+discard   unix  -       -       n       -       -       discard
+anvil     unix  -       -       n       -       1       anvil
+scache    unix  -       -       n       -       1       scache
+postlog   unix-dgram n  -       n       -       1       postlogd
+tlsproxy  unix  -       -       n       -       0       tlsproxy
+EOF
+}
+pf_start() { # dir mode reuse [keep]
+	local d=$1
+	if [ "${4:-}" != keep ]; then rm -rf "$d"; pf_config "$d" "$2" "$3"; fi
+	local t0
+	t0=$(date +%s%N)
+	if ! postfix -c "$d/etc" start >>"$d/start.log" 2>&1; then
+		# Without syslog its complaint is only visible on a terminal.
+		command -v script >/dev/null && script -qc "postfix -c $d/etc check" /dev/null >&2 || true
+		die "postfix start failed: $(tail -5 "$d/start.log")"
+	fi
+	READY=$("$BT" waitbanner -addr $SUB_PF -since "$t0" -timeout 5m) || die "postfix did not answer"
+	READY=${READY#ready_s=}
+	PF_MASTER=$(tr -dc 0-9 <"$d/queue/pid/master.pid")
+	track "$PF_MASTER"
+	MAIN_PID=$PF_MASTER
+}
+pf_stop() {
+	[ -n "$PF_MASTER" ] || return 0
+	kill -TERM "$PF_MASTER" 2>/dev/null || true
+	wait_gone "$PF_MASTER" 30
+	untrack "$PF_MASTER"
+	PF_MASTER=
+}
+
+# ---------------------------------------------------------------- one run
+rcpt_for() { echo "rcpt@$1.bench.test" | sed 's/@accept\./@down./'; }
+
+# run_case REP SYS MODE SIZE CONC: SYS is stsrelay, postfix or postfix-reuse
+run_case() {
+	local rep=$1 sys=$2 mode=$3 size=$4 conc=$5 n d addr rcpt counter expect out check=-
+	n=$(msgs "$size" "$conc")
+	rcpt=$(rcpt_for "$mode")
+	d=$OUT/run/$sys
+	mkdir -p "$OUT/run"
+	case $mode in
+	plain) sink_start "$d.sinkc"; counter=(-count-sinkc "$d.sinkc"); expect=$n ;;
+	tls | sts) counter=(-count-http "$COUNT_URL"); expect=$n ;;
+	accept) counter=(); expect=0 ;;
+	esac
+	case $sys in
+	stsrelay) sts_start "$d"; addr=$SUB_STS ;;
+	postfix) pf_start "$d" "$mode" 0; addr=$SUB_PF ;;
+	postfix-reuse) pf_start "$d" "$mode" 1; addr=$SUB_PF ;;
+	esac
+	local load
+	if [ "$conc" = 1 ]; then
+		load=(-lat -addr "$addr" -n "$n" -size "$size" -from $FROM -to "$rcpt")
+	else
+		load=(-- "$(command -v smtp-source)" -s "$conc" -m "$n" -l "$size" -f $FROM -t "$rcpt" -M client.bench.test "$addr")
+	fi
+	if ! out=$("$BT" load "${counter[@]}" -expect "$expect" -pids "$MAIN_PID" -timeout 10m "${load[@]}" 2>"$d.load.err"); then
+		log "run failed: rep=$rep $sys $mode size=$size conc=$conc: $(tail -3 "$d.load.err")"
+		out="failed=1"
+	fi
+	# Check what was delivered, and how.
+	case $sys/$mode in
+	stsrelay/tls | stsrelay/sts)
+		sleep 0.2
+		check="verified=$(grep '"msg":"delivery"' "$d/stsrelay.log" | grep '"result":"delivered"' | grep -c '"tls_verified":true' || true)"
+		[ "$mode" = sts ] && check="$check,enforce=$(grep '"msg":"delivery"' "$d/stsrelay.log" | grep -c '"sts_mode":"enforce"' || true)"
+		;;
+	postfix*/tls)
+		sleep 0.2
+		check="sent=$(grep -c 'status=sent' "$d/postfix.log" || true),verified_handshakes=$(grep -c 'Verified TLS connection established' "$d/postfix.log" || true)"
+		;;
+	esac
+	case $sys in
+	stsrelay) sts_stop ;;
+	postfix*) pf_stop ;;
+	esac
+	sink_stop
+	get() { local v; v=$(tr ' ' '\n' <<<"$out" | sed -n "s/^$1=//p"); echo "${v:--}"; }
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$sys" "$mode" "$size" "$conc" "$n" \
+		"$(get accept_s)" "$(get deliver_s)" "$(get drain_s)" "$(get peak_pss_kb)" "$(get peak_rss_kb)" "$(get max_procs)" \
+		"$(get lat_p50_ms)" "$(get lat_p99_ms)" "$(get lat_min_ms)" "$(get lat_max_ms)" "$check" >>"$RESULTS"
+	log "rep=$rep $sys $mode size=$size conc=$conc n=$n: $out $check"
+}
+
+# ---------------------------------------------------------------- main loop
+T_START=$(date +%s)
+for rep in $(seq "$REPS"); do
+	for size in $SIZES; do
+		for conc in $CONCS; do
+			for mode in $MODES; do
+				case $mode in
+				plain | accept) systems="stsrelay postfix" ;;
+				tls) systems="stsrelay postfix postfix-reuse" ;;
+				sts) systems="stsrelay" ;;
+				*) die "unknown mode $mode" ;;
+				esac
+				# Alternate the order from one repetition to the next.
+				if [ $((rep % 2)) = 0 ]; then systems=$(tr ' ' '\n' <<<"$systems" | tac | tr '\n' ' '); fi
+				for sys in $systems; do
+					run_case "$rep" "$sys" "$mode" "$size" "$conc"
+				done
+			done
+		done
+	done
+done
+
+# ---------------------------------------------------------------- fsync count
+FSYNC_TSV=$OUT/fsync.tsv
+printf 'sys\tmode\tsize\tconc\tn\tfdatasync\tfsync\tmsgs_per_sync\n' >"$FSYNC_TSV"
+if [ "$FSYNC" = 1 ]; then
+	log "counting syncs (perf stat tracepoints, separate untimed runs)"
+	for conc in $CONCS; do
+		for sys in stsrelay postfix; do
+			n=$(msgs 2048 "$conc")
+			d=$OUT/run/fsync-$sys
+			case $sys in
+			stsrelay) sts_start "$d"; addr=$SUB_STS ;;
+			postfix) pf_start "$d" accept 0; addr=$SUB_PF ;;
+			esac
+			# --inherit (the default) follows processes forked after the
+			# attach: Postfix's cleanup/smtpd children.
+			"$PERF" stat -x, -e syscalls:sys_enter_fdatasync,syscalls:sys_enter_fsync -p "$(pgrep -d, -P "$MAIN_PID" | sed 's/$/,/')${MAIN_PID}" -o "$d.perf" &
+			perf_pid=$!
+			track $perf_pid
+			sleep 0.5
+			if [ "$conc" = 1 ]; then
+				"$BT" load -lat -addr "$addr" -n "$n" -size 2048 -from $FROM -to rcpt@down.bench.test >/dev/null
+			else
+				smtp-source -s "$conc" -m "$n" -l 2048 -f $FROM -t rcpt@down.bench.test -M client.bench.test "$addr"
+			fi
+			kill -INT $perf_pid; wait $perf_pid 2>/dev/null || true
+			untrack $perf_pid
+			case $sys in stsrelay) sts_stop ;; postfix) pf_stop ;; esac
+			fds=$(awk -F, '/fdatasync/ {print $1}' "$d.perf"); fs=$(awk -F, '/sys_enter_fsync/ {print $1}' "$d.perf")
+			per=$(awk -v n="$n" -v a="${fds:-0}" -v b="${fs:-0}" 'BEGIN { s = a + b; if (s > 0) printf "%.2f", n / s; else print "-" }')
+			printf '%s\taccept\t2048\t%s\t%s\t%s\t%s\t%s\n' "$sys" "$conc" "$n" "${fds:-0}" "${fs:-0}" "$per" >>"$FSYNC_TSV"
+			log "fsync $sys conc=$conc n=$n fdatasync=${fds:-0} fsync=${fs:-0} msgs/sync=$per"
+		done
+	done
+fi
+
+# ---------------------------------------------------------------- restart test
+RESTART_TSV=$OUT/restart.tsv
+printf 'sys\tqueued\tfill_s\tstop_s\trestart_s\tpss_kb\trss_kb\tprocs\tpss_kb_after_5s\trss_kb_after_5s\n' >"$RESTART_TSV"
+if [ "$RESTART_N" -gt 0 ]; then
+	for sys in ${RESTART_SYSTEMS:-stsrelay postfix}; do
+		log "restart test: $sys with $RESTART_N messages queued (destination down)"
+		d=$OUT/run/restart-$sys
+		case $sys in
+		stsrelay) sts_start "$d"; addr=$SUB_STS ;;
+		postfix) pf_start "$d" accept 0; addr=$SUB_PF ;;
+		esac
+		t0=$(date +%s%N)
+		# -d: many messages per connection, to keep the fill short.
+		smtp-source -d -s 20 -m "$RESTART_N" -l 2048 -f $FROM -t rcpt@down.bench.test -M client.bench.test "$addr"
+		fill=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.1f", (b - a) / 1e9 }')
+		sleep 5 # let the first (failing) delivery attempts settle
+		t0=$(date +%s%N)
+		case $sys in stsrelay) sts_stop ;; postfix) pf_stop ;; esac
+		stop=$(awk -v a="$t0" -v b="$(date +%s%N)" 'BEGIN { printf "%.2f", (b - a) / 1e9 }')
+		case $sys in
+		stsrelay) sts_start "$d" keep ;;
+		postfix) pf_start "$d" accept 0 keep ;;
+		esac
+		m1=$("$BT" mem -pids "$MAIN_PID")
+		sleep 5
+		m2=$("$BT" mem -pids "$MAIN_PID")
+		if [ $sys = stsrelay ]; then
+			queued=$(grep '"msg":"queue opened"' "$d/stsrelay.log" | tail -1 | sed -n 's/.*"messages":\([0-9]*\).*/\1/p')
+		else
+			queued=$(find "$d/queue/deferred" "$d/queue/active" "$d/queue/incoming" -type f 2>/dev/null | wc -l)
+		fi
+		case $sys in stsrelay) sts_stop ;; postfix) pf_stop ;; esac
+		g() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p"; }
+		printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$sys" "${queued:-?}" "$fill" "$stop" "$READY" \
+			"$(g "$m1" pss_kb)" "$(g "$m1" rss_kb)" "$(g "$m1" procs)" "$(g "$m2" pss_kb)" "$(g "$m2" rss_kb)" >>"$RESTART_TSV"
+		log "restart $sys: queued=${queued:-?} fill=${fill}s stop=${stop}s restart=${READY}s mem: $m1 / after 5s: $m2"
+		rm -rf "$d/data" "$d/queue" # 100k files: do not keep them around
+	done
+fi
+
+# ---------------------------------------------------------------- report
+T_END=$(date +%s)
+{
+	settings=""
+	for v in QUICK REPS SIZES CONCS MODES RESTART_N RESTART_SYSTEMS FSYNC NMSG; do
+		[ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
+	done
+	echo "Run: \`${settings}bench/run.sh\` on $(date -u +%Y-%m-%d), $((T_END - T_START)) s (build excluded)"
+	echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo) RAM, $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME"), Postfix $(postconf -h mail_version), $(go version | awk '{print $3}')"
+	echo
+	"$BT" table -results "$RESULTS" -fsync "$FSYNC_TSV" -restart "$RESTART_TSV"
+} | tee "$OUT/table.md"
+log "done; results in $OUT"
