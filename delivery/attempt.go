@@ -9,6 +9,7 @@ import (
 	"net"
 	"net/textproto"
 	"strings"
+	"time"
 
 	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
@@ -101,6 +102,14 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	}
 	var lastErr *sessionError
 	if sess == nil {
+		// A destination none of whose hosts answered a moment ago is
+		// not tried again for every message (like Postfix's dead
+		// destination): its messages wait for the next retry.
+		if reason, ok := e.suspended(j.domain); ok {
+			setAll(outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "delivery to " + j.domain + " temporarily suspended: " + reason})
+			e.finish(j, outs, a)
+			return nil
+		}
 		hosts, err := route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
 		if err != nil && ctx.Err() != nil {
 			e.abandon(j)
@@ -124,6 +133,9 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 		if sess == nil && ctx.Err() != nil {
 			e.abandon(j)
 			return nil
+		}
+		if sess == nil && lastErr != nil && lastErr.ResultType == "" && (lastErr.Stage == "connect" || lastErr.Stage == "greeting") {
+			e.suspend(j.domain, lastErr.Error())
 		}
 		if sess == nil {
 			o := outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "no MX host could be used"}
@@ -653,4 +665,28 @@ func (e *Engine) sourceIP(dst net.IP) string {
 		return a.IP.String()
 	}
 	return ""
+}
+
+// suspend marks domain unreachable until its first retry interval has
+// passed (at most five minutes).
+func (e *Engine) suspend(domain, reason string) {
+	d := min(e.cfg.Queue.RetryDelay(1), 5*time.Minute)
+	e.mu.Lock()
+	e.dead[domain] = deadDest{until: e.now().Add(d), reason: reason}
+	e.mu.Unlock()
+}
+
+// suspended reports whether domain is marked unreachable now, and why.
+func (e *Engine) suspended(domain string) (string, bool) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	dd, ok := e.dead[domain]
+	if !ok {
+		return "", false
+	}
+	if !e.now().Before(dd.until) {
+		delete(e.dead, domain)
+		return "", false
+	}
+	return dd.reason, true
 }

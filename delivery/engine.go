@@ -101,13 +101,21 @@ type Engine struct {
 	queued  int // jobs waiting in domain queues
 	running int // workers
 	idle    map[string][]*session
-	kick    chan struct{}
-	wg      sync.WaitGroup
+	// dead holds destinations none of whose hosts answered recently.
+	dead map[string]deadDest
+	kick chan struct{}
+	wg   sync.WaitGroup
 }
 
 type domainQueue struct {
 	jobs   []*job
 	active int
+}
+
+// deadDest is a destination marked unreachable.
+type deadDest struct {
+	until  time.Time
+	reason string
 }
 
 // job is the recipients of one message at one domain.
@@ -148,6 +156,7 @@ func New(o Options) *Engine {
 		wantV6:  hasIPv6Route(),
 		domains: map[string]*domainQueue{},
 		idle:    map[string][]*session{},
+		dead:    map[string]deadDest{},
 		kick:    make(chan struct{}, 1),
 	}
 	for _, a := range o.Config.Delivery.LocalAddresses {
@@ -211,6 +220,7 @@ func (e *Engine) Run(ctx context.Context) {
 		case <-timer.C:
 		case <-janitor.C:
 			e.closeIdle(e.cfg.Delivery.ConnectionIdleTimeout.Duration)
+			e.purgeDead()
 		}
 	}
 }
@@ -407,4 +417,16 @@ func (e *Engine) closeIdle(maxIdle time.Duration) {
 		go func() { defer wg.Done(); s.close() }()
 	}
 	wg.Wait()
+}
+
+// purgeDead forgets suspensions that ran out.
+func (e *Engine) purgeDead() {
+	now := e.now()
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	for d, dd := range e.dead {
+		if !now.Before(dd.until) {
+			delete(e.dead, d)
+		}
+	}
 }

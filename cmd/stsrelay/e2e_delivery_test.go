@@ -17,6 +17,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"github.com/miekg/dns"
 
+	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -766,4 +767,44 @@ func TestE2EIdleCPU(t *testing.T) {
 	if used := cpu() - before; used >= 100*time.Millisecond {
 		t.Errorf("idle relay used %v CPU in 3s", used)
 	}
+}
+
+// A destination none of whose hosts answers is suspended for its first
+// retry interval: the messages queued behind the failing one are deferred
+// without a connection attempt each, and delivered once the MX is back.
+func TestE2EDeliveryDeadDestinationSuspended(t *testing.T) {
+	t.Parallel()
+	w := testworld.New(t)
+	ip := w.NextIP() // nothing listens here: connection refused
+	w.DNS.SetMX("down.test", testworld.MX{Pref: 10, Host: "mx1.down.test"})
+	w.DNS.SetA("mx1.down.test", ip)
+	cfg := testConfig(t, w)
+	cfg.Queue.RetrySchedule = []config.Duration{{Duration: 3 * time.Second}}
+	cfg.Queue.PerDomainConcurrency = 1
+	r := startRelay(t, cfg)
+	var rcpts []string
+	for i := range 5 {
+		rc := fmt.Sprintf("u%d@down.test", i)
+		rcpts = append(rcpts, rc)
+		r.mustSubmit("s@client.test", []string{rc}, simpleMessage(fmt.Sprintf("dead%d", i)))
+	}
+	for _, rc := range rcpts {
+		r.waitResult(rc, "deferred", 15*time.Second)
+	}
+	suspended := r.logs("delivery", func(l map[string]any) bool {
+		reason, _ := l["reason"].(string)
+		return strings.Contains(reason, "temporarily suspended")
+	})
+	if len(suspended) == 0 {
+		t.Fatalf("no delivery was deferred by the suspension; log:\n%s", tail(r.logText(), 30))
+	}
+	for _, l := range suspended {
+		if l["ip"] != "" {
+			t.Errorf("a suspended delivery names an address it tried: %v", l)
+		}
+	}
+	// The MX comes up on that address: after the suspension the messages
+	// are delivered.
+	mx := w.NewMX(testworld.MXOptions{IP: ip, Hostname: "mx1.down.test", Cert: w.CA.Issue(testworld.CertValid, "mx1.down.test")})
+	mx.WaitMessages(t, 5, 30*time.Second)
 }
