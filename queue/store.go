@@ -15,6 +15,7 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"runtime"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -176,7 +177,9 @@ type bodyLoc struct {
 	off int64
 }
 
-// recover rebuilds the index from the segments, in order.
+// recover rebuilds the index from the segments. Reading and decoding the
+// segments (CRC checks, JSON) runs in parallel, one segment per worker;
+// folding the records into the index then goes in log order.
 func (s *Store) recover() error {
 	seqs, err := listSegments(s.logDir)
 	if err != nil {
@@ -185,7 +188,13 @@ func (s *Store) recover() error {
 		}
 		return fmt.Errorf("queue: %w", err)
 	}
-	for i, seq := range seqs {
+	type scanned struct {
+		seg  *segment
+		recs []decoded
+		err  error
+	}
+	var segs []*scanned
+	for _, seq := range seqs {
 		path := segPath(s.logDir, seq)
 		f, err := os.Open(path)
 		if err != nil {
@@ -200,37 +209,97 @@ func (s *Store) recover() error {
 		seg := &segment{seq: seq, path: path, f: f}
 		s.segs[seq] = seg
 		s.order = append(s.order, seq)
-		end, err := scanSegment(f, func(r scanRecord) error { return s.apply(seg, r) })
-		seg.size = end
-		if errors.Is(err, errTorn) {
+		segs = append(segs, &scanned{seg: seg})
+	}
+	work := make(chan *scanned)
+	var wg sync.WaitGroup
+	for range min(runtime.GOMAXPROCS(0), len(segs)) {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for sc := range work {
+				sc.seg.size, sc.err = scanSegment(sc.seg.f, func(r scanRecord) error {
+					d, err := decodeRecord(r)
+					if err != nil {
+						return err
+					}
+					sc.recs = append(sc.recs, d)
+					return nil
+				})
+			}
+		}()
+	}
+	for _, sc := range segs {
+		work <- sc
+	}
+	close(work)
+	wg.Wait()
+	for i, sc := range segs {
+		for j := range sc.recs {
+			s.apply(sc.seg, &sc.recs[j])
+		}
+		sc.recs = nil
+		if errors.Is(sc.err, errTorn) {
 			// The tail of the last segment may hold a batch whose fsync
 			// never completed: nobody was told 250 for it. Cut it off so
 			// that the file ends with whole records.
-			if i == len(seqs)-1 && !s.opts.ReadOnly {
-				if err := os.Truncate(path, end); err != nil {
-					return fmt.Errorf("queue: truncate torn tail of %s: %w", path, err)
+			if i == len(segs)-1 && !s.opts.ReadOnly {
+				if err := os.Truncate(sc.seg.path, sc.seg.size); err != nil {
+					return fmt.Errorf("queue: truncate torn tail of %s: %w", sc.seg.path, err)
 				}
 			}
-		} else if err != nil {
-			return fmt.Errorf("queue: %s: %w", path, err)
+		} else if sc.err != nil {
+			return fmt.Errorf("queue: %s: %w", sc.seg.path, sc.err)
 		}
 	}
+	s.due = make(dueHeap, 0, len(s.msgs))
 	for id, m := range s.msgs {
-		heap.Push(&s.due, dueEntry{id: id, at: m.NextDue()})
+		s.due = append(s.due, dueEntry{id: id, at: m.NextDue()})
 	}
+	heap.Init(&s.due)
 	return nil
 }
 
-// apply folds one log record into the index.
-func (s *Store) apply(seg *segment, r scanRecord) error {
+// decoded is a log record with its metadata parsed.
+type decoded struct {
+	typ     recType
+	msg     *messageMeta
+	state   *stateMeta
+	remove  string
+	bodyOff int64
+	bodyLen int64
+}
+
+func decodeRecord(r scanRecord) (decoded, error) {
+	d := decoded{typ: r.typ, bodyOff: r.bodyOff, bodyLen: r.bodyLen}
 	switch r.typ {
 	case recMessage:
-		var mm messageMeta
-		if err := json.Unmarshal(r.meta, &mm); err != nil {
-			return fmt.Errorf("message record: %w", err)
+		d.msg = new(messageMeta)
+		if err := json.Unmarshal(r.meta, d.msg); err != nil {
+			return d, fmt.Errorf("message record: %w", err)
 		}
-		m := &Message{ID: mm.ID, Env: mm.Env, Received: mm.Received, Size: r.bodyLen,
-			loc: bodyLoc{seg: seg, off: r.bodyOff}}
+	case recState:
+		d.state = new(stateMeta)
+		if err := json.Unmarshal(r.meta, d.state); err != nil {
+			return d, fmt.Errorf("state record: %w", err)
+		}
+	case recRemove:
+		var rm removeMeta
+		if err := json.Unmarshal(r.meta, &rm); err != nil {
+			return d, fmt.Errorf("remove record: %w", err)
+		}
+		d.remove = rm.ID
+	}
+	return d, nil
+}
+
+// apply folds one decoded log record into the index.
+func (s *Store) apply(seg *segment, d *decoded) {
+	switch d.typ {
+	case recMessage:
+		mm := d.msg
+		m := &Message{ID: mm.ID, Env: mm.Env, Received: mm.Received, Size: d.bodyLen,
+			loc: bodyLoc{seg: seg, off: d.bodyOff}}
 		m.Rcpts = make([]Recipient, len(mm.Env.Rcpts))
 		for i, rs := range mm.Env.Rcpts {
 			m.Rcpts[i] = Recipient{RcptSpec: rs, Status: Pending, NextAttempt: mm.Received}
@@ -241,25 +310,17 @@ func (s *Store) apply(seg *segment, r scanRecord) error {
 		s.msgs[m.ID] = m
 		seg.live++
 	case recState:
-		var sm stateMeta
-		if err := json.Unmarshal(r.meta, &sm); err != nil {
-			return fmt.Errorf("state record: %w", err)
-		}
+		sm := d.state
 		if m, ok := s.msgs[sm.ID]; ok && len(sm.Rcpts) == len(m.Rcpts) {
 			m.Rcpts = sm.Rcpts
 			m.DelayNotified = sm.DelayNotified
 		}
 	case recRemove:
-		var rm removeMeta
-		if err := json.Unmarshal(r.meta, &rm); err != nil {
-			return fmt.Errorf("remove record: %w", err)
-		}
-		if m, ok := s.msgs[rm.ID]; ok {
+		if m, ok := s.msgs[d.remove]; ok {
 			m.loc.seg.live--
-			delete(s.msgs, rm.ID)
+			delete(s.msgs, d.remove)
 		}
 	}
-	return nil
 }
 
 // rotate starts a new active segment (after the newest one).

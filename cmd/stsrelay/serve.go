@@ -237,7 +237,6 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	})
 	engCtx, cancelEng := context.WithCancel(context.Background())
 	engDone := make(chan struct{})
-	go func() { eng.Run(engCtx); close(engDone) }()
 	// stopBackground runs on every way out once delivery has started, in
 	// this order: in-flight deliveries finish (bounded by their SMTP
 	// timeouts) and record their outcomes, the TLS-RPT counts are
@@ -251,15 +250,22 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		bg.Wait()
 	}
 
+	stopEarly := func() {
+		close(engDone) // delivery never started
+		stopBackground()
+	}
 	srv, err := relay.New(relay.Options{Config: cfg, Queue: store, Logger: log, Accepted: met.MessagesAccepted})
 	if err != nil {
-		stopBackground()
+		stopEarly()
 		return err
 	}
 	if err := srv.Start(); err != nil {
-		stopBackground()
+		stopEarly()
 		return err
 	}
+	// Delivery starts once submission listens: after a restart with a
+	// large queue, applications can hand in mail again at once.
+	go func() { eng.Run(engCtx); close(engDone) }()
 	var addrs []string
 	for _, a := range srv.Addrs() {
 		addrs = append(addrs, a.String())
