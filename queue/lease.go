@@ -228,6 +228,9 @@ func (s *Store) Retry(id string) error {
 		s.mu.Unlock()
 		return nil
 	}
+	// Hold the lease while the new state is written, so that no delivery
+	// starts from (and later overwrites) the state being replaced.
+	s.leased[id] = true
 	m := cur.clone()
 	s.mu.Unlock()
 	now := s.opts.Now()
@@ -236,20 +239,11 @@ func (s *Store) Retry(id string) error {
 			m.Rcpts[i].NextAttempt = now
 		}
 	}
-	rec, err := newRecord(recState, stateMeta{ID: id, Rcpts: m.Rcpts, DelayNotified: m.DelayNotified})
-	if err != nil {
+	if err := s.Update(m); err != nil {
+		s.Release(id)
 		return err
 	}
-	return s.submit(&commitReq{recs: []*pendingRecord{rec}, apply: func([]*pendingRecord) {
-		if cur, ok := s.msgs[id]; ok {
-			for i := range cur.Rcpts {
-				if !cur.Rcpts[i].Status.Final() {
-					cur.Rcpts[i].NextAttempt = now
-				}
-			}
-			s.pushDue(cur)
-		}
-	}})
+	return nil
 }
 
 // Leased reports whether a delivery of id is in flight.
