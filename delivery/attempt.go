@@ -304,8 +304,11 @@ func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pol P
 			continue
 		}
 		// RFC 8461 §4.1: the MX name from DNS must match a pattern.
-		if (enforce || testing || requireTLS) && (pol.Policy == nil || !pol.Policy.Matches(h.Name)) {
-			if (enforce || testing) && report {
+		mismatch := (enforce || testing || requireTLS) && (pol.Policy == nil || !pol.Policy.Matches(h.Name))
+		if mismatch {
+			if enforce && report {
+				// Never contacted: a failure without a session. In
+				// testing mode the session below is counted instead.
 				e.recordTLS(domain, pol, TLSResult{MX: h.Name, ResultType: ResultValidationFailure, Reason: "mtasts-policy-mx-mismatch"})
 			}
 			if enforce || requireTLS {
@@ -373,6 +376,10 @@ func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pol P
 			}
 			if report {
 				switch {
+				case mismatch && testing:
+					// RFC 8461 §5 testing: delivered to an MX the policy
+					// does not list; the session counts as that failure.
+					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: ResultValidationFailure, Reason: "mtasts-policy-mx-mismatch"})
 				case !s.tls:
 					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: ResultSTARTTLSNotSupported, Reason: "STARTTLS not offered"})
 				case !s.cert.Verified && (testing || enforce):

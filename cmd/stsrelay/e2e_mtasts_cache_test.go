@@ -733,3 +733,34 @@ func TestE2EMTASTSReportableEvents(t *testing.T) {
 		}
 	})
 }
+
+// RFC 8460 §4.2: in testing mode a session to an MX the policy does not
+// list is one session, counted once, as the mismatch failure — not a
+// failure plus a success.
+func TestE2EMTASTSTestingMismatchCountedOnce(t *testing.T) {
+	t.Parallel()
+	w := testworld.New(t)
+	mx := simpleDomain(w, "ex.test") // valid certificate for mx1.ex.test
+	stsDomain(w, "ex.test", "a1", stsPolicy("testing", "other.ex.test"))
+	cfg := testConfig(t, w)
+	cfg.TLSRPT.Enabled = true
+	cfg.Delivery.ConnectionReuseLimit = 1
+	r := startRelay(t, cfg)
+	r.send("u@ex.test", "mismatch1")
+	r.waitResult("u@ex.test", "delivered", stsWait)
+	mx.WaitMessages(t, 1, stsWait)
+	deadline := time.Now().Add(stsWait)
+	for {
+		f, _, succ := tlsrptPending(t, r, "ex.test")
+		if f["validation-failure"] > 0 {
+			if f["validation-failure"] != 1 || succ != 0 || len(f) != 1 {
+				t.Fatalf("one testing-mode session to an unlisted MX counted as failures %v and %d successes, want validation-failure=1 only", f, succ)
+			}
+			return
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no validation-failure counted: %v %d", f, succ)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
