@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -153,7 +154,7 @@ func New(o Options) *Engine {
 		log:     o.Logger,
 		now:     o.Now,
 		sched:   o.Store.Schedule(),
-		wantV6:  hasIPv6Route(),
+		wantV6:  dnsclient.HasIPv6Route(),
 		domains: map[string]*domainQueue{},
 		idle:    map[string][]*session{},
 		dead:    map[string]deadDest{},

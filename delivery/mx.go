@@ -158,15 +158,3 @@ func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self stri
 	}
 	return hosts, nil
 }
-
-// hasIPv6Route reports whether this host can reach the IPv6 Internet, so
-// AAAA records are worth trying (no packet is sent: a UDP "connect" only
-// consults the routing table).
-func hasIPv6Route() bool {
-	c, err := net.Dial("udp6", "[2001:db8::1]:53")
-	if err != nil {
-		return false
-	}
-	c.Close()
-	return true
-}

@@ -49,10 +49,7 @@ func (req *commitReq) finish(err error) {
 // submitAsync hands req to the committer without waiting; req.then gets
 // the outcome.
 func (s *Store) submitAsync(req *commitReq) error {
-	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed || s.opts.ReadOnly {
+	if !s.writable() {
 		return ErrClosed
 	}
 	select {
@@ -63,14 +60,18 @@ func (s *Store) submitAsync(req *commitReq) error {
 	}
 }
 
+// writable reports whether the store takes new records.
+func (s *Store) writable() bool {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return !s.closed && !s.opts.ReadOnly
+}
+
 // maxBatchBytes bounds how much one group commit writes before it syncs.
 const maxBatchBytes = 32 << 20
 
 func (s *Store) submit(req *commitReq) error {
-	s.mu.Lock()
-	closed := s.closed
-	s.mu.Unlock()
-	if closed || s.opts.ReadOnly {
+	if !s.writable() {
 		return ErrClosed
 	}
 	req.done = make(chan error, 1)

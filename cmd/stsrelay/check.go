@@ -78,11 +78,7 @@ func cmdCheck(args []string) error {
 	if err != nil {
 		return err
 	}
-	roots, err := trustRoots(cfg)
-	if err != nil {
-		return err
-	}
-	extra, err := extraRoots(cfg)
+	roots, extra, err := trustRoots(cfg)
 	if err != nil {
 		return err
 	}

@@ -107,7 +107,11 @@ func cmdPolicy(args []string) error {
 		if rerr != nil {
 			return rerr
 		}
-		cache, cerr := newPolicyCache(cfg, res, nil, nil)
+		_, extra, rerr := trustRoots(cfg)
+		if rerr != nil {
+			return rerr
+		}
+		cache, cerr := newPolicyCache(cfg, res, extra, nil, nil)
 		if cerr != nil {
 			return cerr
 		}

@@ -69,39 +69,29 @@ func cmdServe(args []string) error {
 	return nil
 }
 
-// extraRoots returns the roots of tls.extra_root_ca_file (nil when it is
-// not set).
-func extraRoots(cfg *config.Config) (*x509.CertPool, error) {
-	if cfg.TLS.ExtraRootCAFile == "" {
-		return nil, nil
+// trustRoots reads tls.extra_root_ca_file once and returns the full
+// pool (system roots plus the extra ones: the Web PKI for MX certificates,
+// policy hosts and report endpoints) and the extra roots alone (nil when
+// none), which the policy fetcher adds to the system roots itself.
+func trustRoots(cfg *config.Config) (full, extra *x509.CertPool, err error) {
+	full, err = x509.SystemCertPool()
+	if err != nil || full == nil {
+		full = x509.NewCertPool()
 	}
-	pem, err := os.ReadFile(cfg.TLS.ExtraRootCAFile)
+	f := cfg.TLS.ExtraRootCAFile
+	if f == "" {
+		return full, nil, nil
+	}
+	pem, err := os.ReadFile(f)
 	if err != nil {
-		return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
+		return nil, nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
 	}
-	p := x509.NewCertPool()
-	if !p.AppendCertsFromPEM(pem) {
-		return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": no PEM certificate in %s", cfg.Path, cfg.TLS.ExtraRootCAFile)
+	extra = x509.NewCertPool()
+	if !extra.AppendCertsFromPEM(pem) {
+		return nil, nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": no PEM certificate in %s", cfg.Path, f)
 	}
-	return p, nil
-}
-
-// trustRoots returns the system roots plus tls.extra_root_ca_file: the
-// Web PKI for MX certificates and policy hosts alike.
-func trustRoots(cfg *config.Config) (*x509.CertPool, error) {
-	pool, err := x509.SystemCertPool()
-	if err != nil || pool == nil {
-		pool = x509.NewCertPool()
-	}
-	if cfg.TLS.ExtraRootCAFile == "" {
-		return pool, nil
-	}
-	pem, err := os.ReadFile(cfg.TLS.ExtraRootCAFile)
-	if err != nil {
-		return nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
-	}
-	pool.AppendCertsFromPEM(pem)
-	return pool, nil
+	full.AppendCertsFromPEM(pem)
+	return full, extra, nil
 }
 
 func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
@@ -112,11 +102,7 @@ func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
 	return r, nil
 }
 
-func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
-	extra, err := extraRoots(cfg)
-	if err != nil {
-		return nil, err
-	}
+func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.CertPool, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
 	return mtasts.New(mtasts.Options{
 		Resolver: res,
 		Fetcher: &mtasts.Fetcher{
@@ -176,7 +162,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
-	roots, err := trustRoots(cfg)
+	roots, extra, err := trustRoots(cfg)
 	if err != nil {
 		return err
 	}
@@ -188,7 +174,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	var policies delivery.PolicySource
 	var cache *mtasts.Cache
 	if cfg.MTASTS.Enabled {
-		cache, err = newPolicyCache(cfg, resolver, log, func(domain, id string, mode mtasts.Mode, result string) {
+		cache, err = newPolicyCache(cfg, resolver, extra, log, func(domain, id string, mode mtasts.Mode, result string) {
 			met.MTASTSFetches.WithLabelValues(result).Inc()
 		})
 		if err != nil {
@@ -218,7 +204,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		}()
 	}
 
-	tlsrec, stopReports, err := startTLSRPT(runCtx, cfg, resolver, store, log, met, &bg)
+	tlsrec, stopReports, err := startTLSRPT(runCtx, cfg, resolver, roots, store, log, met, &bg)
 	if err != nil {
 		cancelRun()
 		bg.Wait()

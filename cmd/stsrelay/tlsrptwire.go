@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"crypto/x509"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -48,17 +49,13 @@ func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "t
 // and the reporter (reports after each period). It returns the recorder
 // for delivery (nil when TLS-RPT is off) and a function that flushes the
 // counts at shutdown.
-func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (delivery.TLSRecorder, func(), error) {
+func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (delivery.TLSRecorder, func(), error) {
 	if !cfg.TLSRPT.Enabled {
 		return nil, func() {}, nil
 	}
 	rec, err := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, log, tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
 	if err != nil {
 		return nil, nil, fmt.Errorf("tlsrpt: %w", err)
-	}
-	roots, err := trustRoots(cfg)
-	if err != nil {
-		return nil, nil, err
 	}
 	var dkim *tlsrpt.DKIMOptions
 	if cfg.TLSRPT.DKIMKeyFile != "" {

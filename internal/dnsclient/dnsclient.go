@@ -17,6 +17,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/miekg/dns"
@@ -318,7 +319,7 @@ func (r *Resolver) DialContext(ctx context.Context, network, addr string) (net.C
 	if ip := net.ParseIP(host); ip != nil {
 		return d.DialContext(ctx, network, addr)
 	}
-	ips, err := r.LookupIP(ctx, host, hasIPv6())
+	ips, err := r.LookupIP(ctx, host, HasIPv6Route())
 	if err != nil {
 		return nil, fmt.Errorf("dial %s: %w", addr, err)
 	}
@@ -333,13 +334,15 @@ func (r *Resolver) DialContext(ctx context.Context, network, addr string) (net.C
 	return nil, lastErr
 }
 
-// hasIPv6 reports whether an IPv6 route exists (a UDP "connect" sends no
-// packet).
-func hasIPv6() bool {
+// HasIPv6Route reports whether this host has a route to the IPv6
+// Internet, so AAAA records are worth trying. It is worked out once per
+// process (a UDP "connect" only consults the routing table; no packet is
+// sent).
+var HasIPv6Route = sync.OnceValue(func() bool {
 	c, err := net.Dial("udp6", "[2001:db8::1]:53")
 	if err != nil {
 		return false
 	}
 	c.Close()
 	return true
-}
+})
