@@ -14,6 +14,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 
+	"github.com/stsrelay/stsrelay/internal/message"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -181,24 +182,39 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 		a.tlsrptResult = ResultValidationFailure
 	}
 
-	// Extensions the message needs.
-	if m.Env.SMTPUTF8 {
-		if ok, _ := sess.c.Extension("SMTPUTF8"); !ok {
-			setAll(outcome{result: "bounced", code: 553, enhanced: "5.6.7", reason: "message needs SMTPUTF8 and " + sess.host + " does not support it"})
-			e.finish(j, outs, a)
-			return sess
-		}
+	// Extensions the message needs, decided by its content at submission
+	// (RFC 6531 §3.2, RFC 6152 §3), not by what the client asked for.
+	needUTF8, eightBit := e.content(ms)
+	offersUTF8, _ := sess.c.Extension("SMTPUTF8")
+	offers8Bit, _ := sess.c.Extension("8BITMIME")
+	if needUTF8 && !offersUTF8 {
+		// RFC 6531 §3.4: no downgrade; the message cannot go this way.
+		setAll(outcome{result: "bounced", code: 553, enhanced: "5.6.7", reason: "message needs SMTPUTF8 (a non-ASCII address or header field) and " + sess.host + " does not support it"})
+		e.finish(j, outs, a)
+		return sess
 	}
 	if max, ok := sess.c.MaxMessageSize(); ok && max > 0 && m.Size > int64(max) {
 		setAll(outcome{result: "bounced", code: 552, enhanced: "5.3.4", reason: fmt.Sprintf("message size %d exceeds %s's limit of %d", m.Size, sess.host, max)})
 		e.finish(j, outs, a)
 		return sess
 	}
-	mopts := &smtp.MailOptions{Size: m.Size, UTF8: m.Env.SMTPUTF8, EnvelopeID: m.Env.EnvID}
-	if m.Env.Body == "8BITMIME" {
-		if ok, _ := sess.c.Extension("8BITMIME"); ok {
-			mopts.Body = smtp.Body8BitMIME
-		}
+	mopts := &smtp.MailOptions{Size: m.Size, UTF8: needUTF8, EnvelopeID: m.Env.EnvID}
+	body, size, err := e.openBody(m, eightBit && !offers8Bit, needUTF8)
+	switch {
+	case errors.Is(err, message.ErrUnconvertible):
+		// RFC 6152 §3: a relay that cannot convert returns the message.
+		setAll(outcome{result: "bounced", code: 554, enhanced: "5.6.3", reason: sess.host + " does not support 8BITMIME and the message has " + strings.TrimPrefix(err.Error(), message.ErrUnconvertible.Error()+": ")})
+		e.finish(j, outs, a)
+		return sess
+	case err != nil:
+		setAll(outcome{result: "deferred", code: 451, enhanced: "4.3.0", reason: "reading queued body: " + err.Error()})
+		e.finish(j, outs, a)
+		return sess
+	}
+	defer body.Close()
+	mopts.Size = size
+	if eightBit && offers8Bit {
+		mopts.Body = smtp.Body8BitMIME
 	}
 	switch m.Env.Ret {
 	case "FULL":
@@ -229,12 +245,6 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			}
 			ropts[k] = ro
 		}
-	}
-	body, err := e.store.Body(m.ID)
-	if err != nil {
-		setAll(outcome{result: "deferred", code: 451, enhanced: "4.3.0", reason: "reading queued body: " + err.Error()})
-		e.finish(j, outs, a)
-		return sess
 	}
 	results, serr := sess.send(m.Env.From, rcpts, mopts, ropts, body)
 	for k, r := range results {
@@ -466,6 +476,55 @@ func (e *Engine) recordTLS(domain string, pol PolicyResult, r TLSResult) {
 	if e.o.TLSRPT != nil {
 		e.o.TLSRPT.RecordTLS(r)
 	}
+}
+
+// content says what the message needs of the next hop: SMTPUTF8, and
+// 8BITMIME (or a conversion). The queue decides both at submission; a
+// message queued by an older version is scanned here, once.
+func (e *Engine) content(ms *msgState) (needUTF8, eightBit bool) {
+	ms.mu.Lock()
+	defer ms.mu.Unlock()
+	env := &ms.m.Env
+	if !env.Scanned {
+		sc := message.NewScanner()
+		if body, err := e.store.Body(ms.m.ID); err == nil {
+			_, _ = io.Copy(sc, body)
+		}
+		env.SetContent(sc.Content())
+	}
+	return env.NeedsSMTPUTF8, env.EightBit
+}
+
+// openBody returns the queued body and its size; with to7Bit, a copy
+// converted to 7-bit MIME in the spool (RFC 6152 §3), for a next hop that
+// did not offer 8BITMIME.
+func (e *Engine) openBody(m *queue.Message, to7Bit, utf8Headers bool) (io.ReadCloser, int64, error) {
+	if !to7Bit {
+		b, err := e.store.Body(m.ID)
+		if err != nil {
+			return nil, 0, err
+		}
+		return io.NopCloser(b), m.Size, nil
+	}
+	f, err := e.store.TempFile()
+	if err != nil {
+		return nil, 0, err
+	}
+	err = message.To7Bit(f, func() (io.Reader, error) {
+		return e.store.Body(m.ID)
+	}, message.ConvertOptions{UTF8Headers: utf8Headers})
+	var size int64
+	if err == nil {
+		size, err = f.Seek(0, io.SeekCurrent)
+	}
+	if err == nil {
+		_, err = f.Seek(0, io.SeekStart)
+	}
+	if err != nil {
+		f.Close()
+		return nil, 0, err
+	}
+	return f, size, nil
 }
 
 // tlsRequiredNo reads the message header once for "TLS-Required: No"

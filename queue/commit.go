@@ -14,6 +14,8 @@ import (
 	"sync"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stsrelay/stsrelay/internal/message"
 )
 
 // pendingRecord is one record waiting for the committer.
@@ -257,13 +259,14 @@ type Writer struct {
 	size  int64
 	err   error
 	done  bool
+	scan  *message.Scanner
 }
 
 // NewWriter starts a message.
 func (s *Store) NewWriter() *Writer {
 	b := bufPool.Get().(*[]byte)
 	*b = (*b)[:0]
-	return &Writer{s: s, buf: b}
+	return &Writer{s: s, buf: b, scan: message.NewScanner()}
 }
 
 // Write appends body bytes; past MemBodyBytes the body streams to a spool
@@ -273,18 +276,17 @@ func (w *Writer) Write(p []byte) (int, error) {
 		return 0, w.err
 	}
 	w.size += int64(len(p))
+	w.scan.Write(p)
 	if w.spill == nil && len(*w.buf)+len(p) <= w.s.opts.MemBodyBytes {
 		*w.buf = append(*w.buf, p...)
 		return len(p), nil
 	}
 	if w.spill == nil {
-		name := filepath.Join(w.s.spoolDir, strconv.FormatUint(w.s.spoolSeq.Add(1), 10)+".tmp")
-		f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o640)
+		f, err := w.s.TempFile()
 		if err != nil {
-			w.err = fmt.Errorf("queue spool: %w", err)
+			w.err = err
 			return 0, w.err
 		}
-		os.Remove(name) // unlinked: the data lives until Close
 		w.spill = f
 		if _, err := f.Write(*w.buf); err != nil {
 			w.err = fmt.Errorf("queue spool: %w", err)
@@ -296,6 +298,20 @@ func (w *Writer) Write(p []byte) (int, error) {
 		return 0, w.err
 	}
 	return len(p), nil
+}
+
+// TempFile returns a new file in the queue's spool directory, already
+// unlinked: its data lives until it is closed, and a crash leaves nothing
+// behind. It holds bodies on their way in, and converted copies on their
+// way out.
+func (s *Store) TempFile() (*os.File, error) {
+	name := filepath.Join(s.spoolDir, strconv.FormatUint(s.spoolSeq.Add(1), 10)+".tmp")
+	f, err := os.OpenFile(name, os.O_CREATE|os.O_EXCL|os.O_RDWR, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("queue spool: %w", err)
+	}
+	os.Remove(name)
+	return f, nil
 }
 
 // Size returns the number of body bytes written so far.
@@ -317,7 +333,10 @@ func (w *Writer) Abort() {
 }
 
 // Commit makes the message durable and returns its queue ID. When it
-// returns nil the envelope and body are on stable storage.
+// returns nil the envelope and body are on stable storage. The envelope's
+// NeedsSMTPUTF8 and EightBit are set here, from the addresses and the
+// bytes written, whatever the caller put there: they are decided once,
+// for every message, by content.
 func (w *Writer) Commit(env Envelope) (string, error) {
 	defer w.Abort()
 	if w.done {
@@ -329,6 +348,7 @@ func (w *Writer) Commit(env Envelope) (string, error) {
 	if len(env.Rcpts) == 0 {
 		return "", errors.New("queue: message without recipients")
 	}
+	env.SetContent(w.scan.Content())
 	s := w.s
 	now := s.opts.Now()
 	id := s.ids.next(now)

@@ -3,6 +3,8 @@ package queue
 import (
 	"strings"
 	"time"
+
+	"github.com/stsrelay/stsrelay/internal/message"
 )
 
 // Status is where one recipient of a message stands.
@@ -36,10 +38,24 @@ const (
 type Envelope struct {
 	// From is the reverse path; "" is the null sender (bounces).
 	From string `json:"from"`
-	// SMTPUTF8 is set when MAIL FROM carried SMTPUTF8 (RFC 6531).
+	// SMTPUTF8 is set when MAIL FROM carried SMTPUTF8 (RFC 6531). It
+	// says what the client asked for, not what the message needs: many
+	// clients (Go's net/smtp among them) send it whenever it is offered.
 	SMTPUTF8 bool `json:"smtputf8,omitempty"`
 	// Body is the BODY= parameter: "", "7BIT" or "8BITMIME".
 	Body string `json:"body,omitempty"`
+	// Scanned is set when the queue decided NeedsSMTPUTF8 and EightBit
+	// from the message's content as it was written. Messages queued by
+	// versions before that lack it; delivery scans those itself.
+	Scanned bool `json:"scanned,omitempty"`
+	// NeedsSMTPUTF8: an envelope address or a top-level header field
+	// holds non-ASCII, so the next hop must offer SMTPUTF8 (RFC 6531
+	// §3.2, RFC 6532 §3). Set by the queue at Commit.
+	NeedsSMTPUTF8 bool `json:"needs_smtputf8,omitempty"`
+	// EightBit: the body holds octets above 127, so the next hop must
+	// offer 8BITMIME or get the message converted (RFC 6152 §3). Set by
+	// the queue at Commit.
+	EightBit bool `json:"eightbit,omitempty"`
 	// RequireTLS is the REQUIRETLS MAIL parameter (RFC 8689).
 	RequireTLS bool `json:"requiretls,omitempty"`
 	// Ret and EnvID are the DSN parameters of MAIL (RFC 3461).
@@ -51,6 +67,19 @@ type Envelope struct {
 	ClientIP string `json:"client_ip,omitempty"`
 	// Rcpts are the recipients in the order the client gave them.
 	Rcpts []RcptSpec `json:"rcpts"`
+}
+
+// SetContent records what the message needs of the next hop, from a
+// scan of its bytes and from its addresses.
+func (env *Envelope) SetContent(c message.Content) {
+	env.Scanned = true
+	env.EightBit = c.Body8Bit
+	env.NeedsSMTPUTF8 = c.HeaderUTF8 || !message.IsASCII(env.From)
+	for _, r := range env.Rcpts {
+		if !message.IsASCII(r.Addr) {
+			env.NeedsSMTPUTF8 = true
+		}
+	}
 }
 
 // RcptSpec is one RCPT TO with its DSN parameters (RFC 3461).

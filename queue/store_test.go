@@ -14,6 +14,8 @@ import (
 	"sync"
 	"testing"
 	"time"
+
+	"github.com/stsrelay/stsrelay/internal/message"
 )
 
 // openStore opens a store in dir and closes it when the test ends.
@@ -148,6 +150,10 @@ func TestCommitSurvivesReopen(t *testing.T) {
 			env.Kind = KindDSN
 			before := time.Now()
 			id := commitBody(t, s, env, body, tt.chunk)
+			// Commit decides these by content, whatever the caller said.
+			sc := message.NewScanner()
+			sc.Write(body)
+			env.SetContent(sc.Content())
 			if !ValidID(id) {
 				t.Fatalf("Commit returned invalid id %q", id)
 			}
@@ -1201,5 +1207,40 @@ func TestRequeueKeepsOutcomesInMemory(t *testing.T) {
 	}
 	if l := s.Lease(now.Add(time.Hour), 10); len(l) != 1 {
 		t.Fatalf("requeued message not due at its next attempt: %q", ids(l))
+	}
+}
+
+// Commit decides what a message needs of the next hop from its content
+// (RFC 6531 §3.2, RFC 6532 §3, RFC 6152 §3), not from MAIL's parameters,
+// and the decision survives a restart.
+func TestCommitDecidesContentNeeds(t *testing.T) {
+	tests := []struct {
+		name           string
+		from, rcpt     string
+		smtputf8Flag   bool
+		body           string
+		utf8, eightBit bool
+	}{
+		{"ascii with the SMTPUTF8 flag needs nothing", "a@x.test", "b@y.test", true, "Subject: hi\r\n\r\nhello\r\n", false, false},
+		{"utf-8 recipient", "a@x.test", "jörg@y.test", true, "Subject: hi\r\n\r\nhello\r\n", true, false},
+		{"utf-8 sender", "jörg@x.test", "b@y.test", true, "Subject: hi\r\n\r\nhello\r\n", true, false},
+		{"utf-8 header field", "a@x.test", "b@y.test", false, "Subject: grüße\r\n\r\nhello\r\n", true, false},
+		{"8-bit body only", "a@x.test", "b@y.test", false, "Subject: hi\r\n\r\ngrüße\r\n", false, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			s := openStore(t, t.TempDir())
+			env := Envelope{From: tt.from, SMTPUTF8: tt.smtputf8Flag, Rcpts: []RcptSpec{{Addr: tt.rcpt}}}
+			id := commitBody(t, s, env, []byte(tt.body), 3)
+			s = reopen(t, s)
+			m, err := s.Get(id)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !m.Env.Scanned || m.Env.NeedsSMTPUTF8 != tt.utf8 || m.Env.EightBit != tt.eightBit {
+				t.Errorf("Scanned=%v NeedsSMTPUTF8=%v EightBit=%v, want true %v %v",
+					m.Env.Scanned, m.Env.NeedsSMTPUTF8, m.Env.EightBit, tt.utf8, tt.eightBit)
+			}
+		})
 	}
 }

@@ -85,6 +85,9 @@ func TestSubmitAuthOverSTARTTLS(t *testing.T) {
 			}
 			want := queue.Envelope{
 				From: "app@example.org", SMTPUTF8: true, Body: "8BITMIME", Ret: "HDRS", EnvID: "env-42",
+				// Decided by content: the ASCII message needs neither
+				// SMTPUTF8 nor 8BITMIME, whatever MAIL said.
+				Scanned: true, NeedsSMTPUTF8: false, EightBit: false,
 				User: testUser, ClientIP: "127.0.0.1",
 				Rcpts: []queue.RcptSpec{{Addr: "rcpt@example.com", Notify: []string{"FAILURE", "DELAY"}, ORcpt: "RFC822;orig@example.com"}},
 			}
