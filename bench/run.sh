@@ -7,6 +7,13 @@
 #                              most of it Postfix; ran in 31 minutes here)
 #   QUICK=1 bench/run.sh       quick mode (fewer messages; ~12 minutes on 2
 #                              cores, most of it Postfix starting and stopping)
+#   MODES=wan bench/run.sh     only the WAN case (issue #10): verified TLS
+#                              through bench/cmd/latencyproxy at 10 and 50 ms
+#                              RTT, to a sink with and one without CHUNKING;
+#                              2 KiB, 20 sessions, 2,000 messages, 3 reps;
+#                              ~13-20 minutes on 2 cores (see bench/README.md)
+#                              (defaults SIZES=2048 CONCS=20 FSYNC=0
+#                              RESTART_N=0 when MODES is just "wan")
 #
 # Environment (all optional):
 #   QUICK=1            fewer messages per case, smaller restart test
@@ -28,6 +35,23 @@
 #                              policy (stsrelay only: the cost of the policy)
 #                      accept: destination down; only the durable accept
 #                              path is measured
+#                      wan   : as tls, but through bench/cmd/latencyproxy
+#                              (one-way delay per chunk, each direction) to
+#                              benchworld's own STARTTLS sink, which does or
+#                              does not advertise CHUNKING; not in the
+#                              default MODES
+#   WAN_DELAYS="5 25"  one-way delays in ms (RTT = 2x) of the wan mode
+#   WAN_SINKS="chunking nochunking"   which WAN sinks
+#   WAN_NMSG=2000      messages per wan run (QUICK: 500; NMSG overrides)
+#   WAN_NOCHUNK_SYSTEMS="stsrelay"   systems run against the no-CHUNKING
+#                      sink; Postfix's SMTP client never sends BDAT, so by
+#                      default its no-CHUNKING ratios use its runs against
+#                      the CHUNKING sink (same RTT and repetition); add
+#                      "postfix postfix-reuse" to run it there too (+~9 min)
+#   WAN_NOCHUNK_REPS=N repetitions for the no-CHUNKING sink (default REPS)
+#   WAN_HANDSHAKE=1    the proxy also models the TCP handshake (dials the
+#                      sink 1.5 RTT after accepting); 0: only chunk delays
+#   STSRELAY_BIN=PATH  use this stsrelay binary instead of building ./cmd/stsrelay
 #   RESTART_N=100000   messages queued (destination down) for the restart
 #                      and memory-with-a-full-queue test; 0 skips it
 #                      (QUICK default: 10000)
@@ -54,7 +78,10 @@
 # Addresses (all 127.0.0.0/8): 127.0.0.2 benchworld DNS :53535 and counter
 # :8089; 127.0.0.3:2526 smtp-sink; 127.0.0.4:2526 STARTTLS sink;
 # 127.0.0.5:8443 MTA-STS policy host; 127.0.0.6:2526 nothing (down);
-# 127.0.0.10:2525 stsrelay submission; 127.0.0.11:2525 Postfix smtpd.
+# 127.0.0.10:2525 stsrelay submission; 127.0.0.11:2525 Postfix smtpd;
+# wan mode: 127.0.0.4:2527 / :2528 benchworld's WAN sinks with / without
+# CHUNKING, behind latencyproxy on 127.0.0.7:2526 / 127.0.0.8:2526
+# (mx.wan.bench.test / mx.wannc.bench.test).
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -62,16 +89,30 @@ REPO=$(cd "$BENCH_DIR/.." && pwd)
 
 QUICK=${QUICK:-0}
 REPS=${REPS:-3}
+MODES=${MODES:-"plain tls sts accept"}
+if [ "$MODES" = wan ]; then
+	# The WAN case alone: issue #10's configuration, nothing else.
+	SIZES=${SIZES:-2048}
+	CONCS=${CONCS:-20}
+	FSYNC=${FSYNC:-0}
+	RESTART_N=${RESTART_N:-0}
+fi
 SIZES=${SIZES:-"2048 102400"}
 CONCS=${CONCS:-"1 20 100"}
-MODES=${MODES:-"plain tls sts accept"}
 FSYNC=${FSYNC:-1}
+WAN_DELAYS=${WAN_DELAYS:-"5 25"}
+WAN_SINKS=${WAN_SINKS:-"chunking nochunking"}
+WAN_NOCHUNK_REPS=${WAN_NOCHUNK_REPS:-$REPS}
+WAN_NOCHUNK_SYSTEMS=${WAN_NOCHUNK_SYSTEMS:-stsrelay}
+WAN_HANDSHAKE=${WAN_HANDSHAKE:-1}
+if [ "$QUICK" = 1 ]; then WAN_NMSG=${WAN_NMSG:-500}; else WAN_NMSG=${WAN_NMSG:-2000}; fi
 if [ "$QUICK" = 1 ]; then RESTART_N=${RESTART_N:-10000}; else RESTART_N=${RESTART_N:-100000}; fi
 
 # Messages per run, by payload size and sessions.
-msgs() { # size conc
+msgs() { # size conc [mode]
 	local size=$1 conc=$2
 	if [ -n "${NMSG:-}" ]; then echo "$NMSG"; return; fi
+	if [ "${3:-}" = wan ]; then echo "$WAN_NMSG"; return; fi
 	if [ "$QUICK" = 1 ]; then
 		if [ "$conc" = 1 ]; then echo 60; elif [ "$size" -le 4096 ]; then echo 400; else echo 200; fi
 	else
@@ -87,6 +128,10 @@ SINK_PLAIN_IP=127.0.0.3
 SINK_TLS_IP=127.0.0.4
 HTTPS_IP=127.0.0.5
 DOWN_IP=127.0.0.6
+WAN_SINK_C=127.0.0.4:2527  # benchworld WAN sink, CHUNKING
+WAN_SINK_N=127.0.0.4:2528  # benchworld WAN sink, no CHUNKING
+WAN_IP_C=127.0.0.7         # latencyproxy in front of WAN_SINK_C (mx.wan.bench.test)
+WAN_IP_N=127.0.0.8         # latencyproxy in front of WAN_SINK_N (mx.wannc.bench.test)
 MX_PORT=2526
 HTTPS_PORT=8443
 FROM=bench@client.bench.test
@@ -122,7 +167,7 @@ OUT=$(cd "$OUT" && pwd)
 chmod 755 "$OUT" # Postfix's unprivileged daemons must reach their queue below it
 log "results in $OUT"
 RESULTS=$OUT/results.tsv
-printf 'rep\tsys\tmode\tsize\tconc\tn\taccept_s\tdeliver_s\tdrain_s\tpeak_pss_kb\tpeak_rss_kb\tmax_procs\tlat_p50_ms\tlat_p99_ms\tlat_min_ms\tlat_max_ms\tcheck\n' >"$RESULTS"
+printf 'rep\tsys\tmode\tsize\tconc\tn\taccept_s\tdeliver_s\tdrain_s\tpeak_pss_kb\tpeak_rss_kb\tmax_procs\tlat_p50_ms\tlat_p99_ms\tlat_min_ms\tlat_max_ms\tcheck\tdelay_ms\tsink\tconns\tflights_c2s\tflights_s2c\tbytes_c2s\tbytes_s2c\n' >"$RESULTS"
 
 PIDS_TO_STOP=() # everything this script started and that may still run
 cleanup() {
@@ -154,16 +199,22 @@ wait_gone() {
 # ---------------------------------------------------------------- build
 log "building stsrelay and the bench helpers"
 mkdir -p "$OUT/bin"
-(cd "$REPO" && go build -o "$OUT/bin/stsrelay" ./cmd/stsrelay &&
-	go build -o "$OUT/bin/benchworld" ./bench/cmd/benchworld &&
-	go build -o "$OUT/bin/benchtool" ./bench/cmd/benchtool)
+if [ -n "${STSRELAY_BIN:-}" ]; then
+	cp "$STSRELAY_BIN" "$OUT/bin/stsrelay"
+else
+	(cd "$REPO" && go build -o "$OUT/bin/stsrelay" ./cmd/stsrelay)
+fi
+(cd "$REPO" && go build -o "$OUT/bin/benchworld" ./bench/cmd/benchworld &&
+	go build -o "$OUT/bin/benchtool" ./bench/cmd/benchtool &&
+	go build -o "$OUT/bin/latencyproxy" ./bench/cmd/latencyproxy)
 STSRELAY=$OUT/bin/stsrelay
 BT=$OUT/bin/benchtool
 
 # ---------------------------------------------------------------- world
 mkdir -p "$OUT/world"
 "$OUT/bin/benchworld" -dir "$OUT/world" -dns "$DNS_ADDR" -http "127.0.0.2:8089" -plain-ip $SINK_PLAIN_IP -tls-ip $SINK_TLS_IP -down-ip $DOWN_IP \
-	-https-ip $HTTPS_IP -smtp-port $MX_PORT -https-port $HTTPS_PORT >"$OUT/world/log" 2>&1 &
+	-https-ip $HTTPS_IP -smtp-port $MX_PORT -https-port $HTTPS_PORT \
+	-wan-ip $WAN_IP_C -wannc-ip $WAN_IP_N -wan-sink $WAN_SINK_C -wan-sink-nochunking $WAN_SINK_N >"$OUT/world/log" 2>&1 &
 WORLD_PID=$!
 track $WORLD_PID
 for _ in $(seq 100); do [ -f "$OUT/world/ready" ] && break; sleep 0.05; done
@@ -189,6 +240,42 @@ sink_stop() {
 	wait "$SINK_PID" 2>/dev/null || true
 	untrack "$SINK_PID"
 	SINK_PID=
+}
+
+# ---------------------------------------------------------------- latency proxy
+PROXY_PID=
+PROXY_STATS=
+proxy_start() { # sink(chunking|nochunking) delay_ms stats-file
+	local listen target
+	case $1 in
+	chunking) listen=$WAN_IP_C:$MX_PORT target=$WAN_SINK_C ;;
+	nochunking) listen=$WAN_IP_N:$MX_PORT target=$WAN_SINK_N ;;
+	*) die "unknown WAN sink $1" ;;
+	esac
+	PROXY_STATS=$3
+	rm -f "$3" "$3.ready"
+	local hs=true
+	[ "$WAN_HANDSHAKE" = 1 ] || hs=false
+	"$OUT/bin/latencyproxy" -listen "$listen" -target "$target" -delay "${2}ms" -handshake=$hs \
+		-stats "$3" -ready "$3.ready" >/dev/null 2>"$3.err" &
+	PROXY_PID=$!
+	track $PROXY_PID
+	local i
+	for i in $(seq 100); do [ -f "$3.ready" ] && return 0; sleep 0.05; done
+	die "latencyproxy did not start: $(cat "$3.err")"
+}
+proxy_stop() {
+	[ -n "$PROXY_PID" ] || return 0
+	kill -TERM "$PROXY_PID" 2>/dev/null || true
+	wait "$PROXY_PID" 2>/dev/null || true
+	untrack "$PROXY_PID"
+	PROXY_PID=
+}
+# proxy_stat KEY: one number from the last proxy's stats file
+proxy_stat() {
+	local v
+	v=$(sed -n "s/^ *\"$1\": \([0-9.]*\),\{0,1\}\$/\1/p" "$PROXY_STATS" 2>/dev/null)
+	echo "${v:--}"
 }
 
 # ---------------------------------------------------------------- stsrelay
@@ -245,12 +332,18 @@ sts_stop() {
 
 # ---------------------------------------------------------------- Postfix
 PF_MASTER=
-pf_config() { # dir mode reuse(0|1)
-	local d=$1 mode=$2 reuse=$3 nexthop
+pf_config() { # dir mode reuse(0|1)   (wan: the sink is $WAN_SINK)
+	local d=$1 mode=$2 reuse=$3 nexthop mxname=mx.tls.bench.test
 	case $mode in
 	plain) nexthop="[$SINK_PLAIN_IP]:$MX_PORT" ;;
 	tls) nexthop="[$SINK_TLS_IP]:$MX_PORT" ;;
 	accept) nexthop="[$DOWN_IP]:$MX_PORT" ;;
+	wan)
+		case $WAN_SINK in
+		chunking) nexthop="[$WAN_IP_C]:$MX_PORT" mxname=mx.wan.bench.test ;;
+		nochunking) nexthop="[$WAN_IP_N]:$MX_PORT" mxname=mx.wannc.bench.test ;;
+		esac
+		;;
 	*) die "postfix has no mode $mode" ;;
 	esac
 	mkdir -p "$d/etc" "$d/queue" "$d/data"
@@ -286,7 +379,7 @@ append_dot_mydomain = no
 maillog_file = $d/postfix.log
 maillog_file_prefixes = $d
 EOF
-	if [ "$mode" = tls ]; then
+	if [ "$mode" = tls ] || [ "$mode" = wan ]; then
 		# Debian's packaged main.cf turns the TLS session cache on; so do we.
 		cat >>"$d/etc/main.cf" <<EOF
 smtp_tls_security_level = verify
@@ -296,7 +389,7 @@ smtp_tls_session_cache_database = btree:\${data_directory}/smtp_scache
 smtp_tls_loglevel = 1
 EOF
 		# The nexthop is an IP literal: name the certificate to match.
-		echo "$nexthop verify match=mx.tls.bench.test" >"$d/etc/tls_policy"
+		echo "$nexthop verify match=$mxname" >"$d/etc/tls_policy"
 		if [ "$reuse" = 1 ]; then
 			echo "smtp_tls_connection_reuse = yes" >>"$d/etc/main.cf"
 		fi
@@ -353,18 +446,28 @@ pf_stop() {
 }
 
 # ---------------------------------------------------------------- one run
-rcpt_for() { echo "rcpt@$1.bench.test" | sed 's/@accept\./@down./'; }
+rcpt_for() { # mode [wan sink]
+	case $1/${2:-} in
+	accept/*) echo rcpt@down.bench.test ;;
+	wan/nochunking) echo rcpt@wannc.bench.test ;;
+	*) echo "rcpt@$1.bench.test" ;;
+	esac
+}
 
-# run_case REP SYS MODE SIZE CONC: SYS is stsrelay, postfix or postfix-reuse
+# run_case REP SYS MODE SIZE CONC [DELAY_MS SINK]: SYS is stsrelay, postfix
+# or postfix-reuse; DELAY_MS and SINK only for the wan mode
 run_case() {
-	local rep=$1 sys=$2 mode=$3 size=$4 conc=$5 n d addr rcpt counter expect out check=-
-	n=$(msgs "$size" "$conc")
-	rcpt=$(rcpt_for "$mode")
+	local rep=$1 sys=$2 mode=$3 size=$4 conc=$5 delay=${6:--} sink=${7:--} n d addr rcpt counter expect out check=-
+	local pstats=(- - - - - -)
+	n=$(msgs "$size" "$conc" "$mode")
+	rcpt=$(rcpt_for "$mode" "$sink")
 	d=$OUT/run/$sys
 	mkdir -p "$OUT/run"
+	WAN_SINK=$sink
 	case $mode in
 	plain) sink_start "$d.sinkc"; counter=(-count-sinkc "$d.sinkc"); expect=$n ;;
 	tls | sts) counter=(-count-http "$COUNT_URL"); expect=$n ;;
+	wan) proxy_start "$sink" "$delay" "$d.proxy.json"; counter=(-count-http "$COUNT_URL"); expect=$n ;;
 	accept) counter=(); expect=0 ;;
 	esac
 	case $sys in
@@ -384,12 +487,12 @@ run_case() {
 	fi
 	# Check what was delivered, and how.
 	case $sys/$mode in
-	stsrelay/tls | stsrelay/sts)
+	stsrelay/tls | stsrelay/sts | stsrelay/wan)
 		sleep 0.2
 		check="verified=$(grep '"msg":"delivery"' "$d/stsrelay.log" | grep '"result":"delivered"' | grep -c '"tls_verified":true' || true)"
 		[ "$mode" = sts ] && check="$check,enforce=$(grep '"msg":"delivery"' "$d/stsrelay.log" | grep -c '"sts_mode":"enforce"' || true)"
 		;;
-	postfix*/tls)
+	postfix*/tls | postfix*/wan)
 		sleep 0.2
 		check="sent=$(grep -c 'status=sent' "$d/postfix.log" || true),verified_handshakes=$(grep -c 'Verified TLS connection established' "$d/postfix.log" || true)"
 		;;
@@ -399,11 +502,19 @@ run_case() {
 	postfix*) pf_stop ;;
 	esac
 	sink_stop
+	if [ "$mode" = wan ]; then
+		proxy_stop
+		pstats=("$(proxy_stat connections)" "$(proxy_stat flights_client_to_server)" "$(proxy_stat flights_server_to_client)"
+			"$(proxy_stat bytes_client_to_server)" "$(proxy_stat bytes_server_to_client)")
+	fi
 	get() { local v; v=$(tr ' ' '\n' <<<"$out" | sed -n "s/^$1=//p"); echo "${v:--}"; }
-	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$sys" "$mode" "$size" "$conc" "$n" \
+	printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$rep" "$sys" "$mode" "$size" "$conc" "$n" \
 		"$(get accept_s)" "$(get deliver_s)" "$(get drain_s)" "$(get peak_pss_kb)" "$(get peak_rss_kb)" "$(get max_procs)" \
-		"$(get lat_p50_ms)" "$(get lat_p99_ms)" "$(get lat_min_ms)" "$(get lat_max_ms)" "$check" >>"$RESULTS"
-	log "rep=$rep $sys $mode size=$size conc=$conc n=$n: $out $check"
+		"$(get lat_p50_ms)" "$(get lat_p99_ms)" "$(get lat_min_ms)" "$(get lat_max_ms)" "$check" \
+		"$delay" "$sink" "${pstats[0]}" "${pstats[1]}" "${pstats[2]}" "${pstats[3]}" "${pstats[4]}" >>"$RESULTS"
+	local wan=
+	[ "$mode" = wan ] && wan=" rtt=$((delay * 2))ms sink=$sink conns=${pstats[0]} flights_c2s=${pstats[1]}"
+	log "rep=$rep $sys $mode size=$size conc=$conc n=$n$wan: $out $check"
 }
 
 # ---------------------------------------------------------------- main loop
@@ -414,14 +525,26 @@ for rep in $(seq "$REPS"); do
 			for mode in $MODES; do
 				case $mode in
 				plain | accept) systems="stsrelay postfix" ;;
-				tls) systems="stsrelay postfix postfix-reuse" ;;
+				tls | wan) systems="stsrelay postfix postfix-reuse" ;;
 				sts) systems="stsrelay" ;;
 				*) die "unknown mode $mode" ;;
 				esac
 				# Alternate the order from one repetition to the next.
 				if [ $((rep % 2)) = 0 ]; then systems=$(tr ' ' '\n' <<<"$systems" | tac | tr '\n' ' '); fi
-				for sys in $systems; do
-					run_case "$rep" "$sys" "$mode" "$size" "$conc"
+				if [ "$mode" != wan ]; then
+					for sys in $systems; do
+						run_case "$rep" "$sys" "$mode" "$size" "$conc"
+					done
+					continue
+				fi
+				for delay in $WAN_DELAYS; do
+					for sink in $WAN_SINKS; do
+						[ "$sink" = nochunking ] && [ "$rep" -gt "$WAN_NOCHUNK_REPS" ] && continue
+						for sys in $systems; do
+							[ "$sink" = nochunking ] && [[ " $WAN_NOCHUNK_SYSTEMS " != *" $sys "* ]] && continue
+							run_case "$rep" "$sys" wan "$size" "$conc" "$delay" "$sink"
+						done
+					done
 				done
 			done
 		done
@@ -507,7 +630,9 @@ fi
 T_END=$(date +%s)
 {
 	settings=""
-	for v in QUICK REPS SIZES CONCS MODES RESTART_N RESTART_SYSTEMS FSYNC NMSG; do
+	wanvars=
+	[[ " $MODES " == *" wan "* ]] && wanvars="WAN_DELAYS WAN_SINKS WAN_NMSG WAN_NOCHUNK_SYSTEMS WAN_NOCHUNK_REPS WAN_HANDSHAKE STSRELAY_BIN"
+	for v in QUICK REPS SIZES CONCS MODES RESTART_N RESTART_SYSTEMS FSYNC NMSG $wanvars; do
 		[ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
 	done
 	echo "Run: \`${settings}bench/run.sh\` on $(date -u +%Y-%m-%d), $((T_END - T_START)) s (build excluded)"

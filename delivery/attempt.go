@@ -8,15 +8,19 @@ import (
 	"io"
 	"net"
 	"net/textproto"
+	"slices"
+	"strconv"
 	"strings"
 	"time"
 
-	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 
+	"github.com/stsrelay/stsrelay/delivery/policy"
+	"github.com/stsrelay/stsrelay/internal/domain"
 	"github.com/stsrelay/stsrelay/internal/message"
-	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/internal/smtpclient"
 	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // outcome is what happened to one recipient in one attempt.
@@ -32,6 +36,7 @@ type attempt struct {
 	mx, ip       string
 	tls          string
 	tlsVerified  bool
+	tlsResumed   bool
 	stsMode      string
 	stsID        string
 	tlsrptResult string
@@ -52,53 +57,81 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			outs[i] = o
 		}
 	}
-	tlsRequiredNo := e.tlsRequiredNo(ms)
-	report := m.Env.Kind != queue.KindTLSRPT && !tlsRequiredNo
-	a.counted = report
+	pin := policy.Policy{
+		RequireTLS:    m.Env.RequireTLS,
+		TLSRequiredNo: e.tlsRequiredNo(ms),
+		// RFC 8460 §5.3: report mail is delivered despite TLS failures
+		// (it carries TLS-Required: No) and never counted itself.
+		Uncounted: m.Env.Kind == queue.KindTLSRPT,
+	}
+	a.counted = !pin.Uncounted && !(pin.TLSRequiredNo && !pin.RequireTLS)
 
 	// RFC 8461 §4, §5: the policy in force for the recipient domain.
-	var pol PolicyResult
-	if e.o.Policies != nil && !tlsRequiredNo {
-		var err error
+	// RFC 8689 §5: "TLS-Required: No" sets the policy aside, unless
+	// REQUIRETLS asks for the opposite.
+	if e.o.Policies != nil && !(pin.TLSRequiredNo && !pin.RequireTLS) {
 		// RFC 8461 §5.1: before a final failure, look for a new policy
 		// (a new TXT id) rather than trust the cached one.
-		fresh := e.sched.Expired(m.Received, e.now())
-		pol, err = e.o.Policies.Lookup(ctx, j.domain, fresh)
-		if err != nil {
+		lookup := e.o.Policies.Get
+		if e.sched.Expired(m.Received, e.now()) {
+			lookup = e.o.Policies.Recheck
+		}
+		res, err := lookup(ctx, j.domain)
+		if ctx.Err() != nil {
+			// Shutdown, not a failure of the domain's: nothing is
+			// recorded against it.
 			if sess != nil {
 				sess.close()
 			}
-			if ctx.Err() != nil {
-				// Shutdown, not a failure of the domain's.
-				e.abandon(j)
-				return nil
+			e.abandon(j)
+			return nil
+		}
+		if err != nil {
+			if sess != nil {
+				sess.close()
 			}
 			setAll(outcome{result: "deferred", code: 451, enhanced: "4.4.3", reason: "MTA-STS policy lookup failed: " + err.Error()})
 			e.finish(j, outs, a)
 			return nil
 		}
-		if pol.Policy != nil {
-			a.stsMode = string(pol.Policy.Mode)
-			a.stsID = pol.ID
+		pin.STS = res.Policy
+		if res.Policy != nil {
+			a.stsMode = string(res.Policy.Mode)
+			a.stsID = res.ID
 		}
-		if pol.FailureType != "" && report {
-			e.recordTLS(j.domain, pol, TLSResult{ResultType: pol.FailureType, Reason: pol.FailureReason})
+		if res.Failure != nil {
+			// RFC 8460 §4.3.2.2: a record, but no valid policy could be
+			// fetched (the cached one, if any, still applies).
+			pin.FetchFailure, pin.FetchReason = res.Failure.ResultType, res.Failure.Reason
 		}
-	}
-	mode := mtasts.Mode("")
-	if pol.Policy != nil {
-		mode = pol.Policy.Mode
 	}
 
 	// A parked session is used only if the policy now in force allows
 	// it: its MX must still match and its TLS state satisfy the mode.
-	if sess != nil {
-		if !e.sessionFits(sess, pol, m) {
-			sess.close()
-			sess = nil
-		} else if err := sess.reset(); err != nil {
-			sess.close()
-			sess = nil
+	if sess != nil && !e.sessionFits(sess, a.stsID, pin) {
+		sess.close()
+		sess = nil
+	}
+	// A parked session the server has since closed (its idle timeout)
+	// shows it only when used: then, once, the message goes on a new one.
+	for reused := sess != nil; ; reused = false {
+		next, retry := e.transmit(ctx, j, sess, pin, a, outs, reused)
+		if !retry {
+			return next
+		}
+		sess = nil
+	}
+}
+
+// transmit delivers job j on sess, or on a new session when sess is nil.
+// It reports retry when sess was a reused one that broke before the
+// server answered anything, and nothing was recorded.
+func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy.Policy, a *attempt, outs []outcome, reused bool) (*session, bool) {
+	ms := j.ms
+	m := ms.m
+	setAll := func(o outcome) {
+		for i := range outs {
+			outs[i] = o
 		}
 	}
 	var lastErr *sessionError
@@ -109,12 +142,12 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 		if reason, ok := e.suspended(j.domain); ok {
 			setAll(outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "delivery to " + j.domain + " temporarily suspended: " + reason})
 			e.finish(j, outs, a)
-			return nil
+			return nil, false
 		}
 		hosts, err := route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
 		if err != nil && ctx.Err() != nil {
 			e.abandon(j)
-			return nil
+			return nil, false
 		}
 		var re *routeError
 		if errors.As(err, &re) {
@@ -128,15 +161,16 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			}
 			setAll(outcome{result: res, code: code, enhanced: re.Enhanced, reason: re.Msg})
 			e.finish(j, outs, a)
-			return nil
+			return nil, false
 		}
-		sess, lastErr = e.connect(ctx, j.domain, hosts, pol, m, report, tlsRequiredNo, a)
+		sess, lastErr = e.connect(ctx, j.domain, hosts, pin, a)
 		if sess == nil && ctx.Err() != nil {
 			e.abandon(j)
-			return nil
+			return nil, false
 		}
-		if sess == nil && lastErr != nil && lastErr.ResultType == "" && (lastErr.Stage == "connect" || lastErr.Stage == "greeting") {
+		if sess == nil && lastErr != nil && lastErr.TLS == nil && (lastErr.Stage == "connect" || lastErr.Stage == "greeting") {
 			e.suspend(j.domain, lastErr.Error())
+			e.feedback(j.domain, false)
 		}
 		if sess == nil {
 			o := outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "no MX host could be used"}
@@ -148,7 +182,8 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 				if lastErr.Enhanced != "" {
 					o.enhanced = lastErr.Enhanced
 				}
-				if lastErr.Permanent && lastErr.Stage == "requiretls" {
+				if lastErr.Permanent && lastErr.Stage == "policy" {
+					// REQUIRETLS (RFC 8689 §4.2.1): no host can take it.
 					o.result = "bounced"
 				}
 				if o.code >= 500 && o.result != "bounced" {
@@ -162,91 +197,64 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 			}
 			setAll(o)
 			e.finish(j, outs, a)
-			return nil
+			return nil, false
 		}
 	}
 	a.mx, a.ip = sess.host, sess.ip
 	a.tls = tlsVersionName(sess.version)
-	a.tlsVerified = sess.tls && sess.cert.Verified
-	// tlsrpt_result describes the session that carries the message, not
-	// the hosts passed over on the way to it (connect records those).
-	a.tlsrptResult = ""
-	switch {
-	case sess.tls && !sess.cert.Verified:
-		a.tlsrptResult = sess.cert.ResultType
-	case !sess.tls && mode != "" && mode != mtasts.ModeNone:
-		a.tlsrptResult = ResultSTARTTLSNotSupported
-	case mode == mtasts.ModeTesting && !pol.Policy.Matches(sess.host):
-		// RFC 8461 §5 testing: delivered to an MX the policy does not
-		// list; that mismatch is the failure TLS-RPT records.
-		a.tlsrptResult = ResultValidationFailure
-	}
+	a.tlsVerified = sess.tls && sess.state.CertError == nil
+	a.tlsResumed = sess.resumed
+	// tlsrpt_result describes the session that carries the message, as
+	// CheckConn classified it when the session was set up (connect
+	// recorded it then; a parked session is not counted again).
+	a.tlsrptResult = string(policy.CheckConn(pin, sess.host, sess.state).Result)
 
 	// Extensions the message needs, decided by its content at submission
 	// (RFC 6531 §3.2, RFC 6152 §3), not by what the client asked for.
 	needUTF8, eightBit := e.content(ms)
-	offersUTF8, _ := sess.c.Extension("SMTPUTF8")
-	offers8Bit, _ := sess.c.Extension("8BITMIME")
+	_, offersUTF8 := sess.c.Ext("SMTPUTF8")
+	_, offers8Bit := sess.c.Ext("8BITMIME")
 	if needUTF8 && !offersUTF8 {
 		// RFC 6531 §3.4: no downgrade; the message cannot go this way.
 		setAll(outcome{result: "bounced", code: 553, enhanced: "5.6.7", reason: "message needs SMTPUTF8 (a non-ASCII address or header field) and " + sess.host + " does not support it"})
 		e.finish(j, outs, a)
-		return sess
+		return sess, false
 	}
-	if max, ok := sess.c.MaxMessageSize(); ok && max > 0 && m.Size > int64(max) {
+	if max := sess.c.MaxSize(); max > 0 && m.Size > max {
 		setAll(outcome{result: "bounced", code: 552, enhanced: "5.3.4", reason: fmt.Sprintf("message size %d exceeds %s's limit of %d", m.Size, sess.host, max)})
 		e.finish(j, outs, a)
-		return sess
+		return sess, false
 	}
-	mopts := &smtp.MailOptions{Size: m.Size, UTF8: needUTF8, EnvelopeID: m.Env.EnvID}
 	body, size, err := e.openBody(m, eightBit && !offers8Bit, needUTF8)
 	switch {
 	case errors.Is(err, message.ErrUnconvertible):
 		// RFC 6152 §3: a relay that cannot convert returns the message.
 		setAll(outcome{result: "bounced", code: 554, enhanced: "5.6.3", reason: sess.host + " does not support 8BITMIME and the message has " + strings.TrimPrefix(err.Error(), message.ErrUnconvertible.Error()+": ")})
 		e.finish(j, outs, a)
-		return sess
+		return sess, false
 	case err != nil:
 		setAll(outcome{result: "deferred", code: 451, enhanced: "4.3.0", reason: "reading queued body: " + err.Error()})
 		e.finish(j, outs, a)
-		return sess
+		return sess, false
 	}
 	defer body.Close()
-	mopts.Size = size
-	if eightBit && offers8Bit {
-		mopts.Body = smtp.Body8BitMIME
+	tx, err := e.transaction(sess, m, j, body, size, needUTF8, eightBit && offers8Bit)
+	if err != nil {
+		setAll(outcome{result: "deferred", code: 451, enhanced: "4.3.0", reason: "reading queued body: " + err.Error()})
+		e.finish(j, outs, a)
+		return sess, false
 	}
-	switch m.Env.Ret {
-	case "FULL":
-		mopts.Return = smtp.DSNReturnFull
-	case "HDRS":
-		mopts.Return = smtp.DSNReturnHeaders
-	}
-	if m.Env.RequireTLS {
-		mopts.RequireTLS = true
-	}
-	rcpts := make([]string, len(j.idx))
-	ropts := make([]*smtp.RcptOptions, len(j.idx))
-	for k, i := range j.idx {
-		r := &m.Rcpts[i]
-		rcpts[k] = r.Addr
-		if len(r.Notify) > 0 || r.ORcpt != "" {
-			ro := &smtp.RcptOptions{}
-			for _, n := range r.Notify {
-				ro.Notify = append(ro.Notify, smtp.DSNNotify(n))
-			}
-			if r.ORcpt != "" {
-				ro.OriginalRecipientType = smtp.DSNAddressTypeRFC822
-				orcpt := r.ORcpt
-				if t, addr, ok := strings.Cut(orcpt, ";"); ok && strings.EqualFold(t, "rfc822") {
-					orcpt = addr
-				}
-				ro.OriginalRecipient = orcpt
-			}
-			ropts[k] = ro
+	results, serr := sess.send(tx)
+	if reused && serr != nil && ctx.Err() == nil {
+		answered := false
+		for _, r := range results {
+			answered = answered || r.Code != 0
+		}
+		if !answered {
+			sess.c.Close()
+			return nil, true
 		}
 	}
-	results, serr := sess.send(m.Env.From, rcpts, mopts, ropts, body)
 	for k, r := range results {
 		switch {
 		case r.Delivered:
@@ -262,167 +270,173 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 		}
 	}
 	e.finish(j, outs, a)
-	if serr != nil && (serr.Code == 0 || serr.Code == 421) || sess.messages >= e.cfg.Delivery.ConnectionReuseLimit {
-		sess.close()
-		return nil
+	switch {
+	case serr != nil && (serr.Code == 421 || serr.Code == 0):
+		// The destination is overloaded or the link broke: fewer
+		// sessions for it.
+		e.feedback(j.domain, false)
+	case slices.ContainsFunc(results, func(r rcptResult) bool { return r.Delivered }):
+		e.feedback(j.domain, true)
 	}
-	return sess
+	if serr != nil || sess.messages >= e.cfg.Delivery.ConnectionReuseLimit {
+		sess.close()
+		return nil, false
+	}
+	return sess, false
 }
 
-// sessionFits reports whether a parked session may carry m under the
-// policy now in force (RFC 8461 §5: reuse must not bypass the policy).
-func (e *Engine) sessionFits(s *session, pol PolicyResult, m *queue.Message) bool {
+// transaction builds the SMTP transaction for job j on sess: MAIL
+// parameters the server offers and the message needs, RCPT parameters,
+// and the body with its exact size for BDAT (RFC 3030) when the server
+// offers CHUNKING.
+func (e *Engine) transaction(sess *session, m *queue.Message, j *job, body io.ReadSeeker, size int64, utf8, eightBit bool) (smtpclient.Transaction, error) {
+	tx := smtpclient.Transaction{From: m.Env.From, Body: body}
+	c := sess.c
+	if _, ok := c.Ext("SIZE"); ok {
+		tx.MailParams = append(tx.MailParams, "SIZE="+strconv.FormatInt(size, 10)) // RFC 1870
+	}
+	if eightBit {
+		tx.MailParams = append(tx.MailParams, "BODY=8BITMIME") // RFC 6152
+	}
+	if utf8 {
+		tx.MailParams = append(tx.MailParams, "SMTPUTF8") // RFC 6531 §3.4
+	}
+	if m.Env.RequireTLS {
+		tx.MailParams = append(tx.MailParams, "REQUIRETLS") // RFC 8689 §4.2.1
+	}
+	// RFC 3461 §5.2: DSN parameters only to a server that offers DSN.
+	_, dsn := c.Ext("DSN")
+	if dsn {
+		if m.Env.Ret == "FULL" || m.Env.Ret == "HDRS" {
+			tx.MailParams = append(tx.MailParams, "RET="+m.Env.Ret)
+		}
+		if m.Env.EnvID != "" {
+			tx.MailParams = append(tx.MailParams, "ENVID="+xtext(m.Env.EnvID))
+		}
+	}
+	for _, i := range j.idx {
+		r := &m.Rcpts[i]
+		rc := smtpclient.Rcpt{Addr: r.Addr}
+		if dsn && len(r.Notify) > 0 {
+			rc.Params = append(rc.Params, "NOTIFY="+strings.Join(r.Notify, ","))
+		}
+		if dsn && r.ORcpt != "" {
+			t, addr, ok := strings.Cut(r.ORcpt, ";")
+			if !ok {
+				t, addr = "rfc822", r.ORcpt
+			}
+			rc.Params = append(rc.Params, "ORCPT="+t+";"+xtext(addr))
+		}
+		tx.Rcpts = append(tx.Rcpts, rc)
+	}
+	if _, ok := c.Ext("CHUNKING"); ok {
+		// BDAT needs the size of the body as it goes on the wire: line
+		// ends normalised to CRLF (the client does the same).
+		n, err := smtpclient.NormalizedSize(body)
+		if err != nil {
+			return tx, err
+		}
+		if _, err := body.Seek(0, io.SeekStart); err != nil {
+			return tx, err
+		}
+		tx.Size = n
+	}
+	return tx, nil
+}
+
+// xtext encodes a DSN parameter value (RFC 3461 §4): "+", "=" and
+// characters outside "!".."~" as "+XX".
+func xtext(s string) string {
+	var b strings.Builder
+	for i := 0; i < len(s); i++ {
+		c := s[i]
+		if c < '!' || c > '~' || c == '+' || c == '=' {
+			fmt.Fprintf(&b, "+%02X", c)
+			continue
+		}
+		b.WriteByte(c)
+	}
+	return b.String()
+}
+
+// sessionFits reports whether a parked session may carry the message
+// under the policy now in force (RFC 8461 §5: reuse must not bypass the
+// policy): the same decision a fresh session to its MX would get.
+func (e *Engine) sessionFits(s *session, stsID string, pin policy.Policy) bool {
 	if s.messages >= e.cfg.Delivery.ConnectionReuseLimit {
 		return false
 	}
-	if s.policyID != pol.ID {
+	if s.policyID != stsID {
 		// The policy changed since the session was set up: set up anew
 		// so the MX choice follows the new policy.
 		return false
 	}
-	if m.Env.RequireTLS {
-		// RFC 8689 §4.2.1, as connect applies it to a new session: an MX
-		// validated by MTA-STS, verified TLS, and REQUIRETLS offered. A
-		// session set up for an ordinary message need not have any.
-		if pol.Policy == nil || !pol.Policy.Matches(s.host) {
-			return false
-		}
-		if ok, _ := e.tlsAcceptable(s, pol.Policy.Mode, true); !ok {
-			return false
-		}
-	}
-	if pol.Policy == nil || pol.Policy.Mode != mtasts.ModeEnforce {
-		return true
-	}
-	return pol.Policy.Matches(s.host) && s.tls && s.cert.Verified
+	return policy.CheckMX(pin, s.host).Action == policy.Use &&
+		policy.CheckConn(pin, s.host, s.state).Action == policy.Use
 }
 
 // connect walks the hosts in preference order and returns the first
 // session that the policy allows (RFC 8461 §5.1 guidance, §8.4: an
 // invalid candidate is treated as unreachable and the next one tried).
-func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pol PolicyResult, m *queue.Message, report, tlsRequiredNo bool, a *attempt) (*session, *sessionError) {
-	mode := mtasts.Mode("")
-	if pol.Policy != nil {
-		mode = pol.Policy.Mode
-	}
-	enforce := mode == mtasts.ModeEnforce
-	testing := mode == mtasts.ModeTesting
-	requireTLS := m.Env.RequireTLS
+// Every decision is policy.CheckMX's or policy.CheckConn's, and each
+// counted verdict is recorded once.
+func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin policy.Policy, a *attempt) (*session, *sessionError) {
 	var lastErr *sessionError
+	refuse := func(v policy.Verdict) {
+		a.tlsrptResult = string(v.Result)
+		lastErr = &sessionError{Stage: "policy", Code: v.Code, Enhanced: v.Enhanced, Msg: v.Reason, Permanent: v.Permanent}
+	}
 	for _, h := range hosts {
 		if len(h.IPs) == 0 {
 			continue
 		}
-		// RFC 8461 §4.1: the MX name from DNS must match a pattern.
-		mismatch := (enforce || testing || requireTLS) && (pol.Policy == nil || !pol.Policy.Matches(h.Name))
-		if mismatch {
-			if enforce && report {
-				// Never contacted: a failure without a session. In
-				// testing mode the session below is counted instead.
-				e.recordTLS(domain, pol, TLSResult{MX: h.Name, ResultType: ResultValidationFailure, Reason: "mtasts-policy-mx-mismatch"})
-			}
-			if enforce || requireTLS {
-				a.mx = h.Name
-				a.tlsrptResult = ResultValidationFailure
-				code, enh := 451, "4.7.5"
-				msg := "MX host " + h.Name + " is not allowed by the MTA-STS policy of " + domain
-				stage := "policy"
-				if requireTLS && !enforce {
-					stage, code, enh = "requiretls", 550, "5.7.30"
-					msg = "REQUIRETLS: MX host " + h.Name + " is not validated by MTA-STS"
-				}
-				lastErr = &sessionError{Stage: stage, Code: code, Enhanced: enh, Msg: msg, Permanent: stage == "requiretls"}
-				continue
-			}
+		if v := policy.CheckMX(pin, h.Name); v.Action != policy.Use {
+			// Never contacted.
+			a.mx, a.ip = h.Name, ""
+			e.record(domain, pin, v, h.Name, "", "", nil)
+			refuse(v)
+			continue
 		}
 		for _, ip := range h.IPs {
 			a.mx, a.ip = h.Name, ip.String()
 			s, err := e.dialHost(ctx, h.Name, ip, false)
 			if err != nil {
 				se := asSessionError(err)
-				if se.ResultType != "" {
-					// The TLS handshake (or STARTTLS) failed.
-					if report {
-						e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), ResultType: se.ResultType, Reason: se.Msg})
-					}
-					a.tlsrptResult = se.ResultType
-					if enforce || requireTLS {
-						se.Code, se.Enhanced = 451, "4.7.5"
-						lastErr = se
-						continue
-					}
-					// Opportunistic: as a sender without a policy would,
-					// fall back to plaintext on a new connection.
-					s, err = e.dialHost(ctx, h.Name, ip, true)
-					if err != nil {
-						lastErr = asSessionError(err)
-						continue
-					}
-				} else {
-					lastErr = se
+				if se.TLS == nil {
+					lastErr = se // not a TLS failure: the host is unreachable
 					continue
 				}
+				st := *se.TLS
+				v := policy.CheckConn(pin, h.Name, st)
+				if v.Action != policy.Fallback {
+					e.record(domain, pin, v, h.Name, ip.String(), "", &st)
+					refuse(v)
+					continue
+				}
+				// Opportunistic: as a sender without a policy would,
+				// fall back to plaintext on a new connection.
+				st.Fallback = true
+				s, err = e.dialHost(ctx, h.Name, ip, true)
+				if err != nil {
+					// The failed negotiation is the session's result.
+					e.record(domain, pin, policy.CheckConn(pin, h.Name, st), h.Name, ip.String(), "", &st)
+					lastErr = asSessionError(err)
+					continue
+				}
+				s.state = st
 			}
-			s.policyID = pol.ID
-			if ok, why := e.tlsAcceptable(s, mode, requireTLS); !ok {
-				rt := ResultSTARTTLSNotSupported
-				if s.tls {
-					rt = s.cert.ResultType
-				}
-				if report {
-					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: rt, Reason: why})
-				}
-				a.tlsrptResult = rt
+			s.policyID = a.stsID
+			v := policy.CheckConn(pin, h.Name, s.state)
+			e.record(domain, pin, v, h.Name, ip.String(), s.helo, &s.state)
+			if v.Action != policy.Use {
 				s.close()
-				code, enh := 451, "4.7.5"
-				if requireTLS && !enforce {
-					code, enh = 550, "5.7.10"
-				}
-				lastErr = &sessionError{Stage: "tls", Code: code, Enhanced: enh, Msg: why, Permanent: code == 550, ResultType: rt}
-				if requireTLS && !enforce {
-					lastErr.Stage = "requiretls"
-				}
+				refuse(v)
 				continue
-			}
-			if report {
-				switch {
-				case mismatch && testing:
-					// RFC 8461 §5 testing: delivered to an MX the policy
-					// does not list; the session counts as that failure.
-					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: ResultValidationFailure, Reason: "mtasts-policy-mx-mismatch"})
-				case !s.tls:
-					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: ResultSTARTTLSNotSupported, Reason: "STARTTLS not offered"})
-				case !s.cert.Verified && (testing || enforce):
-					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, ResultType: s.cert.ResultType, Reason: s.cert.Reason})
-				default:
-					e.recordTLS(domain, pol, TLSResult{MX: h.Name, IP: ip.String(), Helo: s.helo, Success: true})
-				}
 			}
 			return s, nil
 		}
 	}
 	return nil, lastErr
-}
-
-// tlsAcceptable applies RFC 8461 §5 (enforce: STARTTLS and a verified
-// certificate, no plaintext fallback) and RFC 8689 §4.2.1 (REQUIRETLS)
-// to a fresh session.
-func (e *Engine) tlsAcceptable(s *session, mode mtasts.Mode, requireTLS bool) (bool, string) {
-	if mode != mtasts.ModeEnforce && !requireTLS {
-		return true, ""
-	}
-	if !s.tls {
-		return false, "STARTTLS not offered by " + s.host + ", required by policy"
-	}
-	if !s.cert.Verified {
-		return false, "certificate of " + s.host + " not valid: " + s.cert.Reason
-	}
-	if requireTLS {
-		if ok, _ := s.c.Extension("REQUIRETLS"); !ok {
-			return false, s.host + " does not offer REQUIRETLS"
-		}
-	}
-	return true, ""
 }
 
 func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext bool) (*session, error) {
@@ -431,9 +445,12 @@ func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext
 		Port:           e.cfg.Delivery.Port,
 		ConnectTimeout: e.cfg.Delivery.ConnectTimeout.Duration,
 		CommandTimeout: e.cfg.Delivery.CommandTimeout.Duration,
+		DataTimeout:    e.cfg.Delivery.DataTimeout.Duration,
 		Roots:          e.o.Roots,
 		Now:            e.now,
+		TLSSessions:    e.tlsSessions,
 		Plaintext:      plaintext,
+		Track:          e.conns.track,
 	}
 	for _, l := range e.localIPs {
 		if (l.To4() != nil) == (ip.To4() != nil) {
@@ -452,30 +469,49 @@ func asSessionError(err error) *sessionError {
 	return &sessionError{Stage: "connect", Msg: err.Error()}
 }
 
-// recordTLS counts a session for TLS-RPT against the policy in force.
-func (e *Engine) recordTLS(domain string, pol PolicyResult, r TLSResult) {
-	r.Time = e.now()
-	r.Domain = domain
-	if r.SendingIP == "" && r.IP != "" {
-		r.SendingIP = e.sourceIP(net.ParseIP(r.IP))
+// record counts one TLS-RPT session, exactly as the verdict says, in the
+// metric and the recorder: the log line carries the same result. st is
+// the session's TLS state (nil for a host never contacted), for the
+// enforce forecast.
+func (e *Engine) record(domain string, pin policy.Policy, v policy.Verdict, mx, ip, helo string, st *policy.ConnState) {
+	if !v.Count {
+		return
 	}
-	if pol.Policy != nil && pol.Policy.Mode != mtasts.ModeNone {
-		r.PolicyType = "sts"
-		r.PolicyLines = pol.Policy.Lines
-		r.MXPatterns = pol.Policy.MX
-	} else {
-		r.PolicyType = "no-policy-found"
+	if e.o.Forecast != nil {
+		if fs, ok := forecastSession(pin, mx, st); ok {
+			fs.Time, fs.Domain = e.now(), domain
+			e.o.Forecast.Record(fs)
+		}
 	}
 	if e.o.Counters != nil {
-		rt := r.ResultType
-		if r.Success {
+		rt := string(v.Result)
+		if v.Success() {
 			rt = "success"
 		}
 		e.o.Counters.TLSSession(rt)
 	}
-	if e.o.TLSRPT != nil {
-		e.o.TLSRPT.RecordTLS(r)
+	if e.o.TLSRPT == nil {
+		return
 	}
+	sess := tlsrpt.Session{
+		Time:              e.now(),
+		PolicyDomain:      domain,
+		PolicyType:        v.PolicyType,
+		Success:           v.Success(),
+		ResultType:        v.Result,
+		FailureReasonCode: v.ReasonCode,
+		ReceivingMX:       mx,
+		ReceivingHelo:     helo,
+		ReceivingIP:       ip,
+	}
+	if ip != "" {
+		sess.SendingIP = e.sourceIP(net.ParseIP(ip))
+	}
+	if v.PolicyType == tlsrpt.PolicyTypeSTS && pin.STS != nil {
+		sess.PolicyString = pin.STS.Lines
+		sess.MXPatterns = pin.STS.MX
+	}
+	e.o.TLSRPT.Record(sess)
 }
 
 // content says what the message needs of the next hop: SMTPUTF8, and
@@ -498,13 +534,13 @@ func (e *Engine) content(ms *msgState) (needUTF8, eightBit bool) {
 // openBody returns the queued body and its size; with to7Bit, a copy
 // converted to 7-bit MIME in the spool (RFC 6152 §3), for a next hop that
 // did not offer 8BITMIME.
-func (e *Engine) openBody(m *queue.Message, to7Bit, utf8Headers bool) (io.ReadCloser, int64, error) {
+func (e *Engine) openBody(m *queue.Message, to7Bit, utf8Headers bool) (readSeekCloser, int64, error) {
 	if !to7Bit {
 		b, err := e.store.Body(m.ID)
 		if err != nil {
 			return nil, 0, err
 		}
-		return io.NopCloser(b), m.Size, nil
+		return nopCloser{b}, m.Size, nil
 	}
 	f, err := e.store.TempFile()
 	if err != nil {
@@ -526,6 +562,15 @@ func (e *Engine) openBody(m *queue.Message, to7Bit, utf8Headers bool) (io.ReadCl
 	}
 	return f, size, nil
 }
+
+type readSeekCloser interface {
+	io.ReadSeeker
+	io.Closer
+}
+
+type nopCloser struct{ io.ReadSeeker }
+
+func (nopCloser) Close() error { return nil }
 
 // tlsRequiredNo reads the message header once for "TLS-Required: No"
 // (RFC 8689 §3): the sender asks that MTA-STS and DANE be ignored for
@@ -554,6 +599,9 @@ func (e *Engine) tlsRequiredNo(ms *msgState) bool {
 // when it was the message's last job of this round, writes the new state
 // and sends the DSNs due.
 func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
+	if e.cutShort(j, outs) {
+		return // the shutdown deadline cut it: requeued, not counted
+	}
 	ms := j.ms
 	now := e.now()
 	if !a.counted {
@@ -609,11 +657,18 @@ func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
 }
 
 func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a *attempt) {
+	d := r.Domain()
+	// Domains are A-labels; a line about an IDN also names the U-label.
+	unicode := zap.Skip()
+	if dd, err := domain.Parse(d); err == nil && dd.IsIDN() {
+		unicode = zap.String("domain_unicode", dd.Unicode())
+	}
 	e.log.Info("delivery",
 		zap.String("queue_id", m.ID),
 		zap.String("from", m.Env.From),
 		zap.String("rcpt", r.Addr),
-		zap.String("domain", r.Domain()),
+		zap.String("domain", d),
+		unicode,
 		zap.String("mx", a.mx),
 		zap.String("ip", a.ip),
 		zap.Int("attempt", r.Attempts),
@@ -623,6 +678,7 @@ func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a 
 		zap.String("reason", o.reason),
 		zap.String("tls", a.tls),
 		zap.Bool("tls_verified", a.tlsVerified),
+		zap.Bool("tls_resumed", a.tlsResumed),
 		zap.String("sts_mode", a.stsMode),
 		zap.String("sts_policy_id", a.stsID),
 		zap.String("tlsrpt_result", a.tlsrptResult),

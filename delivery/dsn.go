@@ -9,6 +9,7 @@ import (
 	"io"
 	"mime/multipart"
 	"net/textproto"
+	"strconv"
 	"strings"
 	"time"
 
@@ -265,4 +266,18 @@ func oneLine(s string) string {
 		s = s[:900]
 	}
 	return s
+}
+
+// isEnhanced reports whether s is an RFC 3463 status code ("4.7.5").
+func isEnhanced(s string) bool {
+	parts := strings.Split(s, ".")
+	if len(parts) != 3 || (parts[0] != "2" && parts[0] != "4" && parts[0] != "5") {
+		return false
+	}
+	for _, p := range parts[1:] {
+		if n, err := strconv.Atoi(p); err != nil || n < 0 || n > 999 {
+			return false
+		}
+	}
+	return true
 }

@@ -7,10 +7,13 @@ package delivery
 
 import (
 	"context"
+	"crypto/tls"
 	"crypto/x509"
+	"math"
 	"net"
 	"sort"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
@@ -19,48 +22,23 @@ import (
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
-// PolicyResult is the MTA-STS policy in force for a domain, as delivery
-// sees it.
-type PolicyResult struct {
-	// Policy is nil when the domain has no policy in force.
-	Policy *mtasts.Policy
-	// ID is the TXT id of the policy in force.
-	ID string
-	// FailureType and FailureReason describe a discovery or fetch
-	// failure met while looking the policy up (RFC 8460 result type),
-	// even when a cached policy was applied.
-	FailureType, FailureReason string
-}
-
-// PolicySource looks up a domain's MTA-STS policy. An error means no
-// decision can be made now (e.g. the TXT lookup failed and nothing is
-// cached): delivery defers.
+// PolicySource gives the MTA-STS policy in force for a domain (an
+// *mtasts.Cache). An error means no decision can be made now (the TXT
+// lookup failed and nothing is cached): delivery defers.
 type PolicySource interface {
-	// Lookup returns the policy in force; fresh asks DNS for the TXT
-	// record even if a recent answer is remembered.
-	Lookup(ctx context.Context, domain string, fresh bool) (PolicyResult, error)
+	Get(ctx context.Context, domain string) (mtasts.Result, error)
+	// Recheck asks DNS for the TXT record even when a recent answer is
+	// remembered (RFC 8461 §5.1: before a final failure).
+	Recheck(ctx context.Context, domain string) (mtasts.Result, error)
 }
 
-// TLSResult is one delivery session's TLS outcome, for TLS-RPT
-// (RFC 8460 §4: counted per session, not per message).
-type TLSResult struct {
-	Time         time.Time
-	Domain       string
-	PolicyType   string // "sts" or "no-policy-found"
-	PolicyLines  []string
-	MXPatterns   []string
-	Success      bool
-	ResultType   string
-	SendingIP    string
-	MX, Helo, IP string
-	Reason       string
-}
-
-// TLSRecorder counts TLS results.
+// TLSRecorder counts TLS-RPT sessions (a *tlsrpt.Recorder): one call per
+// session, with the result policy.CheckConn or policy.CheckMX decided.
 type TLSRecorder interface {
-	RecordTLS(TLSResult)
+	Record(tlsrpt.Session)
 }
 
 // Counters receives delivery outcomes (metrics).
@@ -77,7 +55,10 @@ type Options struct {
 	// Policies is nil when MTA-STS is off.
 	Policies PolicySource
 	// TLSRPT is nil when TLS-RPT is off.
-	TLSRPT   TLSRecorder
+	TLSRPT TLSRecorder
+	// Forecast, when set, counts the sessions enforce refused or would
+	// have refused (see forecastSession).
+	Forecast ForecastRecorder
 	Counters Counters
 	// Roots verify MX certificates: the system pool plus
 	// tls.extra_root_ca_file.
@@ -96,6 +77,9 @@ type Engine struct {
 	sched    queue.Schedule
 	wantV6   bool
 	localIPs []net.IP
+	// tlsSessions keeps TLS sessions per MX name, so that a new
+	// connection to a known MX resumes instead of a full handshake.
+	tlsSessions tls.ClientSessionCache
 
 	mu      sync.Mutex
 	domains map[string]*domainQueue
@@ -104,13 +88,32 @@ type Engine struct {
 	idle    map[string][]*session
 	// dead holds destinations none of whose hosts answered recently.
 	dead map[string]deadDest
+	// conc holds the adaptive session limit of destinations seen lately.
+	conc map[string]*destConcurrency
 	kick chan struct{}
 	wg   sync.WaitGroup
+	// conns are the outbound connections open now, and cut is set once
+	// shutdown closed them (drain, shutdown.go).
+	conns connSet
+	cut   atomic.Bool
 }
 
 type domainQueue struct {
 	jobs   []*job
 	active int
+}
+
+// Adaptive per-destination concurrency, like Postfix's slow start: a
+// destination starts with initialConcurrency sessions, gains one for each
+// window of successes as large as its current limit, and loses one for
+// each failure to connect or 421, down to one; never above
+// queue.per_domain_concurrency.
+const initialConcurrency = 5
+
+// destConcurrency is a destination's current session limit.
+type destConcurrency struct {
+	limit   float64
+	updated time.Time
 }
 
 // deadDest is a destination marked unreachable.
@@ -148,17 +151,19 @@ func New(o Options) *Engine {
 		o.Logger = zap.NewNop()
 	}
 	e := &Engine{
-		o:       o,
-		cfg:     o.Config,
-		store:   o.Store,
-		log:     o.Logger,
-		now:     o.Now,
-		sched:   o.Store.Schedule(),
-		wantV6:  dnsclient.HasIPv6Route(),
-		domains: map[string]*domainQueue{},
-		idle:    map[string][]*session{},
-		dead:    map[string]deadDest{},
-		kick:    make(chan struct{}, 1),
+		tlsSessions: tls.NewLRUClientSessionCache(4096),
+		o:           o,
+		cfg:         o.Config,
+		store:       o.Store,
+		log:         o.Logger,
+		now:         o.Now,
+		sched:       o.Store.Schedule(),
+		wantV6:      dnsclient.HasIPv6Route(),
+		domains:     map[string]*domainQueue{},
+		idle:        map[string][]*session{},
+		dead:        map[string]deadDest{},
+		conc:        map[string]*destConcurrency{},
+		kick:        make(chan struct{}, 1),
 	}
 	for _, a := range o.Config.Delivery.LocalAddresses {
 		e.localIPs = append(e.localIPs, net.ParseIP(a))
@@ -179,7 +184,8 @@ func (e *Engine) maxQueuedJobs() int {
 }
 
 // Run delivers until ctx ends, then waits for the sessions in flight
-// (bounded by their timeouts) and closes idle connections. An idle relay
+// (at most delivery.shutdown_timeout: then their connections are cut and
+// their jobs requeued as not attempted) and closes idle connections. An idle relay
 // sleeps: it wakes on a new message, a worker finishing, or the next due
 // time.
 func (e *Engine) Run(ctx context.Context) {
@@ -212,7 +218,7 @@ func (e *Engine) Run(ctx context.Context) {
 		timer.Reset(wait + time.Millisecond)
 		select {
 		case <-ctx.Done():
-			e.wg.Wait()
+			e.drain(e.cfg.Delivery.ShutdownTimeout.Duration)
 			e.abandonQueued()
 			e.closeIdle(0)
 			return
@@ -304,7 +310,7 @@ func (e *Engine) dispatch(ctx context.Context) {
 			if e.running >= e.cfg.Queue.Workers {
 				return
 			}
-			if dq.active >= e.cfg.Queue.PerDomainConcurrency || len(dq.jobs) <= dq.active {
+			if dq.active >= e.limitLocked(d) || len(dq.jobs) <= dq.active {
 				continue
 			}
 			dq.active++
@@ -420,7 +426,8 @@ func (e *Engine) closeIdle(maxIdle time.Duration) {
 	wg.Wait()
 }
 
-// purgeDead forgets suspensions that ran out.
+// purgeDead forgets suspensions that ran out, and the concurrency of
+// destinations not used for a while (they start slow again).
 func (e *Engine) purgeDead() {
 	now := e.now()
 	e.mu.Lock()
@@ -429,5 +436,46 @@ func (e *Engine) purgeDead() {
 		if !now.Before(dd.until) {
 			delete(e.dead, d)
 		}
+	}
+	for d, c := range e.conc {
+		if now.Sub(c.updated) > 10*time.Minute && e.domains[d] == nil {
+			delete(e.conc, d)
+		}
+	}
+}
+
+// limitLocked is destination d's current session limit. e.mu is held.
+func (e *Engine) limitLocked(d string) int {
+	max := e.cfg.Queue.PerDomainConcurrency
+	c := e.conc[d]
+	if c == nil {
+		return min(initialConcurrency, max)
+	}
+	return min(int(c.limit), max)
+}
+
+// feedback adjusts destination d's session limit: up by 1/limit for a
+// success (one more session per window of successes), down by one for a
+// failure to connect, a 421 or a timeout.
+func (e *Engine) feedback(d string, ok bool) {
+	max := float64(e.cfg.Queue.PerDomainConcurrency)
+	e.mu.Lock()
+	c := e.conc[d]
+	if c == nil {
+		c = &destConcurrency{limit: float64(min(initialConcurrency, e.cfg.Queue.PerDomainConcurrency))}
+		e.conc[d] = c
+	}
+	c.updated = e.now()
+	grew := false
+	if ok {
+		before := int(c.limit)
+		c.limit = min(max, c.limit+1/c.limit)
+		grew = int(c.limit) > before
+	} else {
+		c.limit = math.Max(1, c.limit-1)
+	}
+	e.mu.Unlock()
+	if grew {
+		e.signal() // room for another worker
 	}
 }

@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/smtpclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/queue"
 )
@@ -152,7 +153,7 @@ func TestSendBodyReadErrorDeliversNothing(t *testing.T) {
 	}
 	defer s.close()
 	body := io.MultiReader(strings.NewReader("Subject: half\r\n\r\nfirst half\r\n"), errReader{errors.New("disk gone")})
-	res, serr := s.send("a@relay.test", []string{"u@trunc.test"}, nil, nil, body)
+	res, serr := s.send(smtpclient.Transaction{From: "a@relay.test", Rcpts: []smtpclient.Rcpt{{Addr: "u@trunc.test"}}, Body: body})
 	if serr == nil || res[0].Delivered {
 		t.Fatalf("send = %+v, %v; want a failure", res, serr)
 	}
@@ -214,5 +215,55 @@ func TestSessionCloseIsBounded(t *testing.T) {
 	s.close()
 	if d := time.Since(start); d > 5*time.Second {
 		t.Fatalf("close took %v", d)
+	}
+}
+
+// Adaptive per-destination concurrency (issue #10, like Postfix's slow
+// start): a destination starts with initialConcurrency sessions, grows by
+// one per window of successes as large as its limit, up to
+// queue.per_domain_concurrency, and loses one per failure, down to one.
+func TestDestinationConcurrencyAdapts(t *testing.T) {
+	w := testworld.New(t)
+	e, _ := newTestEngine(t, w, nil, func(c *config.Config) { c.Queue.PerDomainConcurrency = 8 })
+	limit := func() int {
+		e.mu.Lock()
+		defer e.mu.Unlock()
+		return e.limitLocked("ex.test")
+	}
+	if got := limit(); got != initialConcurrency {
+		t.Fatalf("initial limit %d, want %d", got, initialConcurrency)
+	}
+	// Each success adds 1/limit: a little more than limit of them make
+	// one more session.
+	for range initialConcurrency {
+		e.feedback("ex.test", true)
+	}
+	if got := limit(); got != initialConcurrency {
+		t.Errorf("after %d successes: limit %d, want still %d", initialConcurrency, got, initialConcurrency)
+	}
+	e.feedback("ex.test", true)
+	if got := limit(); got != initialConcurrency+1 {
+		t.Errorf("after %d successes: limit %d, want %d", initialConcurrency+1, got, initialConcurrency+1)
+	}
+	for range 1000 {
+		e.feedback("ex.test", true)
+	}
+	if got := limit(); got != 8 {
+		t.Errorf("after many successes: limit %d, want the configured 8", got)
+	}
+	for range 3 {
+		e.feedback("ex.test", false)
+	}
+	if got := limit(); got != 5 {
+		t.Errorf("after 3 failures: limit %d, want 5", got)
+	}
+	for range 100 {
+		e.feedback("ex.test", false)
+	}
+	if got := limit(); got != 1 {
+		t.Errorf("after many failures: limit %d, want 1", got)
+	}
+	if got := func() int { e.mu.Lock(); defer e.mu.Unlock(); return e.limitLocked("other.test") }(); got != initialConcurrency {
+		t.Errorf("another destination starts at %d, want %d", got, initialConcurrency)
 	}
 }

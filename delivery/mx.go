@@ -9,6 +9,8 @@ import (
 	"sync"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+
+	dom "github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // Limits on what one attempt tries (RFC 5321 §5.1: a sender SHOULD try at
@@ -58,6 +60,10 @@ func route(ctx context.Context, r Resolver, domain, self string, wantV6 bool) ([
 			return nil, &routeError{Permanent: true, Enhanced: "5.1.2", Msg: fmt.Sprintf("bad address literal %s", domain)}
 		}
 		return []Host{{Name: lit, IPs: []net.IP{ip}, Implicit: true}}, nil
+	}
+	if _, err := dom.Parse(domain); err != nil {
+		// Not a name DNS can hold: no lookup, no days of retries.
+		return nil, &routeError{Permanent: true, Enhanced: "5.1.2", Msg: fmt.Sprintf("bad destination domain: %v", err)}
 	}
 	mxs, err := r.LookupMX(ctx, domain)
 	switch {

@@ -6,6 +6,9 @@ import (
 	"errors"
 	"net"
 	"time"
+
+	"github.com/stsrelay/stsrelay/delivery/policy"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // ProbeOptions configure Probe.
@@ -51,9 +54,10 @@ func Probe(ctx context.Context, host string, ip net.IP, o ProbeOptions) ProbeRes
 		var se *sessionError
 		if errors.As(err, &se) {
 			res.Connected = se.Stage != "connect"
-			if se.ResultType != "" {
+			if se.TLS != nil {
 				res.STARTTLS = true
-				res.ResultType = se.ResultType
+				rt, _ := policy.Classify(*se.TLS)
+				res.ResultType = string(rt)
 			}
 		}
 		res.Error = err.Error()
@@ -64,13 +68,14 @@ func Probe(ctx context.Context, host string, ip net.IP, o ProbeOptions) ProbeRes
 	res.Greeting = s.helo
 	res.STARTTLS = s.tls
 	if !s.tls {
-		res.ResultType = ResultSTARTTLSNotSupported
+		res.ResultType = string(tlsrpt.ResultSTARTTLSNotSupported)
 		return res
 	}
 	res.TLSVersion = tlsVersionName(s.version)
-	res.CertVerified = s.cert.Verified
-	if !s.cert.Verified {
-		res.ResultType, res.CertError = s.cert.ResultType, s.cert.Reason
+	res.CertVerified = s.state.CertError == nil
+	if !res.CertVerified {
+		rt, _ := policy.Classify(s.state)
+		res.ResultType, res.CertError = string(rt), s.state.CertError.Error()
 	}
 	if s.leaf != nil {
 		res.CertNames = s.leaf.DNSNames

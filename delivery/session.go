@@ -1,20 +1,18 @@
 package delivery
 
 import (
-	"bufio"
 	"context"
 	"crypto/tls"
 	"crypto/x509"
 	"errors"
 	"fmt"
-	"io"
 	"net"
-	"net/textproto"
 	"strconv"
 	"strings"
 	"time"
 
-	"github.com/emersion/go-smtp"
+	"github.com/stsrelay/stsrelay/delivery/policy"
+	"github.com/stsrelay/stsrelay/internal/smtpclient"
 )
 
 // session is one SMTP connection to one MX address, after greeting,
@@ -22,16 +20,17 @@ import (
 type session struct {
 	host string // MX name (SNI, certificate name, policy match)
 	ip   string
-	helo string // the server's greeting/EHLO name, for TLS-RPT
-	c    *smtp.Client
-	raw  net.Conn
+	helo string // the server's greeting name, for TLS-RPT
+	c    *smtpclient.Client
 
 	tls      bool
 	version  uint16
-	cert     certCheck
+	resumed  bool
 	leaf     *x509.Certificate
 	messages int
 	lastUsed time.Time
+	// state is what the set-up learnt about TLS, for policy.CheckConn.
+	state policy.ConnState
 	// policyID is the MTA-STS policy id in force when the session was
 	// set up; reuse re-checks the policy.
 	policyID string
@@ -39,15 +38,16 @@ type session struct {
 
 // sessionError is a failure to set a session up or to use it.
 type sessionError struct {
-	// Stage: "connect", "greeting", "ehlo", "starttls", "tls", "mail",
-	// "rcpt", "data".
+	// Stage: "connect", "greeting", "ehlo", "starttls", "tls", "policy",
+	// "mail", "rcpt", "data", "bdat".
 	Stage     string
 	Code      int
 	Enhanced  string
 	Msg       string
 	Permanent bool
-	// ResultType is set when this is a TLS failure TLS-RPT counts.
-	ResultType string
+	// TLS is set when STARTTLS or the TLS handshake failed: what the
+	// set-up learnt, for policy.CheckConn.
+	TLS *policy.ConnState
 }
 
 func (e *sessionError) Error() string {
@@ -57,15 +57,21 @@ func (e *sessionError) Error() string {
 	return fmt.Sprintf("%s: %s", e.Stage, e.Msg)
 }
 
-// smtpErr turns a go-smtp client error into a sessionError.
-func smtpErr(stage string, err error) *sessionError {
-	var se *smtp.SMTPError
-	if errors.As(err, &se) {
-		enh := ""
-		if se.EnhancedCode != smtp.NoEnhancedCode && se.EnhancedCode != (smtp.EnhancedCode{}) {
-			enh = fmt.Sprintf("%d.%d.%d", se.EnhancedCode[0], se.EnhancedCode[1], se.EnhancedCode[2])
+// clientErr turns an smtpclient error into a sessionError.
+func clientErr(stage string, err error) *sessionError {
+	var re *smtpclient.ReplyError
+	if errors.As(err, &re) {
+		if stage == "" {
+			stage = re.Stage
 		}
-		return &sessionError{Stage: stage, Code: se.Code, Enhanced: enh, Msg: se.Message, Permanent: se.Code >= 500}
+		return &sessionError{Stage: stage, Code: re.Code, Enhanced: re.Enhanced, Msg: re.Text, Permanent: re.Permanent()}
+	}
+	var ce *smtpclient.Error
+	if stage == "" {
+		stage = "connect"
+		if errors.As(err, &ce) {
+			stage = ce.Stage
+		}
 	}
 	return &sessionError{Stage: stage, Msg: err.Error()}
 }
@@ -77,37 +83,31 @@ type dialOptions struct {
 	LocalAddr      net.IP
 	ConnectTimeout time.Duration
 	CommandTimeout time.Duration
+	DataTimeout    time.Duration
 	Roots          *x509.CertPool
 	Now            func() time.Time
+	// TLSSessions caches TLS sessions per MX name for resumption (TLS
+	// 1.3 tickets, 1.2 session IDs); nil: no resumption.
+	TLSSessions tls.ClientSessionCache
 	// Plaintext skips STARTTLS even if offered (the fallback after a
 	// failed handshake when no policy demands TLS).
 	Plaintext bool
-}
-
-// greetingConn feeds go-smtp's client a synthetic greeting: the real
-// greeting and EHLO were read by dial, and after STARTTLS a server sends
-// none.
-type greetingConn struct {
-	net.Conn
-	pre []byte
-	r   io.Reader
-}
-
-func (g *greetingConn) Read(p []byte) (int, error) {
-	if len(g.pre) > 0 {
-		n := copy(p, g.pre)
-		g.pre = g.pre[n:]
-		return n, nil
-	}
-	return g.r.Read(p)
+	// Track, when set, wraps the new connection (the engine keeps it, to
+	// close it at the shutdown deadline).
+	Track func(net.Conn) net.Conn
 }
 
 // dial connects to ip, reads the greeting, says EHLO, and does STARTTLS
-// when the server offers it (RFC 3207), verifying the certificate against
-// host (RFC 8461 §4.2). It returns a session in which go-smtp's client has
-// said EHLO again (over TLS: RFC 3207 §4.2 discards what was learnt
-// before). A TLS handshake failure is returned as a sessionError with a
-// ResultType; the caller decides whether to retry in plaintext.
+// when the server offers it (RFC 3207), checking the certificate against
+// host (RFC 8461 §4.2), then says EHLO again (RFC 3207 §4.2). A refused
+// STARTTLS or a failed handshake is returned as a sessionError with its
+// TLS state; the caller decides (policy.CheckConn) whether to retry in
+// plaintext.
+//
+// A resumed TLS session is checked exactly as a full one: Go keeps the
+// server's chain with the session, verifyCert runs on it, and a server
+// that changed its certificate (and so its ticket keys) gets a full
+// handshake.
 func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error) {
 	d := net.Dialer{Timeout: o.ConnectTimeout}
 	if o.LocalAddr != nil {
@@ -117,133 +117,79 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 	if err != nil {
 		return nil, &sessionError{Stage: "connect", Msg: err.Error()}
 	}
-	s := &session{host: host, ip: ip, raw: conn}
+	if o.Track != nil {
+		conn = o.Track(conn)
+	}
+	// The dial's context ends a set-up in progress (shutdown): closing
+	// the connection wakes every wait on it.
+	stop := context.AfterFunc(ctx, func() { conn.Close() })
+	defer stop()
+	c, err := smtpclient.New(conn, smtpclient.Options{
+		LocalName:      o.Hostname,
+		CommandTimeout: o.CommandTimeout,
+		DataTimeout:    o.DataTimeout,
+		// RFC 5321 §4.5.3.2.6: at least 10 minutes for the reply to
+		// the final dot.
+		FinalTimeout:     max(10*time.Minute, o.CommandTimeout),
+		HandshakeTimeout: o.CommandTimeout,
+	})
+	if err != nil {
+		return nil, clientErr("greeting", err)
+	}
+	s := &session{host: host, ip: ip, c: c}
 	ok := false
 	defer func() {
 		if !ok {
-			conn.Close()
+			c.Close()
 		}
 	}()
-	br := bufio.NewReader(conn)
-	tp := textproto.NewConn(struct {
-		io.Reader
-		io.WriteCloser
-	}{br, conn})
-	_ = conn.SetDeadline(time.Now().Add(o.CommandTimeout))
-	_, msg, err := tp.ReadResponse(220)
-	if err != nil {
-		return nil, protoErr("greeting", err)
+	if g := c.Greeting(); len(g.Lines) > 0 {
+		s.helo = firstWord(g.Lines[0])
 	}
-	s.helo = firstWord(msg)
-	ext, err := ehlo(tp, o.Hostname)
-	if err != nil {
-		return nil, err
+	if err := c.Hello(); err != nil {
+		return nil, clientErr("ehlo", err)
 	}
-	var r io.Reader = br
-	var c net.Conn = conn
-	if _, offered := ext["STARTTLS"]; offered && !o.Plaintext {
-		if err := tp.PrintfLine("STARTTLS"); err != nil {
-			return nil, &sessionError{Stage: "starttls", Msg: err.Error()}
-		}
-		if _, _, err := tp.ReadResponse(220); err != nil {
-			e := protoErr("starttls", err)
-			e.ResultType = ResultValidationFailure
-			return nil, e
-		}
-		// RFC 3207 §4.2 / STARTTLS command injection: nothing may follow
-		// the 220 in plaintext.
-		if br.Buffered() > 0 {
-			return nil, &sessionError{Stage: "starttls", Msg: "server sent data after its STARTTLS reply (possible injection)", ResultType: ResultValidationFailure}
-		}
+	_, offered := c.Ext("STARTTLS")
+	s.state.STARTTLSOffered = offered
+	if offered && !o.Plaintext {
 		// SNI is the MX host name (RFC 8461 §7.1 MUST). Verification is
 		// ours (verifyCert) so that failures can be classified and, when
 		// no policy demands it, delivery can go on over unverified TLS.
-		tc := tls.Client(conn, &tls.Config{ServerName: host, InsecureSkipVerify: true, MinVersion: tls.VersionTLS12})
-		hctx, cancel := context.WithTimeout(ctx, o.CommandTimeout)
-		err = tc.HandshakeContext(hctx)
-		cancel()
+		st, err := c.StartTLS(&tls.Config{ServerName: host, InsecureSkipVerify: true, MinVersion: tls.VersionTLS12,
+			ClientSessionCache: o.TLSSessions})
 		if err != nil {
-			return nil, &sessionError{Stage: "tls", Msg: "TLS handshake failed: " + err.Error(), ResultType: ResultValidationFailure}
+			var re *smtpclient.ReplyError
+			var pe *smtpclient.ProtocolError
+			var ce *smtpclient.Error
+			switch {
+			case errors.As(err, &re) && re.Stage == smtpclient.StageStartTLS:
+				e := clientErr("starttls", err)
+				e.TLS = &policy.ConnState{STARTTLSOffered: true, STARTTLSReply: re.Code}
+				return nil, e
+			case errors.As(err, &pe):
+				// RFC 3207 §4.2, STARTTLS command injection.
+				return nil, &sessionError{Stage: "starttls", Msg: err.Error(),
+					TLS: &policy.ConnState{STARTTLSOffered: true, HandshakeError: policy.ErrSTARTTLSInjection}}
+			case errors.As(err, &ce):
+				// No reply to STARTTLS, or EHLO after it failed: the
+				// host is unreachable rather than bad at TLS.
+				return nil, clientErr("", err)
+			}
+			return nil, &sessionError{Stage: "tls", Msg: "TLS handshake failed: " + err.Error(),
+				TLS: &policy.ConnState{STARTTLSOffered: true, HandshakeError: err}}
 		}
-		st := tc.ConnectionState()
 		s.tls = true
 		s.version = st.Version
-		s.cert = verifyCert(st, host, o.Roots, o.Now())
+		s.resumed = st.DidResume
+		s.state.TLS = true
+		s.state.CertError = verifyCert(st, host, o.Roots, o.Now())
 		if len(st.PeerCertificates) > 0 {
 			s.leaf = st.PeerCertificates[0]
 		}
-		c, r = tc, tc
 	}
-	_ = conn.SetDeadline(time.Time{})
-	gc := &greetingConn{Conn: c, pre: []byte("220 " + host + " ESMTP\r\n"), r: r}
-	s.c = smtp.NewClient(gc)
-	s.c.CommandTimeout = o.CommandTimeout
-	// RFC 5321 §4.5.3.2.6: at least 10 minutes for the reply to the
-	// final dot.
-	s.c.SubmissionTimeout = max(10*time.Minute, o.CommandTimeout)
-	if err := s.c.Hello(o.Hostname); err != nil {
-		return nil, smtpErr("ehlo", err)
-	}
-	if err := s.c.Noop(); err != nil {
-		// Noop forces the (second) EHLO now, so its failure is a set-up
-		// failure rather than a MAIL failure.
-		return nil, smtpErr("ehlo", err)
-	}
+	_, s.state.REQUIRETLSOffered = c.Ext("REQUIRETLS")
 	ok = true
 	return s, nil
-}
-
-func protoErr(stage string, err error) *sessionError {
-	var pe *textproto.Error
-	if errors.As(err, &pe) {
-		e := &sessionError{Stage: stage, Code: pe.Code, Msg: pe.Msg, Permanent: pe.Code >= 500}
-		if m := strings.Fields(pe.Msg); len(m) > 0 && isEnhanced(m[0]) {
-			e.Enhanced, e.Msg = m[0], strings.TrimSpace(strings.TrimPrefix(pe.Msg, m[0]))
-		}
-		return e
-	}
-	return &sessionError{Stage: stage, Msg: err.Error()}
-}
-
-func isEnhanced(s string) bool {
-	parts := strings.Split(s, ".")
-	if len(parts) != 3 || (parts[0] != "2" && parts[0] != "4" && parts[0] != "5") {
-		return false
-	}
-	for _, p := range parts[1:] {
-		if _, err := strconv.Atoi(p); err != nil {
-			return false
-		}
-	}
-	return true
-}
-
-// ehlo says EHLO and returns the extensions offered; a server that
-// refuses EHLO gets HELO (no extensions).
-func ehlo(tp *textproto.Conn, name string) (map[string]string, error) {
-	if err := tp.PrintfLine("EHLO %s", name); err != nil {
-		return nil, &sessionError{Stage: "ehlo", Msg: err.Error()}
-	}
-	code, msg, err := tp.ReadResponse(250)
-	if err != nil {
-		if code == 500 || code == 502 {
-			if err := tp.PrintfLine("HELO %s", name); err != nil {
-				return nil, &sessionError{Stage: "helo", Msg: err.Error()}
-			}
-			if _, _, err := tp.ReadResponse(250); err != nil {
-				return nil, protoErr("helo", err)
-			}
-			return map[string]string{}, nil
-		}
-		return nil, protoErr("ehlo", err)
-	}
-	ext := map[string]string{}
-	lines := strings.Split(msg, "\n")
-	for _, l := range lines[1:] {
-		k, v, _ := strings.Cut(l, " ")
-		ext[strings.ToUpper(k)] = v
-	}
-	return ext, nil
 }
 
 func firstWord(s string) string {
@@ -256,13 +202,9 @@ func firstWord(s string) string {
 // sessionCloseTimeout bounds QUIT when a session ends (a var for tests).
 var sessionCloseTimeout = 5 * time.Second
 
-// close ends the session politely, bounded in time. go-smtp sets its own
-// deadline (CommandTimeout) around QUIT, so the bound goes there: a deadline
-// on the raw connection would be overwritten.
+// close ends the session politely, bounded in time.
 func (s *session) close() {
-	s.c.CommandTimeout = sessionCloseTimeout
-	_ = s.c.Quit()
-	_ = s.raw.Close()
+	_ = s.c.QuitWithin(sessionCloseTimeout)
 }
 
 // rcptResult is the outcome for one recipient of one transaction.
@@ -274,74 +216,52 @@ type rcptResult struct {
 	Permanent bool
 }
 
-// send runs one transaction: MAIL, a RCPT per recipient, DATA. A failure
-// at MAIL or DATA applies to every recipient; RCPT replies are per
-// recipient (RFC 5321 §4.2, §4.5.4.1: one copy with many RCPTs). err is
-// set when the session is unusable afterwards.
-func (s *session) send(from string, rcpts []string, mopts *smtp.MailOptions, ropts []*smtp.RcptOptions, body io.Reader) ([]rcptResult, *sessionError) {
-	res := make([]rcptResult, len(rcpts))
-	fail := func(e *sessionError) ([]rcptResult, *sessionError) {
+// send runs one transaction (RFC 5321 §3.3) with the smtpclient: MAIL, a
+// RCPT per recipient and DATA (or BDAT) pipelined when the server offers
+// PIPELINING (RFC 2920), in one round trip with CHUNKING (RFC 3030). A
+// failure at MAIL or DATA applies to every recipient; RCPT replies are
+// per recipient (RFC 5321 §4.2, §4.5.4.1: one copy with many RCPTs). err
+// is set when the session is unusable afterwards.
+func (s *session) send(tx smtpclient.Transaction) ([]rcptResult, *sessionError) {
+	res := make([]rcptResult, len(tx.Rcpts))
+	r, err := s.c.Send(tx)
+	if r.RcptReplies == nil && err != nil {
+		// Refused before anything was sent (a bad parameter), or the
+		// session was already broken.
+		e := clientErr("mail", err)
 		for i := range res {
-			if res[i].Code == 0 || res[i].Code/100 == 2 {
-				res[i] = rcptResult{Code: e.Code, Enhanced: e.Enhanced, Msg: e.Msg, Permanent: e.Permanent}
-			}
-		}
-		return res, e
-	}
-	if err := s.c.Mail(from, mopts); err != nil {
-		e := smtpErr("mail", err)
-		return fail(e)
-	}
-	accepted := 0
-	for i, r := range rcpts {
-		var ro *smtp.RcptOptions
-		if i < len(ropts) {
-			ro = ropts[i]
-		}
-		if err := s.c.Rcpt(r, ro); err != nil {
-			e := smtpErr("rcpt", err)
-			if e.Code == 0 {
-				return fail(e)
-			}
 			res[i] = rcptResult{Code: e.Code, Enhanced: e.Enhanced, Msg: e.Msg, Permanent: e.Permanent}
-			continue
 		}
-		res[i] = rcptResult{Code: 250}
-		accepted++
-	}
-	if accepted == 0 {
-		// Nothing to send: reset the transaction for the next message.
-		if err := s.c.Reset(); err != nil {
-			return res, smtpErr("rset", err)
+		if !s.c.Usable() {
+			return res, e
 		}
 		return res, nil
 	}
-	w, err := s.c.Data()
-	if err != nil {
-		return fail(smtpErr("data", err))
-	}
-	if _, err := io.Copy(w, body); err != nil {
-		// Never w.Close here: it sends the final dot, and the server
-		// would take a truncated message (a body read failing, say).
-		// Dropping the connection aborts the transaction (RFC 5321
-		// §4.1.1.4: no dot, no message).
-		_ = s.raw.Close()
-		return fail(&sessionError{Stage: "data", Msg: "sending body: " + err.Error()})
-	}
-	if err := w.Close(); err != nil {
-		return fail(smtpErr("data", err))
-	}
+	mailOK := r.MailReply.Code/100 == 2
 	for i := range res {
-		if res[i].Code == 250 {
-			res[i] = rcptResult{Code: 250, Delivered: true, Msg: "OK"}
+		rep := r.RcptOutcome(i)
+		if !mailOK && r.MailReply.Code != 0 {
+			rep = r.MailReply
+		}
+		switch {
+		case rep.Code/100 == 2:
+			res[i] = rcptResult{Code: rep.Code, Enhanced: rep.Enhanced, Msg: rep.Text(), Delivered: true}
+		default:
+			res[i] = rcptResult{Code: rep.Code, Enhanced: rep.Enhanced, Msg: rep.Text(), Permanent: rep.Code/100 == 5}
+			if rep.Code == 0 && err != nil {
+				res[i].Msg = err.Error()
+			}
 		}
 	}
-	s.messages++
+	if r.DataReply.Code/100 == 2 {
+		s.messages++
+	}
+	if !r.Usable {
+		e := clientErr("", err)
+		if err == nil {
+			e = &sessionError{Stage: "data", Msg: "session no longer usable"}
+		}
+		return res, e
+	}
 	return res, nil
-}
-
-// reset prepares a reused session for the next message.
-func (s *session) reset() error {
-	_ = s.raw.SetDeadline(time.Time{})
-	return s.c.Reset()
 }

@@ -6,7 +6,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/stsrelay/stsrelay/delivery/policy"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // RFC 8461 §4.2 and the RFC 8460 result type of each way a certificate
@@ -19,17 +21,17 @@ func TestVerifyCertClassifies(t *testing.T) {
 		kind testworld.CertKind
 		san  []string
 		host string
-		want string // "" = verified
+		want tlsrpt.ResultType // "" = verified
 	}{
 		{"valid", testworld.CertValid, []string{"mx1.ex.test"}, "mx1.ex.test", ""},
 		{"wildcard matches one label", testworld.CertValid, []string{"*.ex.test"}, "mx1.ex.test", ""},
-		{"wildcard does not match two labels", testworld.CertValid, []string{"*.ex.test"}, "a.b.ex.test", ResultCertHostMismatch},
-		{"expired", testworld.CertExpired, []string{"mx1.ex.test"}, "mx1.ex.test", ResultCertExpired},
-		{"self-signed", testworld.CertSelfSigned, []string{"mx1.ex.test"}, "mx1.ex.test", ResultCertNotTrusted},
-		{"unknown CA", testworld.CertUnknownCA, []string{"mx1.ex.test"}, "mx1.ex.test", ResultCertNotTrusted},
-		{"wrong name", testworld.CertWrongName, []string{"mx1.ex.test"}, "mx1.ex.test", ResultCertHostMismatch},
-		{"IP-only SAN never matches the name", testworld.CertIPOnly, []string{"127.0.0.1"}, "mx1.ex.test", ResultCertHostMismatch},
-		{"CN only is not a DNS-ID", testworld.CertCNOnly, []string{"mx1.ex.test"}, "mx1.ex.test", ResultCertHostMismatch},
+		{"wildcard does not match two labels", testworld.CertValid, []string{"*.ex.test"}, "a.b.ex.test", tlsrpt.ResultCertificateHostMismatch},
+		{"expired", testworld.CertExpired, []string{"mx1.ex.test"}, "mx1.ex.test", tlsrpt.ResultCertificateExpired},
+		{"self-signed", testworld.CertSelfSigned, []string{"mx1.ex.test"}, "mx1.ex.test", tlsrpt.ResultCertificateNotTrusted},
+		{"unknown CA", testworld.CertUnknownCA, []string{"mx1.ex.test"}, "mx1.ex.test", tlsrpt.ResultCertificateNotTrusted},
+		{"wrong name", testworld.CertWrongName, []string{"mx1.ex.test"}, "mx1.ex.test", tlsrpt.ResultCertificateHostMismatch},
+		{"IP-only SAN never matches the name", testworld.CertIPOnly, []string{"127.0.0.1"}, "mx1.ex.test", tlsrpt.ResultCertificateHostMismatch},
+		{"CN only is not a DNS-ID", testworld.CertCNOnly, []string{"mx1.ex.test"}, "mx1.ex.test", tlsrpt.ResultCertificateHostMismatch},
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -42,15 +44,17 @@ func TestVerifyCertClassifies(t *testing.T) {
 				}
 				chain = append(chain, cert)
 			}
-			got := verifyCert(tls.ConnectionState{PeerCertificates: chain}, tc.host, roots, time.Now())
+			err := verifyCert(tls.ConnectionState{PeerCertificates: chain}, tc.host, roots, time.Now())
 			if tc.want == "" {
-				if !got.Verified {
-					t.Fatalf("not verified: %s %s", got.ResultType, got.Reason)
+				if err != nil {
+					t.Fatalf("not verified: %v", err)
 				}
 				return
 			}
-			if got.Verified || got.ResultType != tc.want || got.Reason == "" {
-				t.Fatalf("got verified=%v %q (%s), want %q", got.Verified, got.ResultType, got.Reason, tc.want)
+			// The same classification delivery applies (policy.CheckConn).
+			got, reason := policy.Classify(policy.ConnState{TLS: true, CertError: err})
+			if err == nil || got != tc.want || reason == "" {
+				t.Fatalf("got %q (%s, %v), want %q", got, reason, err, tc.want)
 			}
 		})
 	}

@@ -18,6 +18,9 @@ import (
 	"go.uber.org/zap"
 	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
+
+	"github.com/stsrelay/stsrelay/internal/domain"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // Defaults of Options.
@@ -60,9 +63,10 @@ type Options struct {
 	FailureBackoff time.Duration
 	// MaxUnused: the refresher drops policies not used for this long.
 	MaxUnused time.Duration
-	// TXTGrace: Get reuses the outcome of a TXT lookup for this long
-	// before asking DNS again (like postfix-mta-sts-resolver's
-	// cache_grace). Negative disables it.
+	// TXTGrace: Get reuses the outcome of a TXT lookup for this long at
+	// most before asking DNS again, and only as long as the TXT answer's
+	// TTL when the resolver tells it (RFC 8461 §3.1). Negative disables
+	// it.
 	TXTGrace time.Duration
 	// RefreshInterval is how often Run wakes up (with ±10% jitter).
 	RefreshInterval time.Duration
@@ -269,30 +273,32 @@ func (c *Cache) Get(ctx context.Context, domain string) (Result, error) {
 		}
 		return dec.res, nil
 	}
-	return c.get(ctx, d, now)
+	return c.get(ctx, d, now, false)
 }
 
-// Recheck is Get without the TXTGrace window: it always asks DNS for the
-// current TXT id, and fetches when the id changed. Delivery calls it
-// before failing a message permanently because of an enforce policy (RFC
-// 8461 §5, §5.1 step 3: check for a new policy first).
+// Recheck is Get without the remembered outcome and without the
+// resolver's cache: it always asks DNS for the current TXT id, and
+// fetches when the id changed. Delivery calls it before failing a message
+// permanently because of an enforce policy (RFC 8461 §5, §5.1 step 3:
+// check for a new policy first).
 func (c *Cache) Recheck(ctx context.Context, domain string) (Result, error) {
 	d, ok := normalizeDomain(domain)
 	if !ok {
 		return Result{Domain: domain}, nil
 	}
-	return c.get(ctx, d, c.now())
+	return c.get(ctx, d, c.now(), true)
 }
 
-// get is Get after the grace window: it looks up the TXT record.
-func (c *Cache) get(ctx context.Context, d string, now time.Time) (Result, error) {
-	rec, lerr := c.lookup(ctx, d)
+// get is Get after the remembered outcome ran out: it looks up the TXT
+// record.
+func (c *Cache) get(ctx context.Context, d string, now time.Time, fresh bool) (Result, error) {
+	rec, ttl, lerr := c.lookup(ctx, d, fresh)
 	if lerr == nil {
 		res, used, err := c.fetchIfNew(ctx, d, rec.ID)
 		if err != nil {
 			return res, err
 		}
-		c.remember(d, res, used, now)
+		c.remember(d, res, used, now, ttl)
 		return res, nil
 	}
 	c.mu.RLock()
@@ -305,12 +311,12 @@ func (c *Cache) get(ctx context.Context, d string, now time.Time) (Result, error
 		if e.policy.Mode != ModeNone {
 			// RFC 8461 §6: a failure while a policy is cached is
 			// reportable.
-			res.Failure = &FetchError{ResultType: ResultType(lerr), Err: lerr}
+			res.Failure = &FetchError{ResultType: ResultType(lerr), Reason: reasonOf(lerr), Err: lerr}
 		}
 	} else if errors.Is(lerr, ErrDNS) {
 		return res, fmt.Errorf("MTA-STS policy of %s unknown: %w", d, lerr)
 	}
-	c.remember(d, res, e, now)
+	c.remember(d, res, e, now, ttl)
 	return res, nil
 }
 
@@ -318,17 +324,26 @@ func (c *Cache) get(ctx context.Context, d string, now time.Time) (Result, error
 // burst of messages to a domain makes one TXT query, not one each. The
 // query runs detached from the caller's cancellation, bounded by the
 // resolver's timeout.
-func (c *Cache) lookup(ctx context.Context, d string) (*Record, error) {
+func (c *Cache) lookup(ctx context.Context, d string, fresh bool) (*Record, time.Duration, error) {
 	lctx := context.WithoutCancel(ctx)
-	ch := c.flight.DoChan("txt\x00"+d, func() (any, error) {
-		return LookupRecord(lctx, c.resolver, d)
+	key := "txt\x00" + d
+	if fresh {
+		key = "fresh\x00" + d
+	}
+	type out struct {
+		rec *Record
+		ttl time.Duration
+	}
+	ch := c.flight.DoChan(key, func() (any, error) {
+		rec, _, ttl, err := lookupRecordTTL(lctx, c.resolver, d, fresh)
+		return out{rec, ttl}, err
 	})
 	select {
 	case r := <-ch:
-		rec, _ := r.Val.(*Record)
-		return rec, r.Err
+		o, _ := r.Val.(out)
+		return o.rec, o.ttl, r.Err
 	case <-ctx.Done():
-		return nil, fmt.Errorf("look up TXT _mta-sts.%s: %w (%w)", d, ErrDNS, ctx.Err())
+		return nil, 0, fmt.Errorf("look up TXT _mta-sts.%s: %w (%w)", d, ErrDNS, ctx.Err())
 	}
 }
 
@@ -357,7 +372,7 @@ func (c *Cache) fetchIfNew(ctx context.Context, d, id string) (Result, *entry, e
 		c.mu.RLock()
 		e := c.entries[d]
 		c.mu.RUnlock()
-		fe := &FetchError{ResultType: ResultFetchError, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %w", d, ErrPolicyFetch, ctx.Err())}
+		fe := &FetchError{ResultType: tlsrpt.ResultSTSPolicyFetchError, Reason: "cancelled", Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %w", d, ErrPolicyFetch, ctx.Err())}
 		if e != nil && e.validAt(now) {
 			res := e.result()
 			res.Failure = fe
@@ -408,12 +423,31 @@ func (c *Cache) failedResult(d, id string, e *entry, fe *FetchError) Result {
 	return Result{Domain: d, ID: id, Failure: fe}
 }
 
+// reasonOf is the failure-reason-code of a failure that is not a fetch:
+// the TXT discovery (RFC 8461 §3.1).
+func reasonOf(err error) string {
+	var fe *FetchError
+	switch {
+	case errors.As(err, &fe):
+		return fe.Reason
+	case errors.Is(err, ErrDNS):
+		return "dns-error"
+	case errors.Is(err, ErrNoRecord):
+		return "no-record"
+	case errors.Is(err, ErrMultipleRecords):
+		return "multiple-records"
+	case errors.Is(err, ErrRecordSyntax):
+		return "record-syntax"
+	}
+	return "unknown"
+}
+
 func asFetchError(err error) *FetchError {
 	var fe *FetchError
 	if errors.As(err, &fe) {
 		return fe
 	}
-	return &FetchError{ResultType: ResultFetchError, Err: err}
+	return &FetchError{ResultType: ResultType(err), Reason: reasonOf(err), Err: err}
 }
 
 // noteFailure records a failed fetch: the backoff for (d, id), the
@@ -431,9 +465,9 @@ func (c *Cache) noteFailure(d, id string, fe *FetchError, refresh bool) {
 	}
 	c.mu.Unlock()
 	c.log.Info("mtasts_fetch", zap.String("domain", d), zap.String("id", id), zap.String("mode", string(mode)),
-		zap.String("result", fe.ResultType), zap.String("error", fe.Error()))
+		zap.String("result", string(fe.ResultType)), zap.String("error", fe.Error()))
 	if c.onFetch != nil {
-		c.onFetch(d, id, mode, fe.ResultType)
+		c.onFetch(d, id, mode, string(fe.ResultType))
 	}
 	if e != nil {
 		if refresh && mode != ModeNone {
@@ -468,10 +502,17 @@ func (c *Cache) store(d, id string, p *Policy, body []byte) *entry {
 	return ne
 }
 
-// remember keeps a Get outcome for TXTGrace, unless the cache changed
-// since it was computed.
-func (c *Cache) remember(d string, res Result, based *entry, now time.Time) {
-	if c.grace <= 0 {
+// remember keeps a Get outcome while the TXT answer it rests on holds
+// (its TTL, RFC 8461 §3.1: a changed id is noticed once the TTL runs
+// out), and never longer than TXTGrace; unless the cache changed since it
+// was computed. Past TXTGrace the lookup is asked again, and answered
+// from the resolver's cache until the TTL runs out.
+func (c *Cache) remember(d string, res Result, based *entry, now time.Time, ttl time.Duration) {
+	hold := c.grace
+	if ttl >= 0 && ttl < hold {
+		hold = ttl
+	}
+	if hold <= 0 {
 		return
 	}
 	if res.Policy != nil {
@@ -479,7 +520,7 @@ func (c *Cache) remember(d string, res Result, based *entry, now time.Time) {
 	}
 	c.mu.Lock()
 	if c.entries[d] == based {
-		c.recent[d] = &decision{res: res, entry: based, until: now.Add(c.grace)}
+		c.recent[d] = &decision{res: res, entry: based, until: now.Add(hold)}
 	}
 	c.mu.Unlock()
 }
@@ -497,7 +538,7 @@ func (c *Cache) Refresh(ctx context.Context, domain string) (Entry, error) {
 	c.mu.RLock()
 	e := c.entries[d]
 	c.mu.RUnlock()
-	rec, lerr := LookupRecord(ctx, c.resolver, d)
+	rec, _, _, lerr := lookupRecordTTL(ctx, c.resolver, d, true)
 	id := ""
 	switch {
 	case lerr == nil:
@@ -697,7 +738,7 @@ func (c *Cache) refreshDue(ctx context.Context) {
 func (c *Cache) refreshEntry(ctx context.Context, e *entry) {
 	d := e.domain
 	id := e.id
-	rec, lerr := LookupRecord(ctx, c.resolver, d)
+	rec, _, _, lerr := lookupRecordTTL(ctx, c.resolver, d, true)
 	switch {
 	case lerr == nil:
 		id = rec.ID
@@ -761,7 +802,7 @@ func (c *Cache) persist(d string) {
 		}
 	}
 	c.mu.RUnlock()
-	path := filepath.Join(c.dir, d+".json")
+	path := filepath.Join(c.dir, domain.FileName(d)+".json")
 	if e == nil {
 		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
 			c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
@@ -772,7 +813,7 @@ func (c *Cache) persist(d string) {
 	}
 	data, err := json.MarshalIndent(fe, "", "  ")
 	if err == nil {
-		err = atomicfile.Write(filepath.Join(c.dir, d+".json"), append(data, '\n'))
+		err = atomicfile.Write(path, append(data, '\n'))
 	}
 	if err != nil {
 		c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
@@ -818,7 +859,7 @@ func (c *Cache) loadFile(path string) (*entry, error) {
 		return nil, err
 	}
 	d, ok := normalizeDomain(fe.Domain)
-	if !ok || d != fe.Domain || filepath.Base(path) != d+".json" {
+	if !ok || d != fe.Domain || filepath.Base(path) != domain.FileName(d)+".json" {
 		return nil, fmt.Errorf("domain %q does not match the file name", fe.Domain)
 	}
 	if !validID(fe.ID) && fe.ID != "" {

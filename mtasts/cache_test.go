@@ -16,6 +16,8 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 type cacheEnv struct {
@@ -190,14 +192,14 @@ func TestCacheFailedFetchKeepsCachedPolicy(t *testing.T) {
 	if res.Policy == nil || res.ID != "a1" || !res.FromCache {
 		t.Fatalf("cached policy not applied: %+v", res)
 	}
-	if res.Failure == nil || res.Failure.ResultType != ResultFetchError {
-		t.Errorf("failure %+v, want %s for TLS-RPT", res.Failure, ResultFetchError)
+	if res.Failure == nil || res.Failure.ResultType != tlsrpt.ResultSTSPolicyFetchError {
+		t.Errorf("failure %+v, want %s for TLS-RPT", res.Failure, tlsrpt.ResultSTSPolicyFetchError)
 	}
 	e, _ := ce.c.Entry("ex.test")
 	if e.ID != "a1" || !strings.Contains(e.LastError, "500") {
 		t.Errorf("entry %+v", e)
 	}
-	if n := len(ce.logs.FilterMessage("mtasts_fetch").FilterField(zap.String("result", ResultFetchError)).All()); n != 1 {
+	if n := len(ce.logs.FilterMessage("mtasts_fetch").FilterField(zap.String("result", string(tlsrpt.ResultSTSPolicyFetchError))).All()); n != 1 {
 		t.Errorf("%d failed mtasts_fetch lines", n)
 	}
 }
@@ -211,7 +213,7 @@ func TestCacheFailureBackoff(t *testing.T) {
 		if res.Policy != nil {
 			t.Fatalf("policy from a 500: %+v", res)
 		}
-		if res.Failure == nil || res.Failure.ResultType != ResultFetchError || res.ID != "a1" {
+		if res.Failure == nil || res.Failure.ResultType != tlsrpt.ResultSTSPolicyFetchError || res.ID != "a1" {
 			t.Fatalf("Get %d: failure not reported: %+v", i, res)
 		}
 		ce.clock.Advance(2 * time.Second)
@@ -480,7 +482,7 @@ func TestCacheRefreshAndEntries(t *testing.T) {
 	}
 	ps.SetResponse(500, "text/plain", "", nil)
 	e, err = ce.c.Refresh(context.Background(), "ex.test")
-	if ResultType(err) != ResultFetchError || e.MX[0] != "mx2.ex.test" {
+	if ResultType(err) != tlsrpt.ResultSTSPolicyFetchError || e.MX[0] != "mx2.ex.test" {
 		t.Errorf("failed Refresh = %+v, %v", e, err)
 	}
 	if ps.Count() != 3 {
@@ -703,5 +705,24 @@ func TestCacheRecheckBypassesGrace(t *testing.T) {
 	// And Get now sees the new policy too.
 	if res := ce.get(t, "ex.test"); res.ID != "b2" {
 		t.Errorf("Get after Recheck: %+v", res)
+	}
+}
+
+// RFC 8461 §3.1, §5.1: a changed TXT id is noticed once the record's TTL
+// runs out, not a fixed grace later. With TTL 1 s, a change made 1.5 s
+// before the next Get is seen by it.
+func TestCacheTXTTTLShorterThanGrace(t *testing.T) {
+	ce := newCacheEnv(t, nil)
+	ce.w.DNS.SetTTL(1)
+	ps := ce.stsDomain("ex.test", "a1", enforceMX1)
+	if res := ce.get(t, "ex.test"); res.ID != "a1" {
+		t.Fatalf("first Get: %+v", res)
+	}
+	ps.SetPolicy(enforceMX2)
+	ce.w.DNS.SetTXT("_mta-sts.ex.test", []string{"v=STSv1; id=b2"})
+	ce.clock.Advance(1500 * time.Millisecond)
+	res := ce.get(t, "ex.test")
+	if res.ID != "b2" || !res.Policy.Matches("mx2.ex.test") {
+		t.Fatalf("Get 1.5 s after the change: id %q, want b2 (TTL 1 s)", res.ID)
 	}
 }

@@ -7,6 +7,8 @@ import (
 	"strconv"
 	"strings"
 	"time"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // PolicyReport is the MTA-STS policy half of `stsrelay check DOMAIN`:
@@ -62,10 +64,10 @@ type FetchReport struct {
 	CertNotAfter time.Time `json:"cert_not_after,omitzero"`
 	// CertDaysLeft is the number of whole days until CertNotAfter
 	// (negative once expired); absent when no certificate was seen.
-	CertDaysLeft *int   `json:"cert_days_left,omitempty"`
-	OK           bool   `json:"ok"`
-	ResultType   string `json:"result_type,omitempty"`
-	Error        string `json:"error,omitempty"`
+	CertDaysLeft *int              `json:"cert_days_left,omitempty"`
+	OK           bool              `json:"ok"`
+	ResultType   tlsrpt.ResultType `json:"result_type,omitempty"`
+	Error        string            `json:"error,omitempty"`
 }
 
 // PolicySummary is a parsed policy.

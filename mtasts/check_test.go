@@ -7,6 +7,8 @@ import (
 	"testing"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 func TestCheckPolicyGood(t *testing.T) {
@@ -46,7 +48,7 @@ func TestCheckPolicyProblems(t *testing.T) {
 	if rep.OK || len(rep.SyntaxErrors) != 2 || rep.SyntaxErrors[0].Line != 2 || rep.SyntaxErrors[1].Line != 3 {
 		t.Errorf("syntax errors %+v", rep.SyntaxErrors)
 	}
-	if rep.Fetch.ResultType != ResultPolicyInvalid {
+	if rep.Fetch.ResultType != tlsrpt.ResultSTSPolicyInvalid {
 		t.Errorf("fetch %+v", rep.Fetch)
 	}
 	// Bad certificate: reported with the reason, the certificate still described.

@@ -14,13 +14,9 @@ import (
 	"strconv"
 	"strings"
 	"time"
-)
 
-// Result types of RFC 8460 §4.3.2.2 for policy failures.
-const (
-	ResultFetchError    = "sts-policy-fetch-error"
-	ResultPolicyInvalid = "sts-policy-invalid"
-	ResultWebPKIInvalid = "sts-webpki-invalid"
+	"github.com/stsrelay/stsrelay/internal/domain"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // Defaults of Fetcher.
@@ -33,9 +29,13 @@ const (
 
 // FetchError is a failed policy fetch, classified for TLS-RPT.
 type FetchError struct {
-	// ResultType is ResultFetchError, ResultPolicyInvalid or
-	// ResultWebPKIInvalid.
-	ResultType string
+	// ResultType is one of RFC 8460 §4.3.2.2: sts-policy-fetch-error,
+	// sts-policy-invalid or sts-webpki-invalid.
+	ResultType tlsrpt.ResultType
+	// Reason is a short, stable failure-reason-code for TLS-RPT
+	// ("http-status-404", "content-type", "certificate-expired", ...):
+	// no URLs, times or peer text, so that failures aggregate.
+	Reason string
 	// Err says what went wrong; it wraps ErrPolicyFetch,
 	// ErrPolicySyntax, ErrWebPKI (or, for a discovery failure reported
 	// through Cache.Get, ErrDNS and the record errors).
@@ -44,7 +44,7 @@ type FetchError struct {
 
 func (e *FetchError) Error() string {
 	if e.Err == nil {
-		return e.ResultType
+		return string(e.ResultType)
 	}
 	return e.Err.Error()
 }
@@ -53,7 +53,7 @@ func (e *FetchError) Unwrap() error { return e.Err }
 // ResultType returns the RFC 8460 result-type for an error of this
 // package: that of a *FetchError in the chain, else one derived from the
 // sentinel errors; "" for nil or an unrelated error.
-func ResultType(err error) string {
+func ResultType(err error) tlsrpt.ResultType {
 	if err == nil {
 		return ""
 	}
@@ -63,11 +63,11 @@ func ResultType(err error) string {
 	}
 	switch {
 	case errors.Is(err, ErrWebPKI):
-		return ResultWebPKIInvalid
+		return tlsrpt.ResultSTSWebPKIInvalid
 	case errors.Is(err, ErrPolicySyntax), errors.Is(err, ErrRecordSyntax), errors.Is(err, ErrMultipleRecords):
-		return ResultPolicyInvalid
+		return tlsrpt.ResultSTSPolicyInvalid
 	case errors.Is(err, ErrPolicyFetch), errors.Is(err, ErrDNS), errors.Is(err, ErrNoRecord):
-		return ResultFetchError
+		return tlsrpt.ResultSTSPolicyFetchError
 	}
 	return ""
 }
@@ -126,13 +126,13 @@ func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, []byte, er
 
 func (f *Fetcher) fetch(ctx context.Context, domain string) *fetchResult {
 	res := &fetchResult{}
-	fail := func(rt string, sentinel error, format string, args ...any) *fetchResult {
-		res.Err = &FetchError{ResultType: rt, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %s", domain, sentinel, fmt.Sprintf(format, args...))}
+	fail := func(rt tlsrpt.ResultType, reason string, sentinel error, format string, args ...any) *fetchResult {
+		res.Err = &FetchError{ResultType: rt, Reason: reason, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %s", domain, sentinel, fmt.Sprintf(format, args...))}
 		return res
 	}
 	d, ok := normalizeDomain(domain)
 	if !ok {
-		return fail(ResultFetchError, ErrPolicyFetch, "invalid domain name %q", domain)
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "invalid-domain", ErrPolicyFetch, "invalid domain name %q", domain)
 	}
 	domain = d
 	host := "mta-sts." + domain
@@ -200,7 +200,7 @@ func (f *Fetcher) fetch(ctx context.Context, domain string) *fetchResult {
 	}
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, res.URL, nil)
 	if err != nil {
-		return fail(ResultFetchError, ErrPolicyFetch, "%v", err)
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "http-request", ErrPolicyFetch, "%v", err)
 	}
 	req.Host = host // no port, even when testing on another one
 	req.Header.Set("User-Agent", "stsrelay")
@@ -213,44 +213,45 @@ func (f *Fetcher) fetch(ctx context.Context, domain string) *fetchResult {
 			if res.CertErr == nil {
 				res.CertErr = err
 			}
-			return fail(ResultWebPKIInvalid, ErrWebPKI, "%s: %v", host, res.CertErr)
+			_, reason := tlsrpt.Classify(res.CertErr)
+			return fail(tlsrpt.ResultSTSWebPKIInvalid, reason, ErrWebPKI, "%s: %v", host, res.CertErr)
 		}
 		if ctx.Err() != nil {
-			return fail(ResultFetchError, ErrPolicyFetch, "GET %s: no response within %v", res.URL, timeout)
+			return fail(tlsrpt.ResultSTSPolicyFetchError, "http-timeout", ErrPolicyFetch, "GET %s: no response within %v", res.URL, timeout)
 		}
-		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: %v", res.URL, unwrapURLError(err))
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "http-connect", ErrPolicyFetch, "GET %s: %v", res.URL, unwrapURLError(err))
 	}
 	defer resp.Body.Close()
 	res.Status = resp.StatusCode
 	res.ContentType = resp.Header.Get("Content-Type")
 	if resp.StatusCode/100 == 3 {
 		res.Location = resp.Header.Get("Location")
-		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: HTTP %d redirect to %q not followed (RFC 8461 §3.3)", res.URL, resp.StatusCode, res.Location)
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "http-redirect", ErrPolicyFetch, "GET %s: HTTP %d redirect to %q not followed (RFC 8461 §3.3)", res.URL, resp.StatusCode, res.Location)
 	}
 	if resp.StatusCode != http.StatusOK {
-		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: HTTP status %d, only 200 is valid (RFC 8461 §3.3)", res.URL, resp.StatusCode)
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "http-status-"+strconv.Itoa(resp.StatusCode%1000), ErrPolicyFetch, "GET %s: HTTP status %d, only 200 is valid (RFC 8461 §3.3)", res.URL, resp.StatusCode)
 	}
 	body, err := io.ReadAll(io.LimitReader(resp.Body, maxBytes+1))
 	if err != nil {
 		if ctx.Err() != nil {
-			return fail(ResultFetchError, ErrPolicyFetch, "GET %s: body not complete within %v", res.URL, timeout)
+			return fail(tlsrpt.ResultSTSPolicyFetchError, "http-timeout", ErrPolicyFetch, "GET %s: body not complete within %v", res.URL, timeout)
 		}
-		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: reading body: %v", res.URL, err)
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "http-body", ErrPolicyFetch, "GET %s: reading body: %v", res.URL, err)
 	}
 	if int64(len(body)) > maxBytes {
 		res.Body = body[:maxBytes]
-		return fail(ResultFetchError, ErrPolicyFetch, "GET %s: body larger than %d bytes", res.URL, maxBytes)
+		return fail(tlsrpt.ResultSTSPolicyFetchError, "policy-too-large", ErrPolicyFetch, "GET %s: body larger than %d bytes", res.URL, maxBytes)
 	}
 	res.Body = body
 	// RFC 8461 §3.2: the media type SHOULD be checked; parameters are
 	// ignored. A missing Content-Type is rejected too.
 	if mt, _, err := mime.ParseMediaType(res.ContentType); (err != nil && !errors.Is(err, mime.ErrInvalidMediaParameter)) || mt != "text/plain" {
-		return fail(ResultPolicyInvalid, ErrPolicySyntax, "GET %s: media type must be text/plain, got Content-Type %q", res.URL, res.ContentType)
+		return fail(tlsrpt.ResultSTSPolicyInvalid, "content-type", ErrPolicySyntax, "GET %s: media type must be text/plain, got Content-Type %q", res.URL, res.ContentType)
 	}
 	p, problems := parsePolicy(body)
 	if len(problems) > 0 {
 		res.Problems = problems
-		res.Err = &FetchError{ResultType: ResultPolicyInvalid, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w", domain, problems[0])}
+		res.Err = &FetchError{ResultType: tlsrpt.ResultSTSPolicyInvalid, Reason: "policy-syntax", Err: fmt.Errorf("fetch MTA-STS policy of %s: %w", domain, problems[0])}
 		return res
 	}
 	res.Policy = p
@@ -313,22 +314,19 @@ func unwrapURLError(err error) error {
 	return err
 }
 
-// normalizeDomain lower-cases a domain, removes a trailing dot and
-// converts U-labels to A-labels. It reports false for address literals,
-// IP addresses and names that cannot be domains: those have no policy
-// (RFC 8461 §3.4).
+// normalizeDomain gives a domain's A-label form (UTS #46 mapping and NFC
+// through internal/domain), lower-cased, without a trailing dot. It
+// reports false for address literals, IP addresses, names that cannot be
+// domains, and names too long to carry "_mta-sts." (a 245–253 octet name,
+// whose TXT record cannot exist): those have no policy (RFC 8461 §3.4).
 func normalizeDomain(d string) (string, bool) {
-	d = strings.TrimSuffix(d, ".")
-	if !isASCII(d) {
-		a, err := toASCII(d)
-		if err != nil {
-			return "", false
-		}
-		d = a
+	dd, err := domain.Parse(d)
+	if err != nil || !domain.CanPrefix(dd, "_mta-sts") {
+		return "", false
 	}
-	d = strings.ToLower(d)
-	if !validHostname(d) || strings.Trim(d, "0123456789.") == "" {
-		return "", false // an IPv4 address (an IPv6 one fails validHostname)
+	a := dd.ASCII()
+	if strings.Trim(a, "0123456789.") == "" || !validHostname(a) {
+		return "", false // an IPv4 address
 	}
-	return d, true
+	return a, true
 }

@@ -9,6 +9,8 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 func TestFetchOK(t *testing.T) {
@@ -53,33 +55,33 @@ func TestFetchFailures(t *testing.T) {
 		name   string
 		kind   testworld.CertKind
 		set    func(ps *testworld.PolicyServer)
-		result string
+		result tlsrpt.ResultType
 		msg    string
 	}{
-		{"404", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(404, "text/plain", basePolicy, nil) }, ResultFetchError, "404"},
-		{"500", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(500, "text/plain", basePolicy, nil) }, ResultFetchError, "500"},
-		{"201", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(201, "text/plain", basePolicy, nil) }, ResultFetchError, "201"},
-		{"203", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(203, "text/plain", basePolicy, nil) }, ResultFetchError, "203"},
-		{"204", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(204, "text/plain", "", nil) }, ResultFetchError, "204"},
-		{"304", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(304, "text/plain", "", nil) }, ResultFetchError, "304"},
-		{"text/html", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(200, "text/html", basePolicy, nil) }, ResultPolicyInvalid, "text/html"},
-		{"text/plain+", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(200, "text/plain+", basePolicy, nil) }, ResultPolicyInvalid, "media type"},
+		{"404", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(404, "text/plain", basePolicy, nil) }, tlsrpt.ResultSTSPolicyFetchError, "404"},
+		{"500", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(500, "text/plain", basePolicy, nil) }, tlsrpt.ResultSTSPolicyFetchError, "500"},
+		{"201", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(201, "text/plain", basePolicy, nil) }, tlsrpt.ResultSTSPolicyFetchError, "201"},
+		{"203", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(203, "text/plain", basePolicy, nil) }, tlsrpt.ResultSTSPolicyFetchError, "203"},
+		{"204", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(204, "text/plain", "", nil) }, tlsrpt.ResultSTSPolicyFetchError, "204"},
+		{"304", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(304, "text/plain", "", nil) }, tlsrpt.ResultSTSPolicyFetchError, "304"},
+		{"text/html", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(200, "text/html", basePolicy, nil) }, tlsrpt.ResultSTSPolicyInvalid, "text/html"},
+		{"text/plain+", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(200, "text/plain+", basePolicy, nil) }, tlsrpt.ResultSTSPolicyInvalid, "media type"},
 		{"application/octet-stream", testworld.CertValid, func(ps *testworld.PolicyServer) {
 			ps.SetResponse(200, "application/octet-stream", basePolicy, nil)
-		}, ResultPolicyInvalid, "media type"},
-		{"missing content type", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(200, "", basePolicy, nil) }, ResultPolicyInvalid, "media type"},
-		{"invalid policy", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetPolicy("version: STSv1\nmode: enforce\nmax_age: 1\n") }, ResultPolicyInvalid, "mx"},
-		{"expired cert", testworld.CertExpired, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "expired"},
-		{"not yet valid cert", testworld.CertNotYetValid, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "certificate"},
-		{"self-signed cert", testworld.CertSelfSigned, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "certificate"},
-		{"unknown CA", testworld.CertUnknownCA, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "unknown authority"},
-		{"wrong name", testworld.CertWrongName, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "mta-sts.wrongname.test"},
-		{"CN only", testworld.CertCNOnly, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "certificate"},
-		{"IP only", testworld.CertIPOnly, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, ResultWebPKIInvalid, "certificate"},
+		}, tlsrpt.ResultSTSPolicyInvalid, "media type"},
+		{"missing content type", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetResponse(200, "", basePolicy, nil) }, tlsrpt.ResultSTSPolicyInvalid, "media type"},
+		{"invalid policy", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetPolicy("version: STSv1\nmode: enforce\nmax_age: 1\n") }, tlsrpt.ResultSTSPolicyInvalid, "mx"},
+		{"expired cert", testworld.CertExpired, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "expired"},
+		{"not yet valid cert", testworld.CertNotYetValid, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "certificate"},
+		{"self-signed cert", testworld.CertSelfSigned, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "certificate"},
+		{"unknown CA", testworld.CertUnknownCA, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "unknown authority"},
+		{"wrong name", testworld.CertWrongName, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "mta-sts.wrongname.test"},
+		{"CN only", testworld.CertCNOnly, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "certificate"},
+		{"IP only", testworld.CertIPOnly, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy) }, tlsrpt.ResultSTSWebPKIInvalid, "certificate"},
 		{"70 KB body", testworld.CertValid, func(ps *testworld.PolicyServer) {
 			ps.SetPolicy(basePolicy + strings.Repeat("x: "+strings.Repeat("y", 97)+"\n", 700))
-		}, ResultFetchError, "larger than"},
-		{"huge headers", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy); ps.SetHugeHeaders(64 << 10) }, ResultFetchError, "header"},
+		}, tlsrpt.ResultSTSPolicyFetchError, "larger than"},
+		{"huge headers", testworld.CertValid, func(ps *testworld.PolicyServer) { ps.SetPolicy(basePolicy); ps.SetHugeHeaders(64 << 10) }, tlsrpt.ResultSTSPolicyFetchError, "header"},
 	}
 	for i, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
@@ -103,15 +105,15 @@ func TestFetchFailures(t *testing.T) {
 				t.Errorf("error %q does not mention %q", err, tc.msg)
 			}
 			switch tc.result {
-			case ResultWebPKIInvalid:
+			case tlsrpt.ResultSTSWebPKIInvalid:
 				if !errors.Is(err, ErrWebPKI) {
 					t.Errorf("%v does not wrap ErrWebPKI", err)
 				}
-			case ResultFetchError:
+			case tlsrpt.ResultSTSPolicyFetchError:
 				if !errors.Is(err, ErrPolicyFetch) {
 					t.Errorf("%v does not wrap ErrPolicyFetch", err)
 				}
-			case ResultPolicyInvalid:
+			case tlsrpt.ResultSTSPolicyInvalid:
 				if !errors.Is(err, ErrPolicySyntax) {
 					t.Errorf("%v does not wrap ErrPolicySyntax", err)
 				}
@@ -152,7 +154,7 @@ func TestFetchRedirectNotFollowed(t *testing.T) {
 	ps := e.w.PolicyHost("ex.test", testworld.CertValid)
 	ps.SetRedirect(target.URL())
 	_, _, err := e.f.Fetch(context.Background(), "ex.test")
-	if ResultType(err) != ResultFetchError || !strings.Contains(err.Error(), "301") {
+	if ResultType(err) != tlsrpt.ResultSTSPolicyFetchError || !strings.Contains(err.Error(), "301") {
 		t.Fatalf("err = %v, want a fetch error naming the 301", err)
 	}
 	if n := target.Count(); n != 0 {
@@ -180,8 +182,8 @@ func TestFetchBoundedInTime(t *testing.T) {
 			start := time.Now()
 			_, _, err := e.f.Fetch(context.Background(), d)
 			took := time.Since(start)
-			if ResultType(err) != ResultFetchError {
-				t.Errorf("err = %v, want %s", err, ResultFetchError)
+			if ResultType(err) != tlsrpt.ResultSTSPolicyFetchError {
+				t.Errorf("err = %v, want %s", err, tlsrpt.ResultSTSPolicyFetchError)
 			}
 			if took > tc.max {
 				t.Errorf("took %v, want under %v", took, tc.max)
@@ -194,25 +196,25 @@ func TestFetchBoundedInTime(t *testing.T) {
 func TestFetchNoPolicyHost(t *testing.T) {
 	e := newEnv(t)
 	_, _, err := e.f.Fetch(context.Background(), "nohost.test") // mta-sts.nohost.test: NXDOMAIN
-	if ResultType(err) != ResultFetchError {
+	if ResultType(err) != tlsrpt.ResultSTSPolicyFetchError {
 		t.Fatalf("err = %v", err)
 	}
 	_, _, err = e.f.Fetch(context.Background(), "[192.0.2.1]")
-	if ResultType(err) != ResultFetchError {
+	if ResultType(err) != tlsrpt.ResultSTSPolicyFetchError {
 		t.Fatalf("err = %v", err)
 	}
 }
 
 func TestResultType(t *testing.T) {
-	for err, want := range map[error]string{
+	for err, want := range map[error]tlsrpt.ResultType{
 		nil:                            "",
 		errors.New("x"):                "",
-		ErrWebPKI:                      ResultWebPKIInvalid,
-		ErrPolicySyntax:                ResultPolicyInvalid,
-		&SyntaxError{Line: 1, Msg: ""}: ResultPolicyInvalid,
-		ErrPolicyFetch:                 ResultFetchError,
-		ErrDNS:                         ResultFetchError,
-		&FetchError{ResultType: ResultWebPKIInvalid, Err: ErrPolicyFetch}: ResultWebPKIInvalid,
+		ErrWebPKI:                      tlsrpt.ResultSTSWebPKIInvalid,
+		ErrPolicySyntax:                tlsrpt.ResultSTSPolicyInvalid,
+		&SyntaxError{Line: 1, Msg: ""}: tlsrpt.ResultSTSPolicyInvalid,
+		ErrPolicyFetch:                 tlsrpt.ResultSTSPolicyFetchError,
+		ErrDNS:                         tlsrpt.ResultSTSPolicyFetchError,
+		&FetchError{ResultType: tlsrpt.ResultSTSWebPKIInvalid, Err: ErrPolicyFetch}: tlsrpt.ResultSTSWebPKIInvalid,
 	} {
 		if got := ResultType(err); got != want {
 			t.Errorf("ResultType(%v) = %q, want %q", err, got, want)

@@ -49,7 +49,9 @@ func TestMatches(t *testing.T) {
 		{"U-label host, upper case", []string{"xn--aca-6ma.com"}, "Ñaca.com", true},
 		{"ASCII lookalike", []string{"x.xn--aca-6ma.com"}, "x.naca.com", false},
 		{"bogus punycode", []string{"example.org"}, "xn-9999999999a.org", false},
-		{"Kelvin sign is not k", []string{"k.test"}, "\u212a.test", false},
+		// UTS #46 maps the Kelvin sign to "k" (as resolvers do): the
+		// same name, so the same match.
+		{"Kelvin sign maps to k (UTS #46)", []string{"k.test"}, "\u212a.test", true},
 		{"empty host", []string{"a.test"}, "", false},
 		{"only a dot", []string{"a.test"}, ".", false},
 		{"leading dot", []string{"*.b.cc.com"}, ".b.cc.com", false},
@@ -102,13 +104,14 @@ func TestPunycode(t *testing.T) {
 		"BÜCHER.test": "xn--bcher-kva.test",
 		"例え.テスト":      "xn--r8jz45g.xn--zckzah",
 		"münchen.de":  "xn--mnchen-3ya.de",
+		"Ｂücher.test": "xn--bcher-kva.test", // fullwidth, mapped (UTS #46)
 	} {
 		got, err := toASCII(in)
 		if err != nil || got != want {
 			t.Errorf("toASCII(%q) = %q, %v; want %q", in, got, err, want)
 		}
 	}
-	for _, bad := range []string{"ü\x00.test", "\xff.test", "☃☃.test"} {
+	for _, bad := range []string{"ü\x00.test", "\xff.test", "a_ü.test", "ü-.test"} {
 		if got, err := toASCII(bad); err == nil {
 			t.Errorf("toASCII(%q) = %q, want error", bad, got)
 		}

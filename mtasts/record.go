@@ -14,6 +14,7 @@ import (
 	"errors"
 	"fmt"
 	"strings"
+	"time"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 )
@@ -168,11 +169,55 @@ func LookupRecord(ctx context.Context, r TXTResolver, domain string) (*Record, e
 	return rec, err
 }
 
+// AnswerResolver is a TXTResolver that also says how long an answer holds
+// and can skip its cache (*dnsclient.Resolver). The policy cache uses the
+// TTL to decide when to look at the TXT record again (RFC 8461 §3.1, §5.1:
+// a changed id is noticed once the record's TTL runs out), and the fresh
+// lookup where a change must be seen now.
+type AnswerResolver interface {
+	TXTResolver
+	LookupTXTAnswer(ctx context.Context, name string) (dnsclient.TXTAnswer, error)
+	LookupTXTFresh(ctx context.Context, name string) (dnsclient.TXTAnswer, error)
+}
+
+// lookupTXT asks r for TXT at name; ttl is how long the outcome holds,
+// -1 when r cannot say.
+func lookupTXT(ctx context.Context, r TXTResolver, name string, fresh bool) (txts [][]string, ttl time.Duration, err error) {
+	ar, ok := r.(AnswerResolver)
+	if !ok {
+		txts, err = r.LookupTXT(ctx, name)
+		return txts, -1, err
+	}
+	lookup := ar.LookupTXTAnswer
+	if fresh {
+		lookup = ar.LookupTXTFresh
+	}
+	a, err := lookup(ctx, name)
+	return a.Records, a.TTL, err
+}
+
 // lookupRecord is LookupRecord that also returns every TXT record found at
 // the name, joined, for the checker.
 func lookupRecord(ctx context.Context, r TXTResolver, domain string) (*Record, []string, error) {
-	name := "_mta-sts." + domain
-	txts, err := r.LookupTXT(ctx, name)
+	rec, raw, _, err := lookupRecordTTL(ctx, r, domain, false)
+	return rec, raw, err
+}
+
+// lookupRecordTTL is lookupRecord that also says how long the outcome
+// holds (-1: unknown), and can skip the resolver's cache.
+func lookupRecordTTL(ctx context.Context, r TXTResolver, domain string, fresh bool) (rec *Record, raw []string, ttl time.Duration, err error) {
+	rec, raw, ttl, err = lookupRecordAt(ctx, r, "_mta-sts."+domain, fresh)
+	return
+}
+
+func lookupRecordAt(ctx context.Context, r TXTResolver, name string, fresh bool) (*Record, []string, time.Duration, error) {
+	txts, ttl, err := lookupTXT(ctx, r, name, fresh)
+	rec, raw, err := parseTXTAnswer(name, txts, err)
+	return rec, raw, ttl, err
+}
+
+// parseTXTAnswer turns the TXT answer at name into the one STS record.
+func parseTXTAnswer(name string, txts [][]string, err error) (*Record, []string, error) {
 	if err != nil {
 		if dnsclient.IsNotFound(err) {
 			return nil, nil, fmt.Errorf("look up TXT %s: %w (%w)", name, ErrNoRecord, err)

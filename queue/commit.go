@@ -399,6 +399,13 @@ func combineBody(meta []byte, w *Writer) uint32 {
 	return h.Sum32()
 }
 
+// EnqueueReport queues a TLS-RPT report mail (RFC 8460 §3): a message of
+// KindTLSRPT, which delivery sends despite MTA-STS failures and never
+// counts in TLS-RPT itself.
+func (s *Store) EnqueueReport(from, to string, msg io.Reader) (string, error) {
+	return s.Enqueue(Envelope{From: from, Kind: KindTLSRPT, Rcpts: []RcptSpec{{Addr: to}}}, msg)
+}
+
 // Enqueue queues a message the relay makes itself (a DSN, a TLS report).
 func (s *Store) Enqueue(env Envelope, body io.Reader) (string, error) {
 	w := s.NewWriter()

@@ -4,6 +4,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stsrelay/stsrelay/internal/domain"
 	"github.com/stsrelay/stsrelay/internal/message"
 )
 
@@ -108,13 +109,23 @@ type Recipient struct {
 // Domain returns the recipient's domain, lower-cased.
 func (r *Recipient) Domain() string { return AddrDomain(r.Addr) }
 
-// AddrDomain returns the lower-cased domain of an address.
+// AddrDomain returns the domain of an address as DNS, MTA-STS and
+// TLS-RPT know it: the A-label form (UTS #46 mapping and NFC, RFC 5890),
+// lower-cased, without a trailing dot. An address literal, or a name that
+// cannot be a domain, comes back lower-cased as written; delivery refuses
+// the latter.
 func AddrDomain(addr string) string {
 	i := strings.LastIndexByte(addr, '@')
 	if i < 0 {
 		return ""
 	}
-	return strings.ToLower(strings.TrimSuffix(addr[i+1:], "."))
+	raw := addr[i+1:]
+	if !domain.IsLiteral(raw) {
+		if d, err := domain.Parse(raw); err == nil {
+			return d.ASCII()
+		}
+	}
+	return strings.ToLower(strings.TrimSuffix(raw, "."))
 }
 
 // Message is a queued message: envelope, recipients' states and where its

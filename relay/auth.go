@@ -11,6 +11,27 @@ import (
 	"golang.org/x/crypto/bcrypt"
 )
 
+const (
+	// maxAuthFailures is how many failed AUTH a connection may have;
+	// the next AUTH gets 421 4.7.0 and the connection is closed.
+	maxAuthFailures = 3
+	// maxPasswordBytes is what bcrypt compares; longer passwords are
+	// refused without comparing.
+	maxPasswordBytes = 72
+	// maxAuthWait bounds the wait the throttle imposes on one attempt;
+	// beyond it the attempt is refused (454 4.7.0) after authTarpit, so
+	// that a refused guesser does not come back at once with a new TLS
+	// handshake.
+	maxAuthWait = 30 * time.Second
+	authTarpit  = 2 * time.Second
+	// perClientChecks bounds the password checks one client (address,
+	// IPv6 /64) has running at once; more wait their turn. A guesser's
+	// parallel connections then fail a few at a time, each failure
+	// lengthening the next wait, while an application that logs in on
+	// many connections at once only queues for a moment.
+	perClientChecks = 2
+)
+
 // checkPassword compares password with the user's bcrypt hash. An unknown
 // user is compared against a dummy hash of the same cost, so the reply
 // takes as long as for a known user with a wrong password. No lock is held
@@ -87,11 +108,49 @@ type authThrottle struct {
 
 	mu      sync.Mutex
 	clients map[netip.Addr]*authFailures
+	gates   map[netip.Addr]*authGate
+}
+
+// authGate holds a client's password-check slots.
+type authGate struct {
+	slots chan struct{}
+	refs  int
+}
+
+// acquire waits for one of the client's perClientChecks slots and returns
+// the function that gives it back; ok is false when stop closed first.
+func (t *authThrottle) acquire(ip netip.Addr, stop1, stop2 <-chan struct{}) (release func(), ok bool) {
+	key := throttleKey(ip)
+	t.mu.Lock()
+	g := t.gates[key]
+	if g == nil {
+		g = &authGate{slots: make(chan struct{}, perClientChecks)}
+		t.gates[key] = g
+	}
+	g.refs++
+	t.mu.Unlock()
+	unref := func() {
+		t.mu.Lock()
+		if g.refs--; g.refs == 0 {
+			delete(t.gates, key)
+		}
+		t.mu.Unlock()
+	}
+	select {
+	case g.slots <- struct{}{}:
+		return func() { <-g.slots; unref() }, true
+	case <-stop1:
+	case <-stop2:
+	}
+	unref()
+	return nil, false
 }
 
 type authFailures struct {
-	n    int
-	last time.Time
+	n       int
+	last    time.Time
+	next    time.Time // end of the last booked wait (admit)
+	pending int       // admitted attempts not yet done
 }
 
 func newAuthThrottle() *authThrottle {
@@ -102,6 +161,7 @@ func newAuthThrottle() *authThrottle {
 		quiet:      15 * time.Minute,
 		maxEntries: 10000,
 		clients:    map[netip.Addr]*authFailures{},
+		gates:      map[netip.Addr]*authGate{},
 	}
 }
 
@@ -135,6 +195,54 @@ func (t *authThrottle) fail(ip netip.Addr, now time.Time) (int, time.Duration) {
 	f.n++
 	f.last = now
 	return f.n, t.delay(f.n)
+}
+
+// admit is asked before a password is checked (holding one of the
+// client's acquire slots), and returns how long the attempt must wait
+// first: the delay a failure would earn (delay(n+1) after n failures),
+// counted from the end of the client's previous wait. The slot is booked,
+// so attempts made in parallel over several connections queue up behind
+// each other rather than all running after the same wait. A wait over
+// maxAuthWait is returned without booking: the attempt is refused.
+func (t *authThrottle) admit(ip netip.Addr, now time.Time) time.Duration {
+	key := throttleKey(ip)
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	f := t.clients[key]
+	if f != nil && f.pending == 0 && now.Sub(f.last) > t.quiet {
+		f.n = 0
+	}
+	if f == nil {
+		if len(t.clients) >= t.maxEntries {
+			t.evict(now)
+		}
+		f = &authFailures{last: now}
+		t.clients[key] = f
+	}
+	// Parallel attempts are bounded by acquire, and each of their
+	// failures counts before the next is admitted.
+	d := t.delay(f.n + 1)
+	slot := f.next
+	if slot.Before(now) {
+		slot = now
+	}
+	slot = slot.Add(d)
+	wait := slot.Sub(now)
+	if wait > maxAuthWait {
+		return wait
+	}
+	f.next = slot
+	f.pending++
+	return wait
+}
+
+// done ends an attempt admit let through (before fail, when it failed).
+func (t *authThrottle) done(ip netip.Addr) {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if f := t.clients[throttleKey(ip)]; f != nil && f.pending > 0 {
+		f.pending--
+	}
 }
 
 func (t *authThrottle) delay(n int) time.Duration {

@@ -18,6 +18,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"runtime"
 	"strings"
 	"sync"
 	"time"
@@ -47,6 +48,10 @@ type Options struct {
 	// Accepted, when set, is incremented per accepted message
 	// (stsrelay_messages_accepted_total).
 	Accepted Counter
+	// ConnectionsRejected, when set, is called per connection refused
+	// at accept, with one of RejectReasons
+	// (stsrelay_submission_connections_rejected_total{reason}).
+	ConnectionsRejected func(reason string)
 }
 
 // Timeouts for one SMTP command or reply. RFC 5321 §4.5.3.2.7 asks a server
@@ -77,6 +82,13 @@ type Server struct {
 	allowedDomains map[string]bool // lower-cased, no trailing dot
 
 	throttle *authThrottle
+	// bcryptSlots bounds the password checks running at once, so that
+	// a flood of AUTH attempts cannot take every core.
+	bcryptSlots chan struct{}
+	limiter     *connLimiter
+	onRejected  func(reason string)
+	// lifetime caps one connection (sessionLifetime; tests shorten it).
+	lifetime time.Duration
 	// loopback decides whether a client may AUTH before TLS (when
 	// require_tls_for_auth is false). Tests replace it.
 	loopback func(netip.Addr) bool
@@ -114,6 +126,9 @@ func New(opts Options) (*Server, error) {
 	if sub.MaxMessageBytes <= 0 || sub.MaxRecipients <= 0 {
 		return nil, errors.New("relay: submission.max_message_bytes and max_recipients must be positive")
 	}
+	if sub.MaxConnections <= 0 || sub.MaxConnectionsPerIP <= 0 || sub.DataTimeout.Duration <= 0 {
+		return nil, errors.New("relay: submission.max_connections, max_connections_per_ip and data_timeout must be positive")
+	}
 	log := opts.Logger
 	if log == nil {
 		log = zap.NewNop()
@@ -128,6 +143,10 @@ func New(opts Options) (*Server, error) {
 		allowedAddrs:   map[string]bool{},
 		allowedDomains: map[string]bool{},
 		throttle:       newAuthThrottle(),
+		bcryptSlots:    make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)),
+		limiter:        newConnLimiter(sub.MaxConnections, sub.MaxConnectionsPerIP),
+		onRejected:     opts.ConnectionsRejected,
+		lifetime:       sessionLifetime,
 		loopback:       netip.Addr.IsLoopback,
 		done:           make(chan struct{}),
 		sessions:       map[*session]struct{}{},
@@ -229,14 +248,14 @@ func (s *Server) Start() error {
 		if err != nil {
 			return fail(fmt.Errorf("relay: submission.listen: %w", err))
 		}
-		ls = append(ls, l)
+		ls = append(ls, s.newCapListener(l, nil))
 	}
 	for _, addr := range s.sub.ImplicitTLSListen {
 		l, err := net.Listen("tcp", addr)
 		if err != nil {
 			return fail(fmt.Errorf("relay: submission.implicit_tls_listen: %w", err))
 		}
-		ls = append(ls, tls.NewListener(l, s.tlsConfig))
+		ls = append(ls, tls.NewListener(s.newCapListener(l, s.tlsConfig), s.tlsConfig))
 	}
 	s.started = true
 	s.listeners = ls
@@ -378,6 +397,13 @@ func (s *Server) addBusy(d int) {
 	defer s.mu.Unlock()
 	s.busy += d
 	s.notifyLocked()
+}
+
+// rejected counts a connection refused at accept.
+func (s *Server) rejected(reason string) {
+	if s.onRejected != nil {
+		s.onRejected(reason)
+	}
 }
 
 // trusted reports whether ip is in submission.trusted_networks.

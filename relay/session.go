@@ -26,18 +26,25 @@ var (
 	// RFC 4954 §6: 538 5.7.11 when the mechanism needs encryption.
 	errEncryptionRequired = &smtp.SMTPError{Code: 538, EnhancedCode: smtp.EnhancedCode{5, 7, 11}, Message: "Encryption required for requested authentication mechanism"}
 	errAuthInvalid        = &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
-	errAuthMalformed      = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "Malformed authentication response"}
-	errNoMechanism        = &smtp.SMTPError{Code: 504, EnhancedCode: smtp.EnhancedCode{5, 5, 4}, Message: "Unrecognized authentication mechanism"}
+	// Too many failed AUTH on one connection: the reply, then close.
+	errAuthTooMany = &smtp.SMTPError{Code: 421, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Too many authentication failures, closing connection"}
+	// The client's throttle would make it wait longer than maxAuthWait.
+	errAuthThrottled = &smtp.SMTPError{Code: 454, EnhancedCode: smtp.EnhancedCode{4, 7, 0}, Message: "Too many authentication failures from your address, try again later"}
+	errAuthMalformed = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 2}, Message: "Malformed authentication response"}
+	errNoMechanism   = &smtp.SMTPError{Code: 504, EnhancedCode: smtp.EnhancedCode{5, 5, 4}, Message: "Unrecognized authentication mechanism"}
 	// RFC 8689 §4.1: REQUIRETLS only over a TLS-protected session.
 	errRequireTLSPlain  = &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 10}, Message: "REQUIRETLS needs a TLS connection"}
 	errSenderNotAllowed = &smtp.SMTPError{Code: 550, EnhancedCode: smtp.EnhancedCode{5, 7, 1}, Message: "Sender not allowed"}
 	errBadSender        = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 1, 7}, Message: "Bad sender address syntax"}
 	errBadRcpt          = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 1, 3}, Message: "Bad recipient address syntax"}
 	// RFC 6531 §3.5: non-ASCII addresses only with SMTPUTF8.
-	errNeedUTF8      = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7}, Message: "Non-ASCII address needs SMTPUTF8"}
-	errQueueWrite    = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Local error writing the message, try again later"}
-	errReadData      = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Error reading message data"}
-	errLineTooLong   = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Line too long"}
+	errNeedUTF8    = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7}, Message: "Non-ASCII address needs SMTPUTF8"}
+	errQueueWrite  = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Local error writing the message, try again later"}
+	errReadData    = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Error reading message data"}
+	errLineTooLong = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Line too long"}
+	// RFC 3461 §4: a malformed DSN parameter (here: one whose decoded
+	// xtext holds control characters).
+	errBadParam      = &smtp.SMTPError{Code: 501, EnhancedCode: smtp.EnhancedCode{5, 5, 4}, Message: "Invalid parameter value"}
 	errNoTransaction = &smtp.SMTPError{Code: 503, EnhancedCode: smtp.EnhancedCode{5, 5, 1}, Message: "Bad sequence of commands"}
 )
 
@@ -55,6 +62,7 @@ type session struct {
 	tls    bool
 	tlsVer string
 	closed chan struct{} // closed by Logout
+	lconn  *limitConn    // below conn; nil when the server did not accept it (tests)
 
 	mu         sync.Mutex
 	user       string // authenticated user, "" when none
@@ -72,6 +80,7 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 		conn:   conn,
 		helo:   c.Hostname(),
 		closed: make(chan struct{}),
+		lconn:  limitConnOf(conn),
 	}
 	if ap, err := netip.ParseAddrPort(conn.RemoteAddr().String()); err == nil {
 		ss.ip = ap.Addr().Unmap()
@@ -81,7 +90,8 @@ func (s *Server) newSession(c *smtp.Conn) (smtp.Session, error) {
 	}
 	if st, ok := c.TLSConnectionState(); ok {
 		ss.tls = true
-		ss.tlsVer = tls.VersionName(st.Version)
+		// Spelt as on the delivery line ("TLS1.3"), one name for one thing.
+		ss.tlsVer = strings.ReplaceAll(tls.VersionName(st.Version), " ", "")
 	}
 	if !s.register(ss) {
 		return nil, errShuttingDown
@@ -215,6 +225,13 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 		ss.s.log.Info("auth refused before TLS", zap.String("client_ip", ss.ipStr), zap.String("mechanism", mech))
 		return nil, errEncryptionRequired
 	}
+	if ss.lconn != nil && ss.lconn.authFailures.Load() >= maxAuthFailures {
+		// The reply is written, then the connection closed.
+		ss.s.log.Warn("auth refused: too many failures on this connection", zap.String("client_ip", ss.ipStr),
+			zap.Int32("failures", ss.lconn.authFailures.Load()))
+		ss.lconn.closeAfterWrite.Store(true)
+		return nil, errAuthTooMany
+	}
 	var srv sasl.Server
 	switch strings.ToUpper(mech) {
 	case sasl.Plain:
@@ -234,27 +251,78 @@ func (ss *session) Auth(mech string) (sasl.Server, error) {
 }
 
 // authenticate checks the credentials and, on success, makes username the
-// session's user.
+// session's user. The cheap refusals come first: a password bcrypt would
+// truncate, then the client's throttle (waited out before, not after, the
+// comparison, so that a guesser pays in time and the server not in CPU),
+// then a slot among bcryptSlots.
 func (ss *session) authenticate(mech, username, password string, identityOK bool) error {
-	if ss.s.checkPassword(username, password) && identityOK {
-		ss.mu.Lock()
-		ss.user = username
-		ss.mu.Unlock()
-		ss.s.log.Debug("auth ok", zap.String("client_ip", ss.ipStr), zap.String("user", username), zap.String("mechanism", mech))
-		return nil
-	}
-	n, delay := ss.s.throttle.fail(ss.ip, time.Now())
-	ss.s.log.Warn("auth failed", zap.String("client_ip", ss.ipStr), zap.String("user", username),
-		zap.String("mechanism", mech), zap.Int("failures", n), zap.Duration("delay", delay))
-	if delay > 0 {
-		t := time.NewTimer(delay)
-		select {
-		case <-t.C:
-		case <-ss.s.done:
-			t.Stop()
+	s := ss.s
+	fail := func(why string) error {
+		n, _ := s.throttle.fail(ss.ip, time.Now())
+		var onConn int32
+		if ss.lconn != nil {
+			onConn = ss.lconn.authFailures.Add(1)
 		}
+		s.log.Warn("auth failed", zap.String("client_ip", ss.ipStr), zap.String("user", username),
+			zap.String("mechanism", mech), zap.String("reason", why), zap.Int("failures", n), zap.Int32("connection_failures", onConn))
+		return errAuthInvalid
 	}
-	return errAuthInvalid
+	if len(password) > maxPasswordBytes {
+		// bcrypt compares only the first 72 bytes: a longer password
+		// would match any other with the same beginning.
+		return fail("password longer than 72 bytes")
+	}
+	release, ok := s.throttle.acquire(ss.ip, s.done, ss.closed)
+	if !ok {
+		return errShuttingDown
+	}
+	defer release()
+	wait := s.throttle.admit(ss.ip, time.Now())
+	if wait > maxAuthWait {
+		s.log.Warn("auth throttled", zap.String("client_ip", ss.ipStr), zap.String("user", username), zap.Duration("wait", wait))
+		if ss.lconn != nil {
+			ss.lconn.authFailures.Add(1)
+		}
+		if !ss.sleep(authTarpit) {
+			return errShuttingDown
+		}
+		return errAuthThrottled
+	}
+	defer s.throttle.done(ss.ip)
+	if wait > 0 && !ss.sleep(wait) {
+		return errShuttingDown
+	}
+	select {
+	case s.bcryptSlots <- struct{}{}:
+	case <-s.done:
+		return errShuttingDown
+	case <-ss.closed:
+		return errShuttingDown
+	}
+	ok = s.checkPassword(username, password)
+	<-s.bcryptSlots
+	if !ok || !identityOK {
+		return fail("invalid credentials")
+	}
+	ss.mu.Lock()
+	ss.user = username
+	ss.mu.Unlock()
+	s.log.Debug("auth ok", zap.String("client_ip", ss.ipStr), zap.String("user", username), zap.String("mechanism", mech))
+	return nil
+}
+
+// sleep waits d; false when the server began shutting down or the
+// connection ended first.
+func (ss *session) sleep(d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-t.C:
+		return true
+	case <-ss.s.done:
+	case <-ss.closed:
+	}
+	return false
 }
 
 // Mail starts a transaction.
@@ -283,9 +351,13 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		if !opts.UTF8 && !isASCII(from) {
 			return reject(errNeedUTF8, "non-ASCII sender without SMTPUTF8")
 		}
-		if !validAddress(from) {
-			return reject(errBadSender, "bad sender syntax")
+		if err := checkAddress(from, errBadSender); err != nil {
+			return reject(err, "bad sender syntax")
 		}
+	}
+	if hasControl(opts.EnvelopeID) {
+		// RFC 3461 ENVID travels into DSNs.
+		return reject(errBadParam, "control character in ENVID")
 	}
 	if !ss.s.senderAllowed(from) {
 		return reject(errSenderNotAllowed, "sender not in allowed_senders")
@@ -330,8 +402,12 @@ func (ss *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if !ss.env.SMTPUTF8 && !isASCII(to) {
 		return errNeedUTF8
 	}
-	if !validAddress(to) {
-		return errBadRcpt
+	if err := checkAddress(to, errBadRcpt); err != nil {
+		return err
+	}
+	if hasControl(opts.OriginalRecipient) {
+		// RFC 3461 ORCPT travels into DSNs.
+		return errBadParam
 	}
 	for _, r := range ss.env.Rcpts {
 		if r.Addr == to {
@@ -352,9 +428,10 @@ func (ss *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 }
 
 // Data streams the message into the queue: a Received header first, then
-// the client's bytes as go-smtp hands them over (dot-unstuffed, line
-// endings untouched, RFC 5321 §4.5.2). The reply is 250 only after the
-// queue committed the message durably.
+// the client's bytes, dot-unstuffed (DATA, RFC 5321 §4.5.2) and with every
+// line ended by CRLF (see bodyWriter: bare LF is normalised, bare CR
+// refuses the message). The reply is 250 only after the queue committed
+// the message durably.
 func (ss *session) Data(r io.Reader) error {
 	var env queue.Envelope
 	var ok bool
@@ -370,33 +447,76 @@ func (ss *session) Data(r io.Reader) error {
 	defer ss.update(func() { ss.dataActive = false })
 
 	s := ss.s
+	// submission.data_timeout without progress, renewed by every read
+	// that brings bytes (RFC 5321 §4.5.3.2.6 asks for a timeout per
+	// chunk, not for the whole message).
+	if ss.lconn != nil {
+		ss.lconn.dataMode(s.sub.DataTimeout.Duration)
+		defer ss.lconn.dataMode(0)
+	}
+
 	w := s.queue.NewWriter()
 	defer w.Abort() // no-op after Commit
 
 	if _, err := io.WriteString(w, ss.receivedHeader(env, time.Now())); err != nil {
 		s.log.Error("queue write failed", zap.String("client_ip", ss.ipStr), zap.Error(err))
+		ss.drain(r)
 		return errQueueWrite
 	}
-	werr, rerr := copyData(w, r)
+	br, finish, dot := dotSource(r)
+	b := newBodyWriter(w, dot || isGoSMTPDataReader(r), s.sub.MaxMessageBytes)
+	var rerr error
 	switch {
-	case werr != nil:
-		s.log.Error("queue write failed", zap.String("client_ip", ss.ipStr), zap.Error(werr))
-		return errQueueWrite
-	case rerr != nil:
+	case dot:
+		rerr = readDot(br, b)
+		if rerr == nil {
+			finish()
+		}
+	case isGoSMTPDataReader(r):
+		// go-smtp changed: its reader has already unstuffed the dots.
+		s.log.Error("go-smtp DATA reader not recognised; using its end-of-data parsing")
+		b.dot = false
+		rerr = readAll(r, b)
+	default: // BDAT
+		rerr = readAll(r, b)
+	}
+	if rerr != nil {
 		var serr *smtp.SMTPError
 		switch {
 		case errors.As(rerr, &serr):
-			// go-smtp's ErrDataTooLarge: 552 5.3.4.
+			// go-smtp's ErrDataTooLarge (fallback path): 552 5.3.4.
 			s.log.Info("message rejected", zap.String("client_ip", ss.ipStr), zap.String("user", env.User),
 				zap.String("from", env.From), zap.String("reason", serr.Message))
 			return serr
 		case errors.Is(rerr, smtp.ErrTooLongLine):
 			s.log.Info("message rejected", zap.String("client_ip", ss.ipStr), zap.String("reason", "line too long"))
 			return errLineTooLong
+		case errors.Is(rerr, smtp.ErrDataReset):
+			return rerr
 		default:
+			// A timeout or a broken connection in the middle of the
+			// message: what the client sends next is the rest of its
+			// body, not commands; close after the reply.
 			s.log.Info("message aborted", zap.String("client_ip", ss.ipStr), zap.Error(rerr))
+			if dot && ss.lconn != nil {
+				ss.lconn.closeAfterWrite.Store(true)
+			}
 			return errReadData
 		}
+	}
+	reply, werr := b.finish()
+	if werr != nil {
+		s.log.Error("queue write failed", zap.String("client_ip", ss.ipStr), zap.Error(werr))
+		return errQueueWrite
+	}
+	if reply != nil {
+		reason := "bare CR"
+		if reply == smtp.ErrDataTooLarge {
+			reason = "too large"
+		}
+		s.log.Info("message rejected", zap.String("client_ip", ss.ipStr), zap.String("user", env.User),
+			zap.String("from", env.From), zap.String("reason", reason))
+		return reply
 	}
 	size := w.Size()
 	id, err := w.Commit(env)
@@ -419,22 +539,15 @@ func (ss *session) Data(r io.Reader) error {
 	return &smtp.SMTPError{Code: 250, EnhancedCode: smtp.EnhancedCode{2, 0, 0}, Message: "OK queued as " + id}
 }
 
-// copyData copies r to w in pieces, telling a failed write (ours) from a
-// failed read (the client's).
-func copyData(w io.Writer, r io.Reader) (werr, rerr error) {
-	buf := make([]byte, 32<<10)
-	for {
-		n, err := r.Read(buf)
-		if n > 0 {
-			if _, werr = w.Write(buf[:n]); werr != nil {
-				return werr, nil
-			}
+// drain reads the rest of the message and throws it away, so that the
+// reply comes after it (DATA: up to the real end of data).
+func (ss *session) drain(r io.Reader) {
+	b := newBodyWriter(io.Discard, true, 0)
+	if br, finish, ok := dotSource(r); ok {
+		if readDot(br, b) == nil {
+			finish()
 		}
-		if err == io.EOF {
-			return nil, nil
-		}
-		if err != nil {
-			return nil, err
-		}
+		return
 	}
+	_, _ = io.Copy(io.Discard, r)
 }

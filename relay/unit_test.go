@@ -6,6 +6,8 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-smtp"
+
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -78,33 +80,53 @@ func TestLoginServer(t *testing.T) {
 	}
 }
 
-func TestValidAddress(t *testing.T) {
+func TestCheckAddress(t *testing.T) {
+	bad := errBadRcpt
 	for _, tc := range []struct {
+		name string
 		addr string
-		ok   bool
+		want *smtp.SMTPError
 	}{
-		{"a@example.com", true},
-		{"a.b+c@sub.example.co.uk", true},
-		{"a@[192.0.2.1]", true},
-		{"a@[IPv6:2001:db8::1]", true},
-		{"a@bücher.example", true},
-		{"a@localhost", true},
-		{"a@", false},
-		{"@example.com", false},
-		{"a@example..com", false},
-		{"a@-example.com", false},
-		{"a@example-.com", false},
-		{"a@exa_mple.com", false},
-		{"a@example.com.", false},
-		{"a@[]", false},
-		{"a b@example.com", false}, // was "a b"@example.com
-		{"a\"b@example.com", false},
-		{"a@b@example.com", false},
-		{"a@" + strings.Repeat("x", 64) + ".com", false},
+		{"plain", "a@example.com", nil},
+		{"dots and plus", "a.b+c@sub.example.co.uk", nil},
+		{"IPv4 literal", "a@[192.0.2.1]", nil},
+		{"IPv6 literal", "a@[IPv6:2001:db8::1]", nil},
+		{"IPv6 tag in lower case", "a@[ipv6:2001:db8::1]", nil},
+		{"internationalized domain", "a@bücher.example", nil},
+		{"single label", "a@localhost", nil},
+		{"no domain", "a@", bad},
+		{"no local part", "@example.com", bad},
+		{"empty label", "a@example..com", bad},
+		{"label starting with hyphen", "a@-example.com", bad},
+		{"label ending with hyphen", "a@example-.com", bad},
+		{"underscore", "a@exa_mple.com", bad},
+		{"trailing dot", "a@example.com.", bad},
+		{"space in local part", "a b@example.com", bad}, // was "a b"@example.com
+		{"quote in local part", "a\"b@example.com", bad},
+		{"two at signs", "a@b@example.com", bad},
+		{"label over 63", "a@" + strings.Repeat("x", 64) + ".com", bad},
+		// RFC 5321 §4.1.3: only IPv4 and IPv6: literals.
+		{"empty literal", "a@[]", errAddrLiteral},
+		{"literal that is a name", "a@[example.com]", errAddrLiteral},
+		{"IPv6 literal without tag", "a@[2001:db8::1]", errAddrLiteral},
+		{"IPv4 literal with tag", "a@[IPv6:192.0.2.1]", errAddrLiteral},
+		{"IPv6 literal with zone", "a@[IPv6:fe80::1%eth0]", errAddrLiteral},
+		{"general literal", "a@[x-tag:whatever]", errAddrLiteral},
+		{"IPv4 literal with trailing junk", "a@[1.2.3.4/../../etc]", errAddrLiteral},
+		{"short IPv4 literal", "a@[1.2.3]", errAddrLiteral},
+		// Control characters anywhere: 501 5.1.3.
+		{"issue 11 literal", "x@[1.2.3.4\x01\x1bP\rX-Injected:yes/../../etc]", errAddrControl},
+		{"CR in local part", "a\rb@example.com", errAddrControl},
+		{"ESC in domain", "a@exa\x1bmple.com", errAddrControl},
+		{"DEL", "a\x7f@example.com", errAddrControl},
+		{"C1 control in IDN", "a@b\u0085ücher.example", errAddrControl},
+		{"invalid UTF-8", "a@b\xffcher.example", errAddrControl},
 	} {
-		if got := validAddress(tc.addr); got != tc.ok {
-			t.Errorf("validAddress(%q) = %v, want %v", tc.addr, got, tc.ok)
-		}
+		t.Run(tc.name, func(t *testing.T) {
+			if got := checkAddress(tc.addr, bad); got != tc.want {
+				t.Errorf("checkAddress(%q) = %v, want %v", tc.addr, got, tc.want)
+			}
+		})
 	}
 }
 

@@ -4,13 +4,20 @@
 // record, §3), builds the aggregate JSON report (§4), and delivers it,
 // gzip-compressed, by HTTPS POST or by mail through the relay's queue (§5).
 //
-// The package has three parts:
+// The package has these parts:
 //
+//   - The vocabulary (result.go) and Classify (classify.go): the RFC 8460
+//     policy and result types, and the one mapping from a STARTTLS reply
+//     or TLS/certificate error to a result type and a short, stable
+//     failure-reason-code. Delivery and mtasts use them, so the log line,
+//     the metric and the report carry the same value.
 //   - Recorder (recorder.go) is what delivery calls once per SMTP session —
 //     one connection / TLS negotiation attempt to one MX IP (§4.2), not per
 //     message or recipient. Record aggregates in memory under a mutex;
 //     Run writes the aggregates to disk about once a second, so a crash
-//     loses at most about a second of counts.
+//     loses at most about a second of counts. Record bounds every string
+//     a peer can influence (host and HELO names, reason codes) in length
+//     and to printable ASCII.
 //   - LookupRecord (record.go) and BuildReport (report.go) are the pure
 //     protocol parts.
 //   - Reporter (reporter.go, mail.go) turns each finished period into one
@@ -29,8 +36,9 @@
 // contact-info, so operators should use a contact address in that domain;
 // NewReporter logs a warning when they differ.
 //
-// Loop prevention (RFC 8460 §3, §5.3): reports sent by mail are queued with
-// Kind queue.KindTLSRPT and the header "TLS-Required: No" (RFC 8689 §3).
+// Loop prevention (RFC 8460 §3, §5.3): reports sent by mail are handed to
+// the Enqueuer, which queues them as TLS-RPT reports (queue.KindTLSRPT),
+// with the header "TLS-Required: No" (RFC 8689 §3).
 // Delivery must deliver them despite MTA-STS/DANE failures and must not call
 // Recorder.Record for their sessions, otherwise reports about reports would
 // loop forever (stalwart#1301, tlsrpt-reporter#50). That check lives in
@@ -41,9 +49,17 @@
 //     allows ignoring certificate errors; we don't, so that a report is not
 //     handed to an impostor). Redirects are not followed: a 3xx is a failed
 //     attempt.
-//   - A report is sent to every supported rua (mailto and https), each
-//     retried on its own with exponential backoff for Options.RetryFor
-//     (default 24h after the first attempt, §5.5), then dropped.
+//   - A report is sent to every supported rua (mailto and https), at most
+//     MaxRUA (5) distinct ones per record, each retried on its own with
+//     exponential backoff for Options.RetryFor (default 24h after the
+//     first attempt, §5.5), then dropped.
+//   - https: endpoints on loopback, private, link-local and other
+//     non-public addresses are refused (checked on the address connected
+//     to) unless Options.AllowPrivateRUA: the rua is chosen by whoever
+//     controls the domain's DNS.
+//   - Report job files are named with domain.FileName, so any domain,
+//     however long, has one; a domain whose job cannot be written is
+//     retried and then given up without holding up the others.
 //   - Delivery to one rua is at-least-once: its "sent" state is written
 //     right after the 2xx or the queue's acceptance; a crash in between may
 //     repeat it with the same report-id, which §5.3 lets receivers use to

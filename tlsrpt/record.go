@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/mail"
 	"net/url"
+	"slices"
 	"strings"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
@@ -33,15 +34,24 @@ var (
 	ErrDNS = errors.New("TLSRPT record lookup failed")
 )
 
+// MaxRUA is how many report URIs of one record are used. RFC 8460 §3 lets
+// a sender pick ("MAY" send to each); without a bound a record listing 25
+// mailboxes makes 25 report mails out of one delivered message.
+const MaxRUA = 5
+
 // Record is a parsed TLSRPT policy record (RFC 8460 §3).
 type Record struct {
 	// Raw is the record text, its strings joined without spaces.
 	Raw string
-	// RUAs are the supported report URIs, in the order published.
+	// RUAs are the supported report URIs, in the order published, without
+	// duplicates, at most MaxRUA.
 	RUAs []RUA
 	// Ignored lists rua URIs that were skipped: another scheme than
 	// mailto/https, or not parseable. For the checker and logs.
 	Ignored []string
+	// Excess lists supported rua URIs beyond the first MaxRUA, which are
+	// not used.
+	Excess []string
 	// Extensions are the unknown fields, ignored as §3 requires.
 	Extensions map[string]string
 }
@@ -128,6 +138,7 @@ func ParseRecord(txt string) (*Record, error) {
 	}
 	rec := &Record{Raw: txt}
 	sawRUA := false
+	var distinct []RUA // every supported rua seen
 	for i, f := range fields[1:] {
 		f = strings.Trim(f, " \t")
 		if f == "" {
@@ -154,7 +165,16 @@ func ParseRecord(txt string) (*Record, error) {
 					return bad("empty rua URI")
 				}
 				if rua, ok := parseRUA(u); ok {
-					rec.RUAs = append(rec.RUAs, rua)
+					switch {
+					case slices.ContainsFunc(distinct, rua.same):
+						// The same destination twice: one report.
+						continue
+					case len(rec.RUAs) >= MaxRUA:
+						rec.Excess = append(rec.Excess, u)
+					default:
+						rec.RUAs = append(rec.RUAs, rua)
+					}
+					distinct = append(distinct, rua)
 				} else {
 					rec.Ignored = append(rec.Ignored, u)
 				}
@@ -191,6 +211,20 @@ func validExtName(s string) bool {
 		}
 	}
 	return true
+}
+
+// same reports whether a and b name the same destination: the same
+// mailbox (domain case-insensitive), or the same https URI.
+func (a RUA) same(b RUA) bool {
+	if a.Scheme != b.Scheme {
+		return false
+	}
+	if a.Scheme == "mailto" {
+		la, da, _ := strings.Cut(a.Address, "@")
+		lb, db, _ := strings.Cut(b.Address, "@")
+		return la == lb && strings.EqualFold(da, db)
+	}
+	return a.URI == b.URI
 }
 
 // parseRUA accepts mailto: URIs with one valid address and https: URIs with

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"slices"
+	"strings"
 	"testing"
 	"time"
 
@@ -144,5 +145,35 @@ func TestLookupRecordRealDNS(t *testing.T) {
 	w.DNS.SetTXT("_smtp._tls.two.test", []string{"v=TLSRPTv1; rua=https://a.test/"}, []string{"v=TLSRPTv1; rua=https://b.test/"})
 	if _, err := LookupRecord(context.Background(), res, "two.test"); !errors.Is(err, ErrMultipleRecords) {
 		t.Errorf("two records: err = %v, want ErrMultipleRecords", err)
+	}
+}
+
+// Issue #9 finding 8: at most MaxRUA destinations are used; duplicates
+// count once.
+func TestParseRecordRUACap(t *testing.T) {
+	var uris []string
+	for i := range 25 {
+		uris = append(uris, fmt.Sprintf("mailto:r%d@rep.test", i))
+	}
+	rec, err := ParseRecord("v=TLSRPTv1; rua=mailto:r0@REP.test," + strings.Join(uris, ",") + ",https://rua.test/r,https://rua.test/r")
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(rec.RUAs) != MaxRUA {
+		t.Fatalf("%d rua used, want %d", len(rec.RUAs), MaxRUA)
+	}
+	for i, r := range rec.RUAs {
+		if want := fmt.Sprintf("mailto:r%d@rep.test", i); i > 0 && r.URI != want {
+			t.Errorf("rua %d = %s, want %s", i, r.URI, want)
+		}
+	}
+	// 26 mailto (one a duplicate of r0) + 2 https (one duplicate): 26
+	// distinct, 5 used.
+	if len(rec.Excess) != 21 {
+		t.Errorf("excess = %d: %v", len(rec.Excess), rec.Excess)
+	}
+	rec, err = ParseRecord("v=TLSRPTv1; rua=mailto:a@rep.test,mailto:a@rep.test,https://x.test/r")
+	if err != nil || len(rec.RUAs) != 2 || len(rec.Excess) != 0 {
+		t.Errorf("dedupe: %+v, %v", rec, err)
 	}
 }

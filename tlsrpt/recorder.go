@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"os"
 	"path/filepath"
 	"slices"
@@ -15,28 +14,8 @@ import (
 	"time"
 
 	"go.uber.org/zap"
-)
 
-// Policy types (RFC 8460 §4.4 "policy-type").
-const (
-	PolicyTypeSTS           = "sts"
-	PolicyTypeTLSA          = "tlsa"
-	PolicyTypeNoPolicyFound = "no-policy-found"
-)
-
-// Result types (RFC 8460 §4.3, registry §6.6).
-const (
-	ResultSTARTTLSNotSupported    = "starttls-not-supported"
-	ResultCertificateHostMismatch = "certificate-host-mismatch"
-	ResultCertificateExpired      = "certificate-expired"
-	ResultCertificateNotTrusted   = "certificate-not-trusted"
-	ResultValidationFailure       = "validation-failure"
-	ResultTLSAInvalid             = "tlsa-invalid"
-	ResultDNSSECInvalid           = "dnssec-invalid"
-	ResultDANERequired            = "dane-required"
-	ResultSTSPolicyFetchError     = "sts-policy-fetch-error"
-	ResultSTSPolicyInvalid        = "sts-policy-invalid"
-	ResultSTSWebPKIInvalid        = "sts-webpki-invalid"
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 )
 
 // DefaultInterval is the report period: a UTC day (RFC 8460 §4.1).
@@ -54,10 +33,16 @@ type Session struct {
 	// Time is when the session happened; it picks the period. Zero means
 	// the recorder's now().
 	Time time.Time
-	// PolicyDomain is the recipient domain, as an A-label.
+	// PolicyDomain is the policy domain (the recipient domain, or the
+	// next hop's), as an A-label (domain.Domain.ASCII).
 	PolicyDomain string
-	// PolicyType is "sts", "no-policy-found" or "tlsa".
-	PolicyType string
+	// PolicyType is the policy applied; empty or unknown means
+	// no-policy-found. A failure with an sts-policy-* result type
+	// (the domain publishes an _mta-sts record but no valid policy could
+	// be had) is always counted under PolicyTypeSTS, with the
+	// PolicyString and MXPatterns given (usually none), as §4.3.2.2
+	// requires.
+	PolicyType PolicyType
 	// PolicyString is the applied policy, one element per line (each mx
 	// line separately, §4.5); for TLSA one element per RR.
 	PolicyString []string
@@ -65,16 +50,30 @@ type Session struct {
 	MXPatterns []string
 	// Success: a policy-compliant TLS session was negotiated (§4.2.1).
 	Success bool
-	// ResultType is the §4.3 result type of a failure; empty on failure
-	// means validation-failure.
-	ResultType string
+	// ResultType is the §4.3 result type of a failure; empty or unknown
+	// on failure means validation-failure.
+	ResultType ResultType
 	// SendingIP is our address, ReceivingMX the MX host name,
-	// ReceivingHelo its EHLO name, ReceivingIP its address.
+	// ReceivingHelo the first word of its greeting, ReceivingIP its
+	// address. Empty when the failure came before any MX was tried.
 	SendingIP, ReceivingMX, ReceivingHelo, ReceivingIP string
-	// FailureReasonCode is short error text (§4.3.1, §4.3.3);
-	// AdditionalInfo an optional URI (§4.4 "additional-information").
+	// FailureReasonCode is a short, stable code (§4.3.1, §4.3.3), as
+	// Classify gives: no times, ports or peer text, which would make
+	// every session its own failure-details entry. AdditionalInfo is an
+	// optional URI (§4.4 "additional-information").
 	FailureReasonCode, AdditionalInfo string
 }
+
+// Bounds on the strings of a Session that reach the aggregate key, the
+// counts file and the report (the MX's greeting word and host name come
+// from peers). Record truncates longer strings and replaces bytes outside
+// printable ASCII with '?'.
+const (
+	maxNameLen   = 255 // policy domain, MX host name, HELO name
+	maxIPLen     = 64  // IP addresses (an IPv6 address with a zone fits)
+	maxReasonLen = 64  // failure-reason-code
+	maxInfoLen   = 255 // additional-information
+)
 
 // aggKey identifies one aggregate. Successful sessions only count per
 // period, domain and policy (the report has no details for them), which
@@ -82,8 +81,8 @@ type Session struct {
 type aggKey struct {
 	start                                    int64 // period start, Unix seconds
 	domain                                   string
-	policy                                   uint32 // index into Recorder.policies
-	result                                   string // "" for success
+	policy                                   uint32     // index into Recorder.policies
+	result                                   ResultType // "" for success
 	sendingIP, mx, receivingIP, helo, reason string
 }
 
@@ -94,9 +93,9 @@ type aggValue struct {
 
 // policyDef is an interned policy: type, lines and mx patterns.
 type policyDef struct {
-	Type  string   `json:"type"`
-	Lines []string `json:"lines"`
-	MX    []string `json:"mx"`
+	Type  PolicyType `json:"type"`
+	Lines []string   `json:"lines"`
+	MX    []string   `json:"mx"`
 }
 
 // Recorder aggregates session results per period and policy domain and
@@ -174,11 +173,6 @@ func NewRecorder(dir string, now func() time.Time, logger *zap.Logger, opts ...R
 // Interval is the report period.
 func (r *Recorder) Interval() time.Duration { return time.Duration(r.interval) * time.Second }
 
-// PeriodStart is the start of the period holding t.
-func (r *Recorder) PeriodStart(t time.Time) time.Time {
-	return time.Unix(periodStart(t.Unix(), r.interval), 0).UTC()
-}
-
 // periodStart floors sec to a multiple of interval (also for sec < 0).
 func periodStart(sec, interval int64) int64 {
 	p := sec - sec%interval
@@ -189,27 +183,40 @@ func periodStart(sec, interval int64) int64 {
 }
 
 // Record counts one session. It only updates memory under a mutex: no I/O,
-// and no allocation when the aggregate already exists.
+// and no allocation when the aggregate already exists. It bounds every
+// string that reaches the report (see maxNameLen), so no caller can put a
+// peer's megabyte into the counts file or a report.
 func (r *Recorder) Record(s Session) {
 	t := s.Time
 	if t.IsZero() {
 		t = r.now()
 	}
 	start := periodStart(t.Unix(), r.interval)
-	k := aggKey{start: start, domain: normDomain(s.PolicyDomain)}
+	k := aggKey{start: start, domain: bound(normDomain(s.PolicyDomain), maxNameLen)}
 	if k.domain == "" {
 		return // nothing to report to
 	}
+	typ := s.PolicyType
+	if !typ.Valid() {
+		typ = PolicyTypeNoPolicyFound
+	}
+	info := ""
 	if !s.Success {
 		k.result = s.ResultType
-		if k.result == "" {
+		if !k.result.Valid() {
 			k.result = ResultValidationFailure
 		}
-		k.sendingIP = s.SendingIP
-		k.mx = normDomain(s.ReceivingMX)
-		k.receivingIP = s.ReceivingIP
-		k.helo = s.ReceivingHelo
-		k.reason = s.FailureReasonCode
+		if k.result.IsSTSPolicyFailure() && typ == PolicyTypeNoPolicyFound {
+			// §4.3.2.2: the domain has an _mta-sts record; its failure
+			// belongs to the sts policy even though none could be had.
+			typ = PolicyTypeSTS
+		}
+		k.sendingIP = bound(s.SendingIP, maxIPLen)
+		k.mx = bound(normDomain(s.ReceivingMX), maxNameLen)
+		k.receivingIP = bound(s.ReceivingIP, maxIPLen)
+		k.helo = bound(s.ReceivingHelo, maxNameLen)
+		k.reason = bound(s.FailureReasonCode, maxReasonLen)
+		info = bound(s.AdditionalInfo, maxInfoLen)
 	}
 
 	r.mu.Lock()
@@ -218,22 +225,42 @@ func (r *Recorder) Record(s Session) {
 		r.late++
 		return
 	}
-	k.policy = r.internLocked(s.PolicyType, s.PolicyString, s.MXPatterns)
+	k.policy = r.internLocked(typ, s.PolicyString, s.MXPatterns)
 	if v, ok := r.counts[k]; ok {
 		v.count++
-		if v.info == "" && s.AdditionalInfo != "" {
-			v.info = s.AdditionalInfo
+		if v.info == "" && info != "" {
+			v.info = info
 		}
 	} else {
-		r.counts[k] = &aggValue{count: 1, info: s.AdditionalInfo}
+		r.counts[k] = &aggValue{count: 1, info: info}
 	}
 	r.dirty = true
+}
+
+// bound returns s cut to at most n bytes, with every byte outside
+// printable ASCII replaced by '?'. It does not allocate when s is already
+// within bounds.
+func bound(s string, n int) string {
+	clean := len(s) <= n
+	for i := 0; clean && i < len(s); i++ {
+		clean = s[i] >= 0x20 && s[i] < 0x7f
+	}
+	if clean {
+		return s
+	}
+	b := []byte(s[:min(len(s), n)])
+	for i, c := range b {
+		if c < 0x20 || c >= 0x7f {
+			b[i] = '?'
+		}
+	}
+	return string(b)
 }
 
 // internLocked returns the id of a policy, adding it if new. The lookup
 // key is built in a reused buffer and looked up with m[string(b)], which
 // the compiler does without allocating.
-func (r *Recorder) internLocked(typ string, lines, mx []string) uint32 {
+func (r *Recorder) internLocked(typ PolicyType, lines, mx []string) uint32 {
 	if typ == "" {
 		typ = PolicyTypeNoPolicyFound
 	}
@@ -259,7 +286,7 @@ func (r *Recorder) internLocked(typ string, lines, mx []string) uint32 {
 
 func policyKey(p policyDef) string {
 	var sb strings.Builder
-	sb.WriteString(p.Type)
+	sb.WriteString(string(p.Type))
 	for _, l := range p.Lines {
 		sb.WriteByte(0)
 		sb.WriteString(l)
@@ -307,17 +334,17 @@ type fileState struct {
 }
 
 type fileEntry struct {
-	Start       int64  `json:"start"`
-	Domain      string `json:"domain"`
-	Policy      uint32 `json:"policy"`
-	Result      string `json:"result,omitempty"`
-	SendingIP   string `json:"sending_ip,omitempty"`
-	MX          string `json:"mx,omitempty"`
-	ReceivingIP string `json:"receiving_ip,omitempty"`
-	HELO        string `json:"helo,omitempty"`
-	Reason      string `json:"reason,omitempty"`
-	Info        string `json:"info,omitempty"`
-	Count       int64  `json:"count"`
+	Start       int64      `json:"start"`
+	Domain      string     `json:"domain"`
+	Policy      uint32     `json:"policy"`
+	Result      ResultType `json:"result,omitempty"`
+	SendingIP   string     `json:"sending_ip,omitempty"`
+	MX          string     `json:"mx,omitempty"`
+	ReceivingIP string     `json:"receiving_ip,omitempty"`
+	HELO        string     `json:"helo,omitempty"`
+	Reason      string     `json:"reason,omitempty"`
+	Info        string     `json:"info,omitempty"`
+	Count       int64      `json:"count"`
 }
 
 // Flush writes the aggregates to disk if they changed since the last
@@ -396,8 +423,18 @@ func (r *Recorder) load() error {
 			continue
 		}
 		p := st.Policies[e.Policy]
-		k := aggKey{start: e.Start, domain: e.Domain, result: e.Result, sendingIP: e.SendingIP,
-			mx: e.MX, receivingIP: e.ReceivingIP, helo: e.HELO, reason: e.Reason}
+		// Bounded as in Record: a file written by an older version may
+		// hold a peer's megabyte.
+		k := aggKey{start: e.Start, domain: bound(e.Domain, maxNameLen), result: e.Result,
+			sendingIP: bound(e.SendingIP, maxIPLen), mx: bound(e.MX, maxNameLen), receivingIP: bound(e.ReceivingIP, maxIPLen),
+			helo: bound(e.HELO, maxNameLen), reason: bound(e.Reason, maxReasonLen)}
+		if !p.Type.Valid() || k.domain == "" {
+			continue
+		}
+		if k.result != "" && !k.result.Valid() {
+			k.result = ResultValidationFailure
+		}
+		e.Info = bound(e.Info, maxInfoLen)
 		if rekey {
 			k.start = periodStart(e.Start, r.interval)
 		}
@@ -561,13 +598,14 @@ func nonNil(s []string) []string {
 }
 
 // closePeriod drops the counts of the period starting at start, after the
-// reporter made its report jobs durable, and refuses later sessions for
-// it and every earlier period. The caller flushes.
-func (r *Recorder) closePeriod(start int64) {
+// reporter made its report jobs durable, except those of the policy
+// domains in keep (their jobs could not be written yet), and refuses later
+// sessions for it and every earlier period. The caller flushes.
+func (r *Recorder) closePeriod(start int64, keep map[string]bool) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	for k := range r.counts {
-		if k.start <= start {
+		if k.start == start && !keep[k.domain] {
 			delete(r.counts, k)
 		}
 	}

@@ -2,10 +2,14 @@ package tlsrpt
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"os"
 	"path/filepath"
 	"reflect"
+	"slices"
+	"strconv"
+	"strings"
 	"sync"
 	"sync/atomic"
 	"testing"
@@ -47,7 +51,7 @@ var (
 	okSession  = Session{PolicyDomain: "ex.test", PolicyType: "sts", PolicyString: stsLines, MXPatterns: stsMX, Success: true}
 	badSession = Session{PolicyDomain: "ex.test", PolicyType: "sts", PolicyString: stsLines, MXPatterns: stsMX,
 		ResultType: ResultCertificateNotTrusted, SendingIP: "192.0.2.1", ReceivingMX: "mx1.ex.test",
-		ReceivingHelo: "mx1.ex.test", ReceivingIP: "198.51.100.7", FailureReasonCode: "x509: certificate signed by unknown authority"}
+		ReceivingHelo: "mx1.ex.test", ReceivingIP: "198.51.100.7", FailureReasonCode: "certificate-unknown-authority"}
 )
 
 func at(s Session, t time.Time) Session { s.Time = t; return s }
@@ -203,7 +207,7 @@ func TestRecordLateSessionDropped(t *testing.T) {
 	c := newClock(day1.Add(25 * time.Hour))
 	r := newTestRecorder(t, t.TempDir(), c)
 	r.Record(at(okSession, day1.Add(time.Hour)))
-	r.closePeriod(day1.Unix())
+	r.closePeriod(day1.Unix(), nil)
 	r.Record(at(okSession, day1.Add(2*time.Hour))) // period already reported
 	r.Record(at(okSession, day1.Add(24*time.Hour)))
 	p := r.Pending()
@@ -258,5 +262,115 @@ func BenchmarkRecord(b *testing.B) {
 	}
 	if total != int64(b.N+len(sessions)) {
 		b.Fatalf("counted %d sessions, want %d", total, b.N+len(sessions))
+	}
+}
+
+// Issue #9 finding 7: a peer's greeting word of a megabyte, a huge reason
+// or bytes outside printable ASCII never reach the counts file or the
+// report unbounded, whatever the caller passes.
+func TestRecordBoundsPeerStrings(t *testing.T) {
+	c := newClock(day1.Add(time.Hour))
+	dir := t.TempDir()
+	r := newTestRecorder(t, dir, c)
+	huge := strings.Repeat("h", 1<<20)
+	for i := range 100 {
+		s := at(badSession, day1.Add(time.Hour))
+		s.ReceivingHelo = huge + strconv.Itoa(i) // a different word each session
+		s.ReceivingMX = huge + ".example"
+		s.FailureReasonCode = huge
+		s.AdditionalInfo = huge
+		s.SendingIP, s.ReceivingIP = huge, huge
+		r.Record(s)
+	}
+	odd := at(badSession, day1.Add(time.Hour))
+	odd.ReceivingHelo = "mx\x00\x1b[31m\u00e9.test"
+	r.Record(odd)
+	if err := r.Flush(); err != nil {
+		t.Fatal(err)
+	}
+	fi, err := os.Stat(filepath.Join(dir, countsFile))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if fi.Size() > 16<<10 {
+		t.Errorf("counts.json is %d bytes after 100 sessions with 1 MB strings", fi.Size())
+	}
+	p := r.Pending()
+	if len(p) != 1 {
+		t.Fatalf("pending = %d", len(p))
+	}
+	var helos []string
+	for _, d := range p[0].Policies[0].FailureDetails {
+		for name, v := range map[string]string{"helo": d.ReceivingMXHelo, "mx": d.ReceivingMXHostname,
+			"reason": d.FailureReasonCode, "info": d.AdditionalInformation, "ip": d.ReceivingIP, "sending ip": d.SendingMTAIP} {
+			limit := map[string]int{"reason": maxReasonLen, "ip": maxIPLen, "sending ip": maxIPLen}[name]
+			if limit == 0 {
+				limit = maxNameLen
+			}
+			if len(v) > limit {
+				t.Errorf("%s of %d bytes", name, len(v))
+			}
+			for i := 0; i < len(v); i++ {
+				if v[i] < 0x20 || v[i] >= 0x7f {
+					t.Errorf("%s %q has a byte outside printable ASCII", name, v)
+					break
+				}
+			}
+		}
+		helos = append(helos, d.ReceivingMXHelo)
+	}
+	// Cut to 255 bytes, the 100 different words are one word.
+	if len(helos) != 2 || !slices.Contains(helos, "mx??[31m??.test") {
+		t.Errorf("helos = %q", helos)
+	}
+	// A file written before the bounds is bounded when loaded.
+	r2 := newTestRecorder(t, dir, c)
+	if got := r2.Pending(); !reflect.DeepEqual(got, p) {
+		t.Errorf("reloaded pending differs")
+	}
+}
+
+// RFC 8460 §4.3.2.2: a domain with an _mta-sts record whose policy could
+// not be fetched is reported under policy-type sts (with an empty policy
+// string and mx-host), not no-policy-found, even when the caller says
+// no-policy-found or nothing.
+func TestRecordSTSFetchFailure(t *testing.T) {
+	c := newClock(day1.Add(time.Hour))
+	r := newTestRecorder(t, t.TempDir(), c)
+	for _, pt := range []PolicyType{"", PolicyTypeNoPolicyFound, PolicyTypeSTS} {
+		r.Record(Session{PolicyDomain: "ex.test", PolicyType: pt, ResultType: ResultSTSPolicyFetchError, FailureReasonCode: "http-status-404"})
+	}
+	r.Record(Session{PolicyDomain: "ex.test", ResultType: ResultSTSWebPKIInvalid, FailureReasonCode: "certificate-expired"})
+	// The delivery that followed, with no policy applied.
+	r.Record(Session{PolicyDomain: "ex.test", PolicyType: PolicyTypeNoPolicyFound, Success: true})
+	// An unknown result type is validation-failure.
+	r.Record(Session{PolicyDomain: "ex.test", PolicyType: "bogus", ResultType: "bogus", ReceivingMX: "mx1.ex.test"})
+
+	p := r.Pending()
+	if len(p) != 1 || len(p[0].Policies) != 2 {
+		t.Fatalf("pending = %+v", p)
+	}
+	np, sts := p[0].Policies[0], p[0].Policies[1]
+	if np.Policy.PolicyType != PolicyTypeNoPolicyFound || np.Summary != (Summary{1, 1}) ||
+		len(np.FailureDetails) != 1 || np.FailureDetails[0].ResultType != ResultValidationFailure {
+		t.Errorf("no-policy-found entry = %+v", np)
+	}
+	if sts.Policy.PolicyType != PolicyTypeSTS || sts.Policy.PolicyString == nil || len(sts.Policy.PolicyString) != 0 ||
+		sts.Policy.MXHost == nil || len(sts.Policy.MXHost) != 0 || sts.Summary != (Summary{0, 4}) {
+		t.Fatalf("sts entry = %+v", sts)
+	}
+	want := []FailureDetail{
+		{ResultType: ResultSTSPolicyFetchError, FailedSessionCount: 3, FailureReasonCode: "http-status-404"},
+		{ResultType: ResultSTSWebPKIInvalid, FailedSessionCount: 1, FailureReasonCode: "certificate-expired"},
+	}
+	if !reflect.DeepEqual(sts.FailureDetails, want) {
+		t.Errorf("failure details = %+v", sts.FailureDetails)
+	}
+	raw, err := json.Marshal(BuildReport(ReportOptions{Submitter: "relay.example.net"}, p[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := `{"policy":{"policy-type":"sts","policy-string":[],"policy-domain":"ex.test","mx-host":[]}`; !strings.Contains(string(raw), want) {
+		t.Errorf("report %s lacks %s", raw, want)
 	}
 }

@@ -11,11 +11,9 @@ import (
 	"time"
 )
 
-// Media types of RFC 8460 §6.4, §6.5.
-const (
-	MediaTypeGzip = "application/tlsrpt+gzip"
-	MediaTypeJSON = "application/tlsrpt+json"
-)
+// MediaTypeGzip is the media type of a gzip-compressed report (RFC 8460
+// §6.5), for both transports.
+const MediaTypeGzip = "application/tlsrpt+gzip"
 
 // dateTimeFormat is RFC 3339 in UTC with whole seconds, as in the §4.4
 // example: 2016-04-01T23:59:59Z.
@@ -50,10 +48,10 @@ type PolicyResult struct {
 
 // PolicyDesc is the "policy" object.
 type PolicyDesc struct {
-	PolicyType   string   `json:"policy-type"`
-	PolicyString []string `json:"policy-string"`
-	PolicyDomain string   `json:"policy-domain"`
-	MXHost       []string `json:"mx-host"`
+	PolicyType   PolicyType `json:"policy-type"`
+	PolicyString []string   `json:"policy-string"`
+	PolicyDomain string     `json:"policy-domain"`
+	MXHost       []string   `json:"mx-host"`
 }
 
 // Summary is the "summary" object (§4.2).
@@ -65,16 +63,17 @@ type Summary struct {
 // FailureDetail is one element of "failure-details" (§4.3, §4.4). The
 // address and host fields are left out only when the failure happened
 // before any MX was tried (e.g. sts-policy-fetch-error); receiving-mx-helo,
-// additional-information and failure-reason-code are optional.
+// additional-information and failure-reason-code are optional. Every
+// string is bounded and printable ASCII (Recorder.Record sees to it).
 type FailureDetail struct {
-	ResultType            string `json:"result-type"`
-	SendingMTAIP          string `json:"sending-mta-ip,omitempty"`
-	ReceivingMXHostname   string `json:"receiving-mx-hostname,omitempty"`
-	ReceivingMXHelo       string `json:"receiving-mx-helo,omitempty"`
-	ReceivingIP           string `json:"receiving-ip,omitempty"`
-	FailedSessionCount    int64  `json:"failed-session-count"`
-	AdditionalInformation string `json:"additional-information,omitempty"`
-	FailureReasonCode     string `json:"failure-reason-code,omitempty"`
+	ResultType            ResultType `json:"result-type"`
+	SendingMTAIP          string     `json:"sending-mta-ip,omitempty"`
+	ReceivingMXHostname   string     `json:"receiving-mx-hostname,omitempty"`
+	ReceivingMXHelo       string     `json:"receiving-mx-helo,omitempty"`
+	ReceivingIP           string     `json:"receiving-ip,omitempty"`
+	FailedSessionCount    int64      `json:"failed-session-count"`
+	AdditionalInformation string     `json:"additional-information,omitempty"`
+	FailureReasonCode     string     `json:"failure-reason-code,omitempty"`
 }
 
 // ReportOptions are the report's metadata.
@@ -158,14 +157,6 @@ func (r *Report) Filename(submitter, policyDomain string) string {
 		name += "!" + u
 	}
 	return name + ".json.gz"
-}
-
-// PolicyDomain is the policy domain the report is about.
-func (r *Report) PolicyDomain() string {
-	for _, p := range r.Policies {
-		return p.Policy.PolicyDomain
-	}
-	return ""
 }
 
 // Gzip is the report as gzip-compressed JSON (§5.2), the body of both

@@ -8,10 +8,8 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"io"
 	"math/rand/v2"
-	"net"
 	"net/http"
 	"net/mail"
 	"os"
@@ -24,13 +22,17 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/stsrelay/stsrelay/queue"
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
+	"github.com/stsrelay/stsrelay/internal/domain"
 )
 
-// Enqueuer queues a message the relay makes itself. *queue.Store
-// satisfies it.
+// Enqueuer queues a report mail for delivery (RFC 8460 §5.3): msg is the
+// complete message, from the envelope sender and to the one recipient.
+// The queue must mark it as a TLS-RPT report (queue.KindTLSRPT), which
+// delivery sends despite MTA-STS failures and never counts for TLS-RPT
+// itself (§3, §5.3: no reports about reports). It returns the queue ID.
 type Enqueuer interface {
-	Enqueue(env queue.Envelope, body io.Reader) (string, error)
+	EnqueueReport(from, to string, msg io.Reader) (queueID string, err error)
 }
 
 // Defaults of Options.
@@ -45,13 +47,18 @@ const (
 	// sendParallel bounds concurrent report jobs in one pass.
 	sendParallel = 16
 	reportsDir   = "reports"
+	// maxJobTries is how many passes (about a minute apart) try to write
+	// a policy domain's report job before its counts for that period are
+	// given up.
+	maxJobTries = 10
 )
 
-// Results passed to Options.OnReport and logged as "result".
+// Outcomes of sending a report to one rua, passed to Options.OnReport and
+// logged as "result".
 const (
-	ResultOK      = "ok"      // one rua accepted the report
-	ResultFailed  = "failed"  // one attempt failed; it will be retried
-	ResultDropped = "dropped" // given up on one rua after RetryFor
+	SendOK      = "ok"      // the rua accepted the report
+	SendFailed  = "failed"  // one attempt failed; it will be retried
+	SendDropped = "dropped" // given up on the rua: after RetryFor, or its address is refused
 )
 
 // DefaultSendDelay is the RFC 8460 §4.1 suggestion for interval: a random
@@ -64,7 +71,10 @@ func DefaultSendDelay(interval time.Duration) time.Duration {
 type Options struct {
 	// Recorder holds the counts; its directory also holds the report jobs.
 	Recorder *Recorder
-	// Resolver looks up _smtp._tls records.
+	// Resolver looks up _smtp._tls records and, when it has the method
+	// LookupIP(ctx, host string, wantV6 bool) ([]net.IP, error) as
+	// *dnsclient.Resolver does, the addresses of https: report endpoints;
+	// otherwise the system resolver is used for those.
 	Resolver TXTResolver
 	// Queue takes mailto: reports.
 	Queue Enqueuer
@@ -74,9 +84,13 @@ type Options struct {
 	RootCAs *x509.CertPool
 	// Timeout bounds one HTTPS POST; 0 means DefaultHTTPTimeout.
 	Timeout time.Duration
-	// DialContext, when set, opens TCP connections for HTTPS reports, e.g.
-	// to resolve through the relay's own DNS client.
-	DialContext func(ctx context.Context, network, addr string) (net.Conn, error)
+	// AllowPrivateRUA (tlsrpt.allow_private_rua) lets https: report
+	// endpoints be on loopback, private, link-local and other
+	// non-public addresses. By default they are refused, since the
+	// rua is chosen by whoever controls the recipient domain's DNS.
+	// The check is made on the address actually connected to, so DNS
+	// rebinding cannot get around it.
+	AllowPrivateRUA bool
 	// HTTPSPort, when non-zero, is dialled for https: URIs that name no
 	// port instead of 443. Only tests use it.
 	HTTPSPort int
@@ -99,7 +113,7 @@ type Options struct {
 	Now func() time.Time
 	// Logger; nil discards.
 	Logger *zap.Logger
-	// OnReport is called with ResultOK/ResultFailed/ResultDropped per rua
+	// OnReport is called with SendOK/SendFailed/SendDropped per rua
 	// attempt outcome (metrics: stsrelay_tlsrpt_reports_total{result}).
 	OnReport func(result string)
 	// SendDelay is the largest random delay between the end of a period
@@ -127,12 +141,15 @@ type Reporter struct {
 	grace  time.Duration
 
 	passMu sync.Mutex // one pass at a time
-	mu     sync.Mutex
-	jobs   map[string]*job // by file name
+	// jobTries counts the failed attempts at writing a job, by file name
+	// (under passMu).
+	jobTries map[string]int
+	mu       sync.Mutex
+	jobs     map[string]*job // by file name
 }
 
 // job is one report for one policy domain and period, and its delivery
-// state. It is persisted as reports/<start>_<domain>.json.
+// state. It is persisted as reports/<start>_<domain.FileName>.json.
 type job struct {
 	PeriodStart  int64     `json:"period_start"`
 	PolicyDomain string    `json:"policy_domain"`
@@ -233,22 +250,15 @@ func NewReporter(opts Options) (*Reporter, error) {
 			zap.String("reason", "RFC 8460 §5.3: TLS-Report-Submitter (the hostname) must match the domain of contact-info"))
 	}
 
-	dial := opts.DialContext
-	if dial == nil {
-		dial = (&net.Dialer{Timeout: opts.Timeout}).DialContext
-	}
-	if port := opts.HTTPSPort; port != 0 {
-		inner := dial
-		dial = func(ctx context.Context, network, addr string) (net.Conn, error) {
-			if host, p, err := net.SplitHostPort(addr); err == nil && p == "443" {
-				addr = net.JoinHostPort(host, strconv.Itoa(port))
-			}
-			return inner(ctx, network, addr)
-		}
+	rd := &ruaDialer{
+		resolver:     opts.Resolver,
+		timeout:      opts.Timeout,
+		allowPrivate: opts.AllowPrivateRUA,
+		httpsPort:    opts.HTTPSPort,
 	}
 	transport := &http.Transport{
 		Proxy:               nil,
-		DialContext:         dial,
+		DialContext:         rd.DialContext,
 		TLSClientConfig:     &tls.Config{RootCAs: opts.RootCAs, MinVersion: tls.VersionTLS12},
 		TLSHandshakeTimeout: opts.Timeout,
 		DisableKeepAlives:   true,
@@ -266,8 +276,9 @@ func NewReporter(opts Options) (*Reporter, error) {
 			// Never follow redirects: a 3xx is a failed attempt.
 			CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
 		},
-		grace: min(30*time.Second, opts.Recorder.Interval()/10),
-		jobs:  map[string]*job{},
+		grace:    min(30*time.Second, opts.Recorder.Interval()/10),
+		jobTries: map[string]int{},
+		jobs:     map[string]*job{},
 	}
 	if err := os.MkdirAll(rp.dir, 0o750); err != nil {
 		return nil, fmt.Errorf("tlsrpt: %w", err)
@@ -305,21 +316,10 @@ func (rp *Reporter) loadJobs() error {
 }
 
 // jobName is the job's file name: deterministic, so that a period is never
-// turned into a second job for the same domain.
-func jobName(start int64, domain string) string {
-	var sb strings.Builder
-	sb.WriteString(strconv.FormatInt(start, 10))
-	sb.WriteByte('_')
-	for i := 0; i < len(domain); i++ {
-		c := domain[i]
-		if c >= 'a' && c <= 'z' || c >= '0' && c <= '9' || c == '.' || c == '-' {
-			sb.WriteByte(c)
-		} else {
-			fmt.Fprintf(&sb, "%%%02X", c)
-		}
-	}
-	sb.WriteString(".json")
-	return sb.String()
+// turned into a second job for the same domain, and short enough for any
+// file system whatever the domain (domain.FileName).
+func jobName(start int64, policyDomain string) string {
+	return strconv.FormatInt(start, 10) + "_" + domain.FileName(policyDomain) + ".json"
 }
 
 // Run sends reports until ctx ends: after each period, plus a grace for
@@ -390,9 +390,7 @@ func (rp *Reporter) SendDue(ctx context.Context) {
 	rp.passMu.Lock()
 	defer rp.passMu.Unlock()
 	now := rp.now()
-	if err := rp.makeJobs(now); err != nil {
-		rp.log.Error("tlsrpt_make_reports", zap.Error(err))
-	}
+	rp.makeJobs(now)
 	rp.attemptDue(ctx, now)
 	rp.prune(now)
 }
@@ -400,8 +398,11 @@ func (rp *Reporter) SendDue(ctx context.Context) {
 // makeJobs turns the counts of each finished period into one job per policy
 // domain, written durably before the counts are dropped from the Recorder.
 // A job that already exists (the counts survived a crash after the jobs were
-// written) is not made again.
-func (rp *Reporter) makeJobs(now time.Time) error {
+// written) is not made again. A domain whose job cannot be written keeps
+// its counts and is tried again at the next passes, up to maxJobTries,
+// then given up; it never holds up the reports of other domains or
+// periods.
+func (rp *Reporter) makeJobs(now time.Time) {
 	iv := int64(rp.rec.Interval() / time.Second)
 	for _, start := range rp.rec.pendingPeriods() {
 		end := time.Unix(start+iv, 0)
@@ -410,6 +411,7 @@ func (rp *Reporter) makeJobs(now time.Time) error {
 		}
 		counts := rp.rec.collect(func(s int64) bool { return s == start })
 		wrote := false
+		var keep map[string]bool // domains whose counts stay for another try
 		for _, pc := range counts {
 			name := jobName(start, pc.PolicyDomain)
 			rp.mu.Lock()
@@ -430,8 +432,23 @@ func (rp *Reporter) makeJobs(now time.Time) error {
 				NotBefore: end.Add(rp.sendDelay()).UTC(),
 			}
 			if err := rp.writeJob(name, j, false); err != nil {
-				return err
+				rp.jobTries[name]++
+				fields := []zap.Field{zap.String("policy_domain", pc.PolicyDomain),
+					zap.Time("period_start", time.Unix(start, 0).UTC()), zap.Int("attempt", rp.jobTries[name]), zap.Error(err)}
+				if rp.jobTries[name] >= maxJobTries {
+					delete(rp.jobTries, name)
+					rp.log.Error("tlsrpt_report_dropped", fields...)
+					rp.onReport(SendDropped)
+					continue
+				}
+				rp.log.Warn("tlsrpt_report_job_failed", fields...)
+				if keep == nil {
+					keep = map[string]bool{}
+				}
+				keep[pc.PolicyDomain] = true
+				continue
 			}
+			delete(rp.jobTries, name)
 			rp.mu.Lock()
 			rp.jobs[name] = j
 			rp.mu.Unlock()
@@ -439,16 +456,21 @@ func (rp *Reporter) makeJobs(now time.Time) error {
 		}
 		if wrote {
 			if err := atomicfile.SyncDir(rp.dir); err != nil {
-				return fmt.Errorf("sync %s: %w", rp.dir, err)
+				// The period stays open; the jobs written exist and are
+				// not made again at the next pass.
+				rp.log.Error("tlsrpt_report_jobs_sync", zap.String("dir", rp.dir), zap.Error(err))
+				continue
 			}
 		}
-		rp.rec.closePeriod(start)
+		rp.rec.closePeriod(start, keep)
 		if err := rp.rec.Flush(); err != nil {
-			return err
+			// The counts file still holds the period; after a crash the
+			// jobs, which exist, are not made again.
+			rp.log.Error("tlsrpt_flush", zap.Error(err))
 		}
-		rp.log.Debug("tlsrpt_period_closed", zap.Time("period_start", time.Unix(start, 0).UTC()), zap.Int("policy_domains", len(counts)))
+		rp.log.Debug("tlsrpt_period_closed", zap.Time("period_start", time.Unix(start, 0).UTC()),
+			zap.Int("policy_domains", len(counts)), zap.Int("retry_later", len(keep)))
 	}
-	return nil
 }
 
 func (rp *Reporter) sendDelay() time.Duration {
@@ -536,15 +558,19 @@ func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
 				j.Targets = append(j.Targets, &target{RUA: rua, State: statePending})
 			}
 			if len(rec.Ignored) > 0 {
-				rp.log.Debug("tlsrpt_rua_ignored", zap.String("policy_domain", pd), zap.Strings("rua", rec.Ignored))
+				rp.log.Debug("tlsrpt_rua_ignored", zap.String("policy_domain", pd), zap.Strings("rua", clipList(rec.Ignored)))
+			}
+			if len(rec.Excess) > 0 {
+				rp.log.Warn("tlsrpt_rua_excess", zap.String("policy_domain", pd), zap.Int("used", len(rec.RUAs)),
+					zap.Int("ignored", len(rec.Excess)), zap.Strings("rua", clipList(rec.Excess)))
 			}
 		case errors.Is(err, ErrDNS) && ctx.Err() == nil:
 			j.LookupTries++
 			if now.Sub(j.FirstAttempt) >= rp.opts.RetryFor {
-				rp.finish(j, now, ResultDropped)
+				rp.finish(j, now, SendDropped)
 				rp.log.Info("tlsrpt_sent", zap.String("policy_domain", pd), zap.String("rua", ""),
-					zap.String("report_id", j.Report.ReportID), zap.String("result", ResultDropped), zap.Error(err))
-				rp.onReport(ResultDropped)
+					zap.String("report_id", j.Report.ReportID), zap.String("result", SendDropped), zap.Error(err))
+				rp.onReport(SendDropped)
 			} else {
 				j.NextAttempt = now.Add(rp.backoff(j.LookupTries)).UTC()
 				rp.log.Debug("tlsrpt_lookup_failed", zap.String("policy_domain", pd), zap.Error(err))
@@ -588,7 +614,7 @@ func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
 		default:
 			err = fmt.Errorf("unsupported rua scheme %q", tg.RUA.Scheme)
 		}
-		result := ResultOK
+		result := SendOK
 		switch {
 		case err == nil:
 			tg.State, tg.SentAt, tg.LastError = stateSent, rp.now().UTC(), ""
@@ -596,13 +622,18 @@ func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
 			// Interrupted by shutdown: not a failure of the endpoint.
 			tg.Attempts--
 			continue
+		case errors.Is(err, ErrRUAAddressRefused):
+			// Not a failure that retrying mends: the domain names an
+			// endpoint on an address we do not post to.
+			tg.State, tg.LastError = stateDropped, err.Error()
+			result = SendDropped
 		case rp.now().Sub(tg.FirstAttempt) >= rp.opts.RetryFor:
 			tg.State, tg.LastError = stateDropped, err.Error()
-			result = ResultDropped
+			result = SendDropped
 		default:
 			tg.LastError = err.Error()
 			tg.NextAttempt = rp.now().Add(rp.backoff(tg.Attempts)).UTC()
-			result = ResultFailed
+			result = SendFailed
 		}
 		// Persist before logging "ok": a sent report is never sent again.
 		save()
@@ -611,7 +642,7 @@ func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
 		if err != nil {
 			fields = append(fields, zap.Error(err))
 		}
-		if tg.QueueID != "" && result == ResultOK {
+		if tg.QueueID != "" && result == SendOK {
 			fields = append(fields, zap.String("queue_id", tg.QueueID))
 		}
 		rp.log.Info("tlsrpt_sent", fields...)
@@ -634,7 +665,7 @@ func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
 		case sent > 0:
 			rp.finish(j, now, "partial")
 		default:
-			rp.finish(j, now, ResultDropped)
+			rp.finish(j, now, SendDropped)
 		}
 		save()
 	}
@@ -660,30 +691,6 @@ func (rp *Reporter) backoff(n int) time.Duration {
 	return min(d, maxRetryGap)
 }
 
-// post sends the gzip report to an https: rua (§5.4): any 2xx is success;
-// redirects are not followed.
-func (rp *Reporter) post(ctx context.Context, uri string, gz []byte) error {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, uri, bytes.NewReader(gz))
-	if err != nil {
-		return err
-	}
-	req.Header.Set("Content-Type", MediaTypeGzip)
-	req.Header.Set("User-Agent", "stsrelay-tlsrpt")
-	resp, err := rp.client.Do(req)
-	if err != nil {
-		return err
-	}
-	defer resp.Body.Close()
-	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
-	if resp.StatusCode < 200 || resp.StatusCode > 299 {
-		if loc := resp.Header.Get("Location"); loc != "" {
-			return fmt.Errorf("HTTP %s (redirect to %s not followed)", resp.Status, loc)
-		}
-		return fmt.Errorf("HTTP %s", resp.Status)
-	}
-	return nil
-}
-
 // mail queues the report for a mailto: rua (§5.3). A successful Enqueue is
 // a sent report: from there on the queue owns its delivery.
 func (rp *Reporter) mail(j *job, to string, gz []byte) (string, error) {
@@ -704,11 +711,7 @@ func (rp *Reporter) mail(j *job, to string, gz []byte) (string, error) {
 	if err != nil {
 		return "", err
 	}
-	return rp.opts.Queue.Enqueue(queue.Envelope{
-		From:  rp.opts.From,
-		Kind:  queue.KindTLSRPT,
-		Rcpts: []queue.RcptSpec{{Addr: to}},
-	}, bytes.NewReader(msg))
+	return rp.opts.Queue.EnqueueReport(rp.opts.From, to, bytes.NewReader(msg))
 }
 
 // prune removes finished jobs after doneRetention, once the Recorder's
@@ -772,6 +775,15 @@ func (rp *Reporter) Reports() []ReportStatus {
 		return strings.Compare(a.PolicyDomain, b.PolicyDomain)
 	})
 	return out
+}
+
+// clipList bounds a list of URIs from DNS for a log line.
+func clipList(l []string) []string {
+	const n = 10
+	if len(l) <= n {
+		return l
+	}
+	return append(slices.Clone(l[:n]), fmt.Sprintf("(%d more)", len(l)-n))
 }
 
 // clone copies j deeply enough for one goroutine to change it while

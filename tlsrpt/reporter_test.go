@@ -16,7 +16,6 @@ import (
 	"io"
 	"mime"
 	"mime/multipart"
-	"net"
 	"net/http"
 	"net/mail"
 	"os"
@@ -36,8 +35,36 @@ import (
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
-	"github.com/stsrelay/stsrelay/queue"
 )
+
+// memQueue is an Enqueuer that keeps the report mails.
+type memQueue struct {
+	mu   sync.Mutex
+	msgs []queuedMail
+}
+
+type queuedMail struct {
+	ID, From, To string
+	Body         []byte
+}
+
+func (q *memQueue) EnqueueReport(from, to string, msg io.Reader) (string, error) {
+	b, err := io.ReadAll(msg)
+	if err != nil {
+		return "", err
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	id := fmt.Sprintf("q%d", len(q.msgs)+1)
+	q.msgs = append(q.msgs, queuedMail{ID: id, From: from, To: to, Body: b})
+	return id, nil
+}
+
+func (q *memQueue) List() []queuedMail {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return slices.Clone(q.msgs)
+}
 
 // env is a reporter under test in a test world: real DNS server and
 // client, real HTTPS receivers with certificates from the world's CA.
@@ -79,7 +106,7 @@ func newEnv(t *testing.T) *env {
 		Resolver:         res,
 		RootCAs:          w.CA.Pool(),
 		Timeout:          5 * time.Second,
-		DialContext:      worldDial(res),
+		AllowPrivateRUA:  true, // the world's receivers are on loopback
 		HTTPSPort:        w.HTTPSPort(),
 		Hostname:         "relay.example.net",
 		OrganizationName: "Example Org",
@@ -106,23 +133,6 @@ func (e *env) restart() {
 	o.Recorder = e.rec
 	if e.rp, err = NewReporter(o); err != nil {
 		e.t.Fatal(err)
-	}
-}
-
-// worldDial resolves names through the world's DNS, as the relay does
-// with its own DNS client.
-func worldDial(res *dnsclient.Resolver) func(ctx context.Context, network, addr string) (net.Conn, error) {
-	return func(ctx context.Context, network, addr string) (net.Conn, error) {
-		host, port, err := net.SplitHostPort(addr)
-		if err != nil {
-			return nil, err
-		}
-		ips, err := res.LookupIP(ctx, host, false)
-		if err != nil {
-			return nil, err
-		}
-		var d net.Dialer
-		return d.DialContext(ctx, network, net.JoinHostPort(ips[0].String(), port))
 	}
 }
 
@@ -505,11 +515,7 @@ func TestSendMailto(t *testing.T) {
 	for _, keyType := range []string{"ed25519", "rsa"} {
 		t.Run(keyType, func(t *testing.T) {
 			e := newEnv(t)
-			st, err := queue.Open(queue.Options{Dir: t.TempDir()})
-			if err != nil {
-				t.Fatal(err)
-			}
-			t.Cleanup(func() { st.Close() })
+			st := &memQueue{}
 			keyFile, pubRecord := writeDKIMKey(t, keyType)
 			e.opts.Queue = st
 			e.opts.DKIM = &DKIMOptions{Domain: "relay.example.net", Selector: "tls", KeyFile: keyFile}
@@ -525,16 +531,10 @@ func TestSendMailto(t *testing.T) {
 				t.Fatalf("%d messages queued", len(msgs))
 			}
 			m := msgs[0]
-			if m.Env.Kind != queue.KindTLSRPT || m.Env.From != "tlsrpt-noreply@relay.example.net" ||
-				len(m.Env.Rcpts) != 1 || m.Env.Rcpts[0].Addr != "tls-reports@rep.test" {
-				t.Errorf("envelope = %+v", m.Env)
+			if m.From != "tlsrpt-noreply@relay.example.net" || m.To != "tls-reports@rep.test" {
+				t.Errorf("envelope = %s -> %s", m.From, m.To)
 			}
-			body, err := st.Body(m.ID)
-			if err != nil {
-				t.Fatal(err)
-			}
-			raw, _ := io.ReadAll(body)
-			checkReportMail(t, raw, pubRecord)
+			checkReportMail(t, m.Body, pubRecord)
 			logs := e.sentLogs()
 			if len(logs) != 1 || fieldOf(logs[0], "result") != "ok" || fieldOf(logs[0], "rua") != "mailto:tls-reports@rep.test" {
 				t.Errorf("logs = %+v", logs)
@@ -703,11 +703,7 @@ func writeDKIMKey(t *testing.T, keyType string) (string, string) {
 // Without DKIM the report is still queued (unsigned) and a warning logged.
 func TestMailtoWithoutDKIM(t *testing.T) {
 	e := newEnv(t)
-	st, err := queue.Open(queue.Options{Dir: t.TempDir()})
-	if err != nil {
-		t.Fatal(err)
-	}
-	t.Cleanup(func() { st.Close() })
+	st := &memQueue{}
 	e.opts.Queue = st
 	e.restart()
 	if e.logs.FilterMessage("tlsrpt_no_dkim").Len() == 0 {
@@ -720,9 +716,7 @@ func TestMailtoWithoutDKIM(t *testing.T) {
 	if n := len(st.List()); n != 1 {
 		t.Fatalf("%d messages", n)
 	}
-	body, _ := st.Body(st.List()[0].ID)
-	raw, _ := io.ReadAll(body)
-	if bytes.Contains(raw, []byte("DKIM-Signature")) {
+	if bytes.Contains(st.List()[0].Body, []byte("DKIM-Signature")) {
 		t.Error("signed without a key")
 	}
 }
@@ -734,7 +728,7 @@ type failingQueue struct {
 	got   int
 }
 
-func (q *failingQueue) Enqueue(env queue.Envelope, body io.Reader) (string, error) {
+func (q *failingQueue) EnqueueReport(from, to string, body io.Reader) (string, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.fails > 0 {
@@ -778,7 +772,7 @@ func TestRunLoop(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp, err := NewReporter(Options{Recorder: rec, Resolver: res, RootCAs: w.CA.Pool(), DialContext: worldDial(res),
+	rp, err := NewReporter(Options{Recorder: rec, Resolver: res, RootCAs: w.CA.Pool(), AllowPrivateRUA: true,
 		HTTPSPort: w.HTTPSPort(), Hostname: "relay.example.net", ContactInfo: "postmaster@relay.example.net",
 		Interval: time.Second, RetryBase: 100 * time.Millisecond, RetryFor: 5 * time.Second})
 	if err != nil {

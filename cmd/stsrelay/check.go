@@ -167,7 +167,7 @@ func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, 
 			switch {
 			case !a.Connected:
 				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: cannot connect: %s", mx.Host, a.IP, a.Error))
-			case a.ResultType == delivery.ResultSTARTTLSNotSupported:
+			case a.ResultType == string(tlsrpt.ResultSTARTTLSNotSupported):
 				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: no STARTTLS", mx.Host, a.IP))
 			case !a.CertVerified:
 				msg := a.CertError

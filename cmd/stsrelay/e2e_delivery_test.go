@@ -588,21 +588,23 @@ func TestE2EDeliveryConnectionReuse(t *testing.T) {
 	if conns >= n || conns > cfg.Queue.PerDomainConcurrency {
 		t.Errorf("%d connections for %d messages, want at most per_domain_concurrency = %d", conns, n, cfg.Queue.PerDomainConcurrency)
 	}
+	// RFC 5321 §4.1.1.5: after a completed transaction the next MAIL
+	// needs no RSET, and a reused session never says EHLO again.
 	reused := false
 	for i, c := range sn.connections() {
-		mails := 0
-		rsetSinceMail := true
+		mails, ehlos := 0, 0
 		for _, v := range c {
 			switch v {
 			case "MAIL":
-				if mails > 0 && !rsetSinceMail {
-					t.Errorf("connection %d: MAIL without RSET after the previous message: %v", i, c)
-				}
 				mails++
-				rsetSinceMail = false
 			case "RSET":
-				rsetSinceMail = true
+				t.Errorf("connection %d: RSET after a completed transaction: %v", i, c)
+			case "EHLO", "HELO":
+				ehlos++
 			}
+		}
+		if ehlos > 1 {
+			t.Errorf("connection %d: %d EHLOs without STARTTLS: %v", i, ehlos, c)
 		}
 		reused = reused || mails > 1
 	}

@@ -53,6 +53,9 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
+// raceBuild reports whether the binary under test was built with -race.
+func raceBuild() bool { return os.Getenv("STSRELAY_E2E_NORACE") == "" }
+
 const (
 	testUser     = "app"
 	testPassword = "app-secret"
@@ -82,11 +85,17 @@ func testConfig(t testing.TB, w *testworld.World) *config.Config {
 	cfg.Submission.Listen = []string{"127.0.0.1:0"}
 	cfg.Submission.TLSCertFile, cfg.Submission.TLSKeyFile = cert.CertFile, cert.KeyFile
 	cfg.Submission.Users = []config.User{{Username: testUser, PasswordHash: passwordHash()}}
+	// Tests submit many messages at once from 127.0.0.1; the per-address
+	// cap has tests of its own.
+	cfg.Submission.MaxConnectionsPerIP = 200
 	cfg.Queue.RetrySchedule = []config.Duration{{Duration: time.Second}}
 	cfg.Queue.MaxQueueTime = config.Duration{Duration: time.Hour}
 	cfg.Queue.DelayNoticeAfter = config.Duration{}
 	cfg.DNS.Servers = []string{w.DNS.Addr()}
 	cfg.DNS.Timeout = config.Duration{Duration: 2 * time.Second}
+	// The DNS cache is on, as in production, but short: tests change
+	// records as they go.
+	cfg.DNS.CacheMaxTTL = config.Duration{Duration: time.Second}
 	cfg.Delivery.Port = w.MXPort()
 	cfg.Delivery.ConnectTimeout = config.Duration{Duration: 3 * time.Second}
 	cfg.Delivery.CommandTimeout = config.Duration{Duration: 20 * time.Second}
@@ -94,6 +103,8 @@ func testConfig(t testing.TB, w *testworld.World) *config.Config {
 	cfg.MTASTS.HTTPSPort = w.HTTPSPort()
 	cfg.MTASTS.FetchTimeout = config.Duration{Duration: 3 * time.Second}
 	cfg.TLSRPT.Enabled = false
+	// The test world's report hosts live on loopback.
+	cfg.TLSRPT.AllowPrivateRUA = true
 	cfg.Log.Level = "debug"
 	return cfg
 }

@@ -27,6 +27,11 @@ func cmdHashPassword(args []string) error {
 	if pw == "" {
 		return errors.New("hash-password: empty password")
 	}
+	if len(pw) > 72 {
+		// bcrypt uses the first 72 bytes only; the relay refuses
+		// longer passwords at AUTH.
+		return fmt.Errorf("hash-password: password is %d bytes; bcrypt uses at most 72", len(pw))
+	}
 	h, err := bcrypt.GenerateFromPassword([]byte(pw), *cost)
 	if err != nil {
 		return fmt.Errorf("hash-password: %w", err)

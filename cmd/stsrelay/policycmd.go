@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -131,7 +130,7 @@ func cmdPolicy(args []string) error {
 	}
 	if sub == "forget" {
 		if cf.json {
-			return json.NewEncoder(os.Stdout).Encode(map[string]string{"domain": domain, "action": "forget", "result": "ok"})
+			return jsonOut().Encode(map[string]string{"domain": domain, "action": "forget", "result": "ok"})
 		}
 		fmt.Printf("%s: cached policy forgotten\n", domain)
 		return nil
@@ -140,7 +139,7 @@ func cmdPolicy(args []string) error {
 		if entries == nil {
 			entries = []mtasts.Entry{}
 		}
-		enc := json.NewEncoder(os.Stdout)
+		enc := jsonOut()
 		enc.SetIndent("", "  ")
 		if sub == "list" {
 			return enc.Encode(entries)
@@ -155,7 +154,9 @@ func cmdPolicy(args []string) error {
 			if e.Expired {
 				exp += " (expired)"
 			}
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", e.Domain, e.ID, e.Mode, strings.Join(e.MX, ","), exp, e.LastError)
+			// The policy (id, mode, mx) and the error come from the
+			// domain's servers: termSafe.
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ",")), exp, termSafe(e.LastError))
 		}
 		if err := tw.Flush(); err != nil {
 			return err
@@ -165,10 +166,10 @@ func cmdPolicy(args []string) error {
 	}
 	e := entries[0]
 	fmt.Printf("Domain:    %s\nPolicy id: %s\nMode:      %s\nMX:        %s\nMax age:   %ds\nFetched:   %s\nExpires:   %s\nLast used: %s\n",
-		e.Domain, e.ID, e.Mode, strings.Join(e.MX, ", "), e.MaxAgeSeconds,
+		termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ", ")), e.MaxAgeSeconds,
 		e.Fetched.UTC().Format(time.RFC3339), e.Expires.UTC().Format(time.RFC3339), e.LastUsed.UTC().Format(time.RFC3339))
 	if e.LastError != "" {
-		fmt.Printf("Last error: %s (%s)\n", e.LastError, e.LastErrorAt.UTC().Format(time.RFC3339))
+		fmt.Printf("Last error: %s (%s)\n", termSafe(e.LastError), e.LastErrorAt.UTC().Format(time.RFC3339))
 	}
 	return nil
 }

@@ -5,11 +5,15 @@ import (
 	"errors"
 	"flag"
 	"fmt"
+	"io"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
+	"unicode"
+	"unicode/utf8"
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
@@ -110,7 +114,7 @@ func cmdQueue(args []string) error {
 			return notFoundExit(err)
 		}
 		if cf.json {
-			return json.NewEncoder(os.Stdout).Encode(map[string]string{"id": id, "action": sub, "result": "ok"})
+			return jsonOut().Encode(map[string]string{"id": id, "action": sub, "result": "ok"})
 		}
 		fmt.Printf("%s: %s done\n", id, sub)
 		return nil
@@ -173,6 +177,56 @@ func queueAction(st *queue.Store, eng *delivery.Engine, cfg *config.Config, sub,
 	return fmt.Errorf("unknown queue action %q", sub)
 }
 
+// termSafe is s as the CLI prints it in tables and text: as is when
+// every rune is printable, else quoted with Go escapes (strconv.Quote), so
+// that a remote server's reply, a policy file or an address cannot send
+// escape sequences (ESC ] 0; … BEL retitles a terminal, and worse) or
+// bidirectional overrides to the operator's terminal, nor break a table
+// with a tab or newline.
+func termSafe(s string) string {
+	for _, r := range s {
+		if r == utf8.RuneError || !unicode.IsPrint(r) {
+			return strconv.Quote(s)
+		}
+	}
+	return s
+}
+
+// jsonTermWriter is where -json output goes: encoding/json escapes C0
+// controls (ESC included) but passes DEL and the C1 controls
+// U+0080–U+009F through, which some terminals act on (U+009B is CSI); they
+// become \u escapes here. json.Encoder hands over each value in one Write,
+// so no rune is split between calls.
+type jsonTermWriter struct{ w io.Writer }
+
+func (j jsonTermWriter) Write(p []byte) (int, error) {
+	var b []byte
+	for i := 0; i < len(p); {
+		r, n := utf8.DecodeRune(p[i:])
+		if r == 0x7f || r >= 0x80 && r <= 0x9f {
+			if b == nil {
+				b = append(make([]byte, 0, len(p)+16), p[:i]...)
+			}
+			b = fmt.Appendf(b, `\u%04x`, r)
+		} else if b != nil {
+			b = append(b, p[i:i+n]...)
+		}
+		i += n
+	}
+	if b == nil {
+		return j.w.Write(p)
+	}
+	if _, err := j.w.Write(b); err != nil {
+		return 0, err
+	}
+	return len(p), nil
+}
+
+// jsonOut is the encoder for -json output on standard output.
+func jsonOut() *json.Encoder {
+	return json.NewEncoder(jsonTermWriter{os.Stdout})
+}
+
 func rcptSummary(m *queue.Message) string {
 	counts := map[queue.Status]int{}
 	for _, r := range m.Rcpts {
@@ -192,7 +246,7 @@ func printQueueList(msgs []*queue.Message, asJSON bool) error {
 		if msgs == nil {
 			msgs = []*queue.Message{}
 		}
-		enc := json.NewEncoder(os.Stdout)
+		enc := jsonOut()
 		enc.SetIndent("", "  ")
 		return enc.Encode(msgs)
 	}
@@ -212,7 +266,7 @@ func printQueueList(msgs []*queue.Message, asJSON bool) error {
 		if from == "" {
 			from = "<>"
 		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", m.ID, now.Sub(m.Received).Round(time.Second), m.Size, from, rcptSummary(m), next)
+		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", m.ID, now.Sub(m.Received).Round(time.Second), m.Size, termSafe(from), rcptSummary(m), next)
 	}
 	if err := tw.Flush(); err != nil {
 		return err
@@ -223,7 +277,7 @@ func printQueueList(msgs []*queue.Message, asJSON bool) error {
 
 func printQueueShow(m *queue.Message, asJSON bool) error {
 	if asJSON {
-		enc := json.NewEncoder(os.Stdout)
+		enc := jsonOut()
 		enc.SetIndent("", "  ")
 		return enc.Encode(m)
 	}
@@ -231,17 +285,19 @@ func printQueueShow(m *queue.Message, asJSON bool) error {
 	if from == "" {
 		from = "<>"
 	}
-	fmt.Printf("ID:        %s\nReceived:  %s\nSize:      %d\nFrom:      %s\nUser:      %s\nClient IP: %s\n", m.ID, m.Received.UTC().Format(time.RFC3339), m.Size, from, m.Env.User, m.Env.ClientIP)
+	// Addresses, replies and MX names come from clients and remote
+	// servers: termSafe.
+	fmt.Printf("ID:        %s\nReceived:  %s\nSize:      %d\nFrom:      %s\nUser:      %s\nClient IP: %s\n", m.ID, m.Received.UTC().Format(time.RFC3339), m.Size, termSafe(from), termSafe(m.Env.User), termSafe(m.Env.ClientIP))
 	if m.Env.Kind != "" {
-		fmt.Printf("Kind:      %s\n", m.Env.Kind)
+		fmt.Printf("Kind:      %s\n", termSafe(string(m.Env.Kind)))
 	}
 	for _, r := range m.Rcpts {
-		fmt.Printf("\n  %s\n    status: %s, attempts: %d\n", r.Addr, r.Status, r.Attempts)
+		fmt.Printf("\n  %s\n    status: %s, attempts: %d\n", termSafe(r.Addr), r.Status, r.Attempts)
 		if !r.NextAttempt.IsZero() && !r.Status.Final() {
 			fmt.Printf("    next attempt: %s\n", r.NextAttempt.UTC().Format(time.RFC3339))
 		}
 		if r.LastError != "" || r.LastCode != 0 {
-			fmt.Printf("    last: %d %s %s (mx %s)\n", r.LastCode, r.LastEnhanced, r.LastError, r.LastMX)
+			fmt.Printf("    last: %d %s %s (mx %s)\n", r.LastCode, termSafe(r.LastEnhanced), termSafe(r.LastError), termSafe(r.LastMX))
 		}
 	}
 	return nil

@@ -48,7 +48,7 @@ func cmdServe(args []string) error {
 		return fmt.Errorf("config %s: %w", cfg.Path, err)
 	}
 	defer closeLog()
-	ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+	ctx, stop := stopOnSignal(log)
 	defer stop()
 	// STSRELAY_CPUPROFILE=FILE writes a CPU profile of the whole run, for
 	// `go tool pprof` (benchmarks; not an operator setting).
@@ -67,6 +67,43 @@ func cmdServe(args []string) error {
 		return err
 	}
 	return nil
+}
+
+// stopOnSignal returns a context that ends on the first SIGINT or
+// SIGTERM (the clean shutdown: in-flight deliveries get
+// delivery.shutdown_timeout). A second signal exits at once with status
+// 2, after one log line: every acknowledged message is already on disk,
+// so nothing accepted is lost, though an attempt in flight may be
+// repeated after the restart. stop releases the signals.
+func stopOnSignal(log *zap.Logger) (context.Context, func()) {
+	ctx, cancel := context.WithCancel(context.Background())
+	sigs := make(chan os.Signal, 2)
+	signal.Notify(sigs, syscall.SIGINT, syscall.SIGTERM)
+	returned := make(chan struct{})
+	go func() {
+		select {
+		case s := <-sigs:
+			log.Info("signal", zap.String("signal", s.String()))
+			cancel()
+		case <-returned:
+			return
+		}
+		select {
+		case s := <-sigs:
+			log.Error("second signal: exiting at once", zap.String("signal", s.String()))
+			_ = log.Sync()
+			os.Exit(exitProblem)
+		case <-returned:
+		}
+	}()
+	var once sync.Once
+	return ctx, func() {
+		once.Do(func() {
+			signal.Stop(sigs)
+			close(returned)
+			cancel()
+		})
+	}
 }
 
 // trustRoots reads tls.extra_root_ca_file once and returns the full
@@ -95,7 +132,12 @@ func trustRoots(cfg *config.Config) (full, extra *x509.CertPool, err error) {
 }
 
 func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
-	r, err := dnsclient.New(cfg.DNS.Servers, cfg.DNS.Timeout.Duration)
+	r, err := dnsclient.NewWithOptions(dnsclient.Options{
+		Servers:      cfg.DNS.Servers,
+		Timeout:      cfg.DNS.Timeout.Duration,
+		CacheEntries: cfg.DNS.CacheEntries,
+		CacheMaxTTL:  cfg.DNS.CacheMaxTTL.Duration,
+	})
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
 	}
@@ -117,26 +159,6 @@ func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.Cer
 		RefreshBeforeExpiry: cfg.MTASTS.RefreshBeforeExpiry.Duration,
 		OnFetch:             onFetch,
 	})
-}
-
-// policyAdapter shows the mtasts cache to delivery.
-type policyAdapter struct{ c *mtasts.Cache }
-
-func (p policyAdapter) Lookup(ctx context.Context, domain string, fresh bool) (delivery.PolicyResult, error) {
-	get := p.c.Get
-	if fresh {
-		get = p.c.Recheck
-	}
-	r, err := get(ctx, domain)
-	if err != nil {
-		return delivery.PolicyResult{}, err
-	}
-	out := delivery.PolicyResult{Policy: r.Policy, ID: r.ID}
-	if r.Failure != nil {
-		out.FailureType = r.Failure.ResultType
-		out.FailureReason = r.Failure.Error()
-	}
-	return out, nil
 }
 
 func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
@@ -162,6 +184,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	if err != nil {
 		return err
 	}
+	met.ObserveDNSCache(resolver.CacheLookups)
 	roots, extra, err := trustRoots(cfg)
 	if err != nil {
 		return err
@@ -180,7 +203,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		if err != nil {
 			return fmt.Errorf("mtasts cache: %w", err)
 		}
-		policies = policyAdapter{cache}
+		policies = cache
 		bg.Add(2)
 		go func() { defer bg.Done(); cache.Run(runCtx) }()
 		go func() {
@@ -211,12 +234,16 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return err
 	}
 
+	var recorder delivery.TLSRecorder // no typed nil in the interface
+	if tlsrec != nil {
+		recorder = tlsrec
+	}
 	eng := delivery.New(delivery.Options{
 		Config:   cfg,
 		Store:    store,
 		Resolver: resolver,
 		Policies: policies,
-		TLSRPT:   tlsrec,
+		TLSRPT:   recorder,
 		Counters: met,
 		Roots:    roots,
 		Logger:   log,
@@ -240,7 +267,8 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		close(engDone) // delivery never started
 		stopBackground()
 	}
-	srv, err := relay.New(relay.Options{Config: cfg, Queue: store, Logger: log, Accepted: met.MessagesAccepted})
+	srv, err := relay.New(relay.Options{Config: cfg, Queue: store, Logger: log, Accepted: met.MessagesAccepted,
+		ConnectionsRejected: met.SubmissionConnectionRejected})
 	if err != nil {
 		stopEarly()
 		return err
@@ -283,6 +311,9 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	<-ctx.Done()
 	log.Info("stopping")
 	met.SetReady(false)
+	// Deliveries start their shutdown_timeout now, beside the
+	// submission listener's shutdown rather than after it.
+	cancelEng()
 	sctx, cancel := context.WithTimeout(context.Background(), shutdownGrace)
 	if err := srv.Shutdown(sctx); err != nil && !errors.Is(err, context.DeadlineExceeded) {
 		log.Warn("submission shutdown", zap.Error(err))

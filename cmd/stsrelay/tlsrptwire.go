@@ -3,7 +3,6 @@ package main
 import (
 	"context"
 	"crypto/x509"
-	"encoding/json"
 	"errors"
 	"fmt"
 	"os"
@@ -15,7 +14,6 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/metrics"
@@ -23,33 +21,13 @@ import (
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
-// recorderAdapter shows the TLS-RPT recorder to delivery.
-type recorderAdapter struct{ r *tlsrpt.Recorder }
-
-func (a recorderAdapter) RecordTLS(t delivery.TLSResult) {
-	a.r.Record(tlsrpt.Session{
-		Time:              t.Time,
-		PolicyDomain:      t.Domain,
-		PolicyType:        t.PolicyType,
-		PolicyString:      t.PolicyLines,
-		MXPatterns:        t.MXPatterns,
-		Success:           t.Success,
-		ResultType:        t.ResultType,
-		SendingIP:         t.SendingIP,
-		ReceivingMX:       t.MX,
-		ReceivingHelo:     t.Helo,
-		ReceivingIP:       t.IP,
-		FailureReasonCode: t.Reason,
-	})
-}
-
 func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
 
 // startTLSRPT starts the recorder (counts flushed to disk every second)
 // and the reporter (reports after each period). It returns the recorder
 // for delivery (nil when TLS-RPT is off) and a function that flushes the
 // counts at shutdown.
-func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (delivery.TLSRecorder, func(), error) {
+func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (*tlsrpt.Recorder, func(), error) {
 	if !cfg.TLSRPT.Enabled {
 		return nil, func() {}, nil
 	}
@@ -71,7 +49,7 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 		Resolver:         res,
 		Queue:            st,
 		RootCAs:          roots,
-		DialContext:      res.DialContext,
+		AllowPrivateRUA:  cfg.TLSRPT.AllowPrivateRUA,
 		Hostname:         cfg.Hostname,
 		OrganizationName: cfg.TLSRPT.OrganizationName,
 		ContactInfo:      cfg.TLSRPT.ContactInfo,
@@ -95,17 +73,16 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 			log.Error("tlsrpt: flushing counts", zap.Error(err))
 		}
 	}
-	return recorderAdapter{rec}, stop, nil
+	return rec, stop, nil
 }
 
 // tlsrecPending returns what `tlsrpt pending` shows, from the live
 // recorder.
-func tlsrecPending(rec delivery.TLSRecorder) func() any {
-	a, ok := rec.(recorderAdapter)
-	if !ok {
+func tlsrecPending(rec *tlsrpt.Recorder) func() any {
+	if rec == nil {
 		return nil
 	}
-	return func() any { return a.r.Pending() }
+	return func() any { return rec.Pending() }
 }
 
 func cmdTLSRPT(args []string) error {
@@ -139,7 +116,7 @@ func cmdTLSRPT(args []string) error {
 		if pending == nil {
 			pending = []tlsrpt.PolicyCounts{}
 		}
-		enc := json.NewEncoder(os.Stdout)
+		enc := jsonOut()
 		enc.SetIndent("", "  ")
 		return enc.Encode(pending)
 	}
@@ -147,8 +124,8 @@ func cmdTLSRPT(args []string) error {
 	fmt.Fprintln(tw, "PERIOD (UTC)\tPOLICY DOMAIN\tPOLICY\tSUCCESS\tFAILURE\tFAILURES BY TYPE")
 	for _, p := range pending {
 		for _, pol := range p.Policies {
-			byType := map[string]int64{}
-			var types []string
+			byType := map[tlsrpt.ResultType]int64{}
+			var types []tlsrpt.ResultType
 			for _, fd := range pol.FailureDetails {
 				if byType[fd.ResultType] == 0 {
 					types = append(types, fd.ResultType)
@@ -160,7 +137,7 @@ func cmdTLSRPT(args []string) error {
 				parts = append(parts, fmt.Sprintf("%s=%d", t, byType[t]))
 			}
 			fmt.Fprintf(tw, "%s – %s\t%s\t%s\t%d\t%d\t%s\n", p.PeriodStart.UTC().Format(time.RFC3339), p.PeriodEnd.UTC().Format(time.RFC3339),
-				p.PolicyDomain, pol.Policy.PolicyType, pol.Summary.TotalSuccessfulSessionCount, pol.Summary.TotalFailureSessionCount, strings.Join(parts, " "))
+				termSafe(p.PolicyDomain), pol.Policy.PolicyType, pol.Summary.TotalSuccessfulSessionCount, pol.Summary.TotalFailureSessionCount, termSafe(strings.Join(parts, " ")))
 		}
 	}
 	if err := tw.Flush(); err != nil {

@@ -67,7 +67,16 @@ type Submission struct {
 	MaxRecipients     int      `toml:"max_recipients"`
 	AllowedSenders    []string `toml:"allowed_senders"`
 	TrustedNetworks   []string `toml:"trusted_networks"`
-	Users             []User   `toml:"users"`
+	// MaxConnections bounds the open submission connections in all;
+	// MaxConnectionsPerIP those from one client address (an IPv6
+	// client's /64). Beyond either a client gets 421 4.7.0.
+	MaxConnections      int `toml:"max_connections"`
+	MaxConnectionsPerIP int `toml:"max_connections_per_ip"`
+	// DataTimeout is how long DATA or BDAT may go without progress
+	// (RFC 5321 §4.5.3.2.5 and .6); every read that brings bytes
+	// starts it again.
+	DataTimeout Duration `toml:"data_timeout"`
+	Users       []User   `toml:"users"`
 
 	// TrustedPrefixes is TrustedNetworks parsed.
 	TrustedPrefixes []netip.Prefix `toml:"-"`
@@ -92,6 +101,11 @@ type Queue struct {
 type DNS struct {
 	Servers []string `toml:"servers"`
 	Timeout Duration `toml:"timeout"`
+	// CacheMaxTTL caps how long an answer is cached (and the TTL reported
+	// to callers); answers are otherwise kept for their own TTL.
+	CacheMaxTTL Duration `toml:"cache_max_ttl"`
+	// CacheEntries bounds the answer cache (LRU); 0 disables it.
+	CacheEntries int `toml:"cache_entries"`
 }
 
 // Delivery configures outbound SMTP sessions.
@@ -104,6 +118,13 @@ type Delivery struct {
 	ConnectionReuseLimit int `toml:"connection_reuse_limit"`
 	// ConnectionIdleTimeout is how long an idle session is kept for reuse.
 	ConnectionIdleTimeout Duration `toml:"connection_idle_timeout"`
+	// DataTimeout bounds each body write that makes no progress (RFC
+	// 5321 §4.5.3.2.5): a stalled MX frees its worker after it.
+	DataTimeout Duration `toml:"data_timeout"`
+	// ShutdownTimeout is how long deliveries in flight at SIGTERM may
+	// take to finish; then their connections are cut and their jobs
+	// requeued without counting an attempt.
+	ShutdownTimeout Duration `toml:"shutdown_timeout"`
 }
 
 // TLS holds trust settings shared by MX and policy-host checks.
@@ -130,6 +151,10 @@ type TLSRPT struct {
 	ContactInfo      string   `toml:"contact_info"`
 	From             string   `toml:"from"`
 	Interval         Duration `toml:"interval"`
+	// AllowPrivateRUA lets https: report endpoints be on loopback,
+	// private (RFC 1918, fc00::/7), link-local and other non-public
+	// addresses; off by default, since a domain's DNS chooses the rua.
+	AllowPrivateRUA bool `toml:"allow_private_rua"`
 }
 
 // Log configures the zap logger.
@@ -154,26 +179,31 @@ func Default() *Config {
 		Hostname: host,
 		DataDir:  "/var/lib/stsrelay",
 		Submission: Submission{
-			Listen:            []string{"127.0.0.1:587"},
-			RequireTLSForAuth: true,
-			MaxMessageBytes:   26214400,
-			MaxRecipients:     100,
+			Listen:              []string{"127.0.0.1:587"},
+			RequireTLSForAuth:   true,
+			MaxMessageBytes:     26214400,
+			MaxRecipients:       100,
+			MaxConnections:      1000,
+			MaxConnectionsPerIP: 20,
+			DataTimeout:         Duration{3 * time.Minute},
 		},
 		Queue: Queue{
 			Workers:              32,
-			PerDomainConcurrency: 8,
+			PerDomainConcurrency: 20,
 			RetrySchedule: []Duration{{5 * time.Minute}, {10 * time.Minute}, {30 * time.Minute},
 				{time.Hour}, {2 * time.Hour}, {4 * time.Hour}},
 			MaxQueueTime:     Duration{120 * time.Hour},
 			DelayNoticeAfter: Duration{4 * time.Hour},
 		},
-		DNS: DNS{Timeout: Duration{5 * time.Second}},
+		DNS: DNS{Timeout: Duration{5 * time.Second}, CacheMaxTTL: Duration{time.Hour}, CacheEntries: 100000},
 		Delivery: Delivery{
 			Port:                  25,
 			ConnectTimeout:        Duration{30 * time.Second},
 			CommandTimeout:        Duration{5 * time.Minute},
 			ConnectionReuseLimit:  100,
 			ConnectionIdleTimeout: Duration{30 * time.Second},
+			DataTimeout:           Duration{3 * time.Minute},
+			ShutdownTimeout:       Duration{30 * time.Second},
 		},
 		MTASTS: MTASTS{
 			Enabled:             true,
@@ -300,6 +330,16 @@ func walkDurationKinds(raw map[string]any, t reflect.Type, prefix string) error 
 	return nil
 }
 
+// mappedAsIPv4 suggests, for the error message, the IPv4 form of an
+// IPv4-mapped prefix (::ffff:192.0.2.0/120 is 192.0.2.0/24); "" when it
+// has none (fewer than 96 bits).
+func mappedAsIPv4(p netip.Prefix) string {
+	if p.Bits() < 96 {
+		return ""
+	}
+	return fmt.Sprintf(" (%s)", netip.PrefixFrom(p.Addr().Unmap(), p.Bits()-96).Masked())
+}
+
 // keyError is a value that failed validation; key is its dotted name.
 type keyError struct{ key, msg string }
 
@@ -415,7 +455,25 @@ func (c *Config) validate() error {
 			}
 			p = netip.PrefixFrom(a, a.BitLen())
 		}
+		// Client addresses are unmapped before they are compared
+		// (::ffff:192.0.2.2 is 192.0.2.2), so a mapped prefix would
+		// never match: refuse it rather than trust nobody silently.
+		if p.Addr().Is4In6() {
+			return keyErr("submission.trusted_networks", "%q is an IPv4-mapped IPv6 prefix, which never matches: client addresses are compared unmapped; write it as IPv4%s", n, mappedAsIPv4(p))
+		}
 		s.TrustedPrefixes = append(s.TrustedPrefixes, p.Masked())
+	}
+	if s.MaxConnections <= 0 {
+		return keyErr("submission.max_connections", "must be positive, got %d", s.MaxConnections)
+	}
+	if s.MaxConnectionsPerIP <= 0 {
+		return keyErr("submission.max_connections_per_ip", "must be positive, got %d", s.MaxConnectionsPerIP)
+	}
+	if s.MaxConnectionsPerIP > s.MaxConnections {
+		return keyErr("submission.max_connections_per_ip", "must not exceed submission.max_connections (%d), got %d", s.MaxConnections, s.MaxConnectionsPerIP)
+	}
+	if s.DataTimeout.Duration <= 0 {
+		return keyErr("submission.data_timeout", "must be positive, got %s", s.DataTimeout.Duration)
 	}
 	seen := map[string]bool{}
 	for i, u := range s.Users {
@@ -456,6 +514,12 @@ func (c *Config) validate() error {
 	if c.DNS.Timeout.Duration <= 0 {
 		return keyErr("dns.timeout", "must be positive")
 	}
+	if c.DNS.CacheMaxTTL.Duration <= 0 {
+		return keyErr("dns.cache_max_ttl", "must be positive")
+	}
+	if c.DNS.CacheEntries < 0 {
+		return keyErr("dns.cache_entries", "must not be negative (0 disables the cache), got %d", c.DNS.CacheEntries)
+	}
 	d := &c.Delivery
 	if d.Port <= 0 || d.Port > 65535 {
 		return keyErr("delivery.port", "must be 1-65535, got %d", d.Port)
@@ -470,6 +534,12 @@ func (c *Config) validate() error {
 	}
 	if d.ConnectionReuseLimit <= 0 {
 		return keyErr("delivery.connection_reuse_limit", "must be positive")
+	}
+	if d.DataTimeout.Duration <= 0 {
+		return keyErr("delivery.data_timeout", "must be positive")
+	}
+	if d.ShutdownTimeout.Duration <= 0 {
+		return keyErr("delivery.shutdown_timeout", "must be positive")
 	}
 	m := &c.MTASTS
 	if m.HTTPSPort <= 0 || m.HTTPSPort > 65535 {

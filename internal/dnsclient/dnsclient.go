@@ -5,6 +5,13 @@
 //   - the name does not exist (NXDOMAIN): a permanent failure;
 //   - the name exists but has no record of the type asked (NODATA);
 //   - the server could not answer (SERVFAIL, timeout, refused): temporary.
+//
+// A Resolver made with NewWithOptions keeps the outcomes in a cache shared
+// by all its users: answers for their TTL (capped), negative answers for
+// the TTL RFC 2308 §5 gives them, failures for two seconds; and concurrent
+// lookups of one question send one query. Lookups report how long their
+// answer stays valid (Answer.TTL, TXTAnswer.TTL), so that a caller can act
+// when a record's TTL runs out (RFC 8461 §3.1).
 package dnsclient
 
 import (
@@ -12,6 +19,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net"
 	"os"
@@ -46,16 +54,44 @@ func IsNotFound(err error) bool {
 // IsTemporary reports whether err is a temporary DNS failure.
 func IsTemporary(err error) bool { return errors.Is(err, ErrTemporary) }
 
-// Resolver sends queries to a list of recursive servers, in order.
+// Resolver sends queries to a list of recursive servers, in order, and
+// keeps their answers in its cache. It is safe for concurrent use.
 type Resolver struct {
 	servers []string
 	timeout time.Duration
+	maxTTL  time.Duration
+	now     func() time.Time
+	cache   *cache
 }
 
-// New returns a resolver for servers ("host:port"); with none given it
-// reads the nameservers of /etc/resolv.conf. timeout bounds each query
-// exchange with one server.
+// Options configure a Resolver.
+type Options struct {
+	// Servers are the recursive resolvers, "host:port"; empty reads the
+	// nameservers of /etc/resolv.conf.
+	Servers []string
+	// Timeout bounds each query exchange with one server; 0 means 5s.
+	Timeout time.Duration
+	// CacheEntries bounds the cache: beyond it the least recently used
+	// answers are dropped. 0 disables the cache (config dns.cache_entries).
+	CacheEntries int
+	// CacheMaxTTL caps the TTL of every answer, cached or not;
+	// 0 means DefaultCacheMaxTTL (config dns.cache_max_ttl).
+	CacheMaxTTL time.Duration
+	// Now is the clock TTLs are measured with; nil means time.Now.
+	Now func() time.Time
+}
+
+// New returns a resolver for servers ("host:port") without a cache; with
+// no servers given it reads the nameservers of /etc/resolv.conf. timeout
+// bounds each query exchange with one server. It is NewWithOptions with
+// only Servers and Timeout set.
 func New(servers []string, timeout time.Duration) (*Resolver, error) {
+	return NewWithOptions(Options{Servers: servers, Timeout: timeout})
+}
+
+// NewWithOptions returns a resolver configured by opts.
+func NewWithOptions(opts Options) (*Resolver, error) {
+	servers := opts.Servers
 	if len(servers) == 0 {
 		var err error
 		servers, err = systemServers("/etc/resolv.conf")
@@ -63,10 +99,26 @@ func New(servers []string, timeout time.Duration) (*Resolver, error) {
 			return nil, err
 		}
 	}
-	if timeout <= 0 {
-		timeout = 5 * time.Second
+	if opts.CacheEntries < 0 {
+		return nil, fmt.Errorf("dns cache entries must not be negative, got %d", opts.CacheEntries)
 	}
-	return &Resolver{servers: servers, timeout: timeout}, nil
+	r := &Resolver{
+		servers: servers,
+		timeout: opts.Timeout,
+		maxTTL:  opts.CacheMaxTTL,
+		now:     opts.Now,
+		cache:   newCache(opts.CacheEntries),
+	}
+	if r.timeout <= 0 {
+		r.timeout = 5 * time.Second
+	}
+	if r.maxTTL <= 0 {
+		r.maxTTL = DefaultCacheMaxTTL
+	}
+	if r.now == nil {
+		r.now = time.Now
+	}
+	return r, nil
 }
 
 func systemServers(path string) ([]string, error) {
@@ -97,34 +149,61 @@ type Answer struct {
 	// Name is the owner of the records in RRs: the queried name, or the
 	// last target of the CNAME chain.
 	Name string
-	// RRs holds the records of the type asked.
+	// RRs holds the records of the type asked. They are shared with the
+	// cache and other callers: do not modify them.
 	RRs []dns.RR
 	// Authentic is the AD bit of the final response.
 	Authentic bool
+	// TTL is how long the answer stays valid from the lookup on: the
+	// smallest TTL of the records used, the CNAMEs of the chain included,
+	// capped by Options.CacheMaxTTL, less the time it has spent in the
+	// cache.
+	TTL time.Duration
+	// Expires is when the answer stops being valid (and leaves the
+	// cache): the lookup's time, by Options.Now, plus TTL.
+	Expires time.Time
 }
 
 // Lookup queries name for qtype, following CNAMEs (RFC 5321 §5.1: the
 // result is processed as if it were the original name) up to a bound.
 // Errors wrap ErrNotFound, ErrNoData or ErrTemporary.
 func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Answer, error) {
-	name = dns.Fqdn(strings.ToLower(name))
+	e, now, err := r.resolve(ctx, name, qtype, false)
+	if err != nil {
+		return nil, err
+	}
+	if e.err != nil {
+		return nil, e.err
+	}
+	ans := *e.ans
+	ans.TTL, ans.Expires = e.remaining(now), e.expires
+	return &ans, nil
+}
+
+// lookup is Lookup without the cache. It also returns how long its
+// outcome may be cached, before the cap: the smallest TTL of the records
+// used for an answer, the RFC 2308 TTL for a negative one, failureTTL for
+// a failure.
+func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16) (*Answer, time.Duration, error) {
 	seen := map[string]bool{}
+	// chain is the smallest TTL, in seconds, of the CNAMEs followed so far.
+	chain := uint32(math.MaxUint32)
 	for range maxCNAMEChain + 1 {
 		// A name asked again was reached through a CNAME, and the walk
 		// below already checked it against the chain for a loop.
 		seen[name] = true
 		msg, err := r.exchange(ctx, name, qtype)
 		if err != nil {
-			return nil, err
+			return nil, failureTTL, err
 		}
 		switch msg.Rcode {
 		case dns.RcodeSuccess:
 		case dns.RcodeNameError:
 			// An NXDOMAIN at the end of a CNAME chain still means the
 			// target does not exist.
-			return nil, fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNotFound)
+			return nil, negativeTTL(msg, chain), fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNotFound)
 		default:
-			return nil, fmt.Errorf("%s %s: server answered %s: %w", name, dns.TypeToString[qtype], dns.RcodeToString[msg.Rcode], ErrTemporary)
+			return nil, failureTTL, fmt.Errorf("%s %s: server answered %s: %w", name, dns.TypeToString[qtype], dns.RcodeToString[msg.Rcode], ErrTemporary)
 		}
 		ans := &Answer{Name: name, Authentic: msg.AuthenticatedData}
 		// Walk the answer section: the server may have put the whole
@@ -140,23 +219,28 @@ func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Answ
 				if c, ok := rr.(*dns.CNAME); ok && qtype != dns.TypeCNAME {
 					next := strings.ToLower(dns.Fqdn(c.Target))
 					if seen[next] {
-						return nil, fmt.Errorf("%s %s: CNAME loop: %w", name, dns.TypeToString[qtype], ErrTemporary)
+						return nil, failureTTL, fmt.Errorf("%s %s: CNAME loop: %w", name, dns.TypeToString[qtype], ErrTemporary)
 					}
 					seen[next] = true
+					chain = min(chain, ttlOf(h.Ttl))
 					cur = next
 					changed = true
 					break
 				}
 			}
 		}
+		ttl := chain
 		for _, rr := range msg.Answer {
 			if rr.Header().Rrtype == qtype && strings.EqualFold(rr.Header().Name, cur) {
 				ans.RRs = append(ans.RRs, rr)
+				// RFC 2181 §5.2: the TTLs of an RRset should be equal;
+				// when they are not, the smallest is used.
+				ttl = min(ttl, ttlOf(rr.Header().Ttl))
 			}
 		}
 		if len(ans.RRs) > 0 {
 			ans.Name = cur
-			return ans, nil
+			return ans, time.Duration(ttl) * time.Second, nil
 		}
 		if cur != name {
 			// The chain continued to a name whose records were not in
@@ -164,9 +248,9 @@ func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Answ
 			name = cur
 			continue
 		}
-		return nil, fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNoData)
+		return nil, negativeTTL(msg, chain), fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNoData)
 	}
-	return nil, fmt.Errorf("%s %s: CNAME chain longer than %d: %w", name, dns.TypeToString[qtype], maxCNAMEChain, ErrTemporary)
+	return nil, failureTTL, fmt.Errorf("%s %s: CNAME chain longer than %d: %w", name, dns.TypeToString[qtype], maxCNAMEChain, ErrTemporary)
 }
 
 // exchange asks each server in turn, over UDP and then TCP when the
@@ -218,17 +302,53 @@ func (r *Resolver) exchangeOne(ctx context.Context, proto, server string, q *dns
 
 // LookupTXT returns the TXT records at name, each as its list of
 // character-strings (RFC 8461 §3.1 and RFC 8460 §3 concatenate them
-// without spaces; the caller decides).
+// without spaces; the caller decides). The slices are shared with the
+// cache and other callers: do not modify them.
 func (r *Resolver) LookupTXT(ctx context.Context, name string) ([][]string, error) {
-	ans, err := r.Lookup(ctx, name, dns.TypeTXT)
+	a, err := r.LookupTXTAnswer(ctx, name)
+	return a.Records, err
+}
+
+// TXTAnswer is the outcome of a TXT lookup with its lifetime.
+type TXTAnswer struct {
+	// Records holds one []string, its character-strings, per TXT record.
+	// The slices are shared with the cache and other callers: do not
+	// modify them.
+	Records [][]string
+	// TTL is how long the outcome stays valid from the lookup on, as
+	// Answer.TTL; with an error, how long that error is cached (the RFC
+	// 2308 §5 TTL for NXDOMAIN and NODATA, zero when the server gave no
+	// SOA, a few seconds for a temporary failure).
+	TTL time.Duration
+	// Expires is the lookup's time, by Options.Now, plus TTL.
+	Expires time.Time
+}
+
+// LookupTXTAnswer returns the TXT records at name, as LookupTXT, and how
+// long they stay valid: a caller that keeps something derived from them
+// (an MTA-STS policy id) should look again once TTL has run out (RFC 8461
+// §3.1). TTL and Expires are set with errors wrapping ErrNotFound,
+// ErrNoData or ErrTemporary too, but not when ctx ended first. A cached
+// answer costs no allocation.
+func (r *Resolver) LookupTXTAnswer(ctx context.Context, name string) (TXTAnswer, error) {
+	return r.lookupTXT(ctx, name, false)
+}
+
+// LookupTXTFresh is LookupTXTAnswer that does not take its answer from the
+// cache: it asks the server (or waits for a query already sent) and caches
+// what it gets. It is for the rare lookup that must see a change before
+// the TTL runs out, such as the policy check before a message fails
+// because of an enforce policy (RFC 8461 §5.1).
+func (r *Resolver) LookupTXTFresh(ctx context.Context, name string) (TXTAnswer, error) {
+	return r.lookupTXT(ctx, name, true)
+}
+
+func (r *Resolver) lookupTXT(ctx context.Context, name string, fresh bool) (TXTAnswer, error) {
+	e, now, err := r.resolve(ctx, name, dns.TypeTXT, fresh)
 	if err != nil {
-		return nil, err
+		return TXTAnswer{}, err
 	}
-	out := make([][]string, 0, len(ans.RRs))
-	for _, rr := range ans.RRs {
-		out = append(out, append([]string(nil), rr.(*dns.TXT).Txt...))
-	}
-	return out, nil
+	return TXTAnswer{Records: e.txt, TTL: e.remaining(now), Expires: e.expires}, e.err
 }
 
 // MX is one mail exchanger: a host name without trailing dot, lower case.
@@ -243,13 +363,19 @@ type MX struct {
 // records (not of any CNAME target), lower-cased, without trailing dot;
 // a null MX (RFC 7505) shows as Host ".".
 func (r *Resolver) LookupMX(ctx context.Context, domain string) ([]MX, error) {
-	ans, err := r.Lookup(ctx, domain, dns.TypeMX)
+	e, _, err := r.resolve(ctx, domain, dns.TypeMX, false)
 	if err != nil {
 		return nil, err
 	}
-	out := make([]MX, 0, len(ans.RRs))
-	for _, rr := range ans.RRs {
-		mx := rr.(*dns.MX)
+	if e.err != nil {
+		return nil, e.err
+	}
+	out := make([]MX, 0, len(e.ans.RRs))
+	for _, rr := range e.ans.RRs {
+		mx, ok := rr.(*dns.MX)
+		if !ok {
+			continue
+		}
 		host := strings.ToLower(mx.Mx)
 		if host != "." {
 			host = strings.TrimSuffix(host, ".")
@@ -273,17 +399,21 @@ func (r *Resolver) LookupIP(ctx context.Context, host string, wantV6 bool) ([]ne
 		types = append(types, dns.TypeAAAA)
 	}
 	for _, t := range types {
-		ans, err := r.Lookup(ctx, host, t)
+		e, _, err := r.resolve(ctx, host, t, false)
+		if err == nil {
+			err = e.err
+		}
 		if err != nil {
 			errs = append(errs, err)
 			continue
 		}
-		for _, rr := range ans.RRs {
+		// Copies: the records are shared with the cache.
+		for _, rr := range e.ans.RRs {
 			switch v := rr.(type) {
 			case *dns.A:
-				ips = append(ips, v.A)
+				ips = append(ips, append(net.IP(nil), v.A...))
 			case *dns.AAAA:
-				ips = append(ips, v.AAAA)
+				ips = append(ips, append(net.IP(nil), v.AAAA...))
 			}
 		}
 	}

@@ -36,7 +36,7 @@ func testCtx(t *testing.T) context.Context {
 // startServer runs h on a UDP and a TCP dns.Server on 127.0.0.1 (one port)
 // for the test's lifetime: for the answers the testworld server, being a
 // well-behaved authoritative one, never gives.
-func startServer(t *testing.T, h dns.HandlerFunc) string {
+func startServer(t testing.TB, h dns.HandlerFunc) string {
 	t.Helper()
 	var pc net.PacketConn
 	var l net.Listener

@@ -26,6 +26,11 @@ type Metrics struct {
 	policiesByMode    *prometheus.GaugeVec
 	ready             atomic.Bool
 	queueLen, oldestS func() float64
+
+	// SubmissionRejected is stsrelay_submission_connections_rejected_total{reason}.
+	SubmissionRejected *prometheus.CounterVec
+	// ForecastRefusals is stsrelay_mtasts_forecast_refusals_total{reason}.
+	ForecastRefusals *prometheus.CounterVec
 }
 
 // New creates the metrics. queueLen and oldest feed the queue gauges
@@ -37,6 +42,10 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 	m.MTASTSFetches = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_mtasts_fetches_total", Help: "MTA-STS policy fetches by result."}, []string{"result"})
 	m.TLSSessions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_tls_sessions_total", Help: "Delivery sessions by TLS-RPT result type (success for compliant sessions)."}, []string{"result_type"})
 	m.TLSRPTReports = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_tlsrpt_reports_total", Help: "TLS-RPT reports sent by result."}, []string{"result"})
+	m.SubmissionRejected = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_submission_connections_rejected_total", Help: "Submission connections refused at accept (over a connection cap, or a failed accept)."}, []string{"reason"})
+	for _, r := range []string{"max_connections", "max_connections_per_ip", "accept_error"} {
+		m.SubmissionRejected.WithLabelValues(r)
+	}
 	m.policiesByMode = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "stsrelay_mtasts_policies", Help: "Cached MTA-STS policies by mode."}, []string{"mode"})
 	queueGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_messages", Help: "Messages in the queue."}, queueLen)
 	oldestGauge := prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_oldest_seconds", Help: "Age of the oldest queued message."}, oldestSeconds)
@@ -51,6 +60,12 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 	for _, r := range []string{"ok", "failed", "dropped"} {
 		m.TLSRPTReports.WithLabelValues(r)
 	}
+	m.Registry.MustRegister(m.SubmissionRejected)
+	// The reasons are a closed set (mx-not-in-policy and the RFC 8460
+	// result types), so the label is bounded; no domain label.
+	m.ForecastRefusals = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_mtasts_forecast_refusals_total",
+		Help: "Sessions to MTA-STS testing-mode domains that enforce would have refused, by reason."}, []string{"reason"})
+	m.Registry.MustRegister(m.ForecastRefusals)
 	m.Registry.MustRegister(m.MessagesAccepted, m.Deliveries, m.MTASTSFetches, m.TLSSessions, m.TLSRPTReports,
 		m.policiesByMode, queueGauge, oldestGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
@@ -59,6 +74,16 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 
 // Delivery counts one recipient outcome.
 func (m *Metrics) Delivery(result string) { m.Deliveries.WithLabelValues(result).Inc() }
+
+// SubmissionConnectionRejected counts one submission connection refused
+// at accept; it is relay.Options.ConnectionsRejected.
+func (m *Metrics) SubmissionConnectionRejected(reason string) {
+	m.SubmissionRejected.WithLabelValues(reason).Inc()
+}
+
+// ForecastRefusal counts one session enforce would have refused in a
+// testing-mode domain (forecast.Options.OnRefusal).
+func (m *Metrics) ForecastRefusal(reason string) { m.ForecastRefusals.WithLabelValues(reason).Inc() }
 
 // TLSSession counts one delivery session's TLS outcome.
 func (m *Metrics) TLSSession(resultType string) { m.TLSSessions.WithLabelValues(resultType).Inc() }
@@ -72,6 +97,18 @@ func (m *Metrics) SetPolicies(byMode map[string]int) {
 
 // SetReady flips /readyz.
 func (m *Metrics) SetReady(ok bool) { m.ready.Store(ok) }
+
+// ObserveDNSCache exports stsrelay_dns_cache_lookups_total{result="hit|miss"},
+// read from lookups at scrape time (dnsclient.Resolver.CacheLookups), so
+// the lookups themselves pay nothing for it. Call it once.
+func (m *Metrics) ObserveDNSCache(lookups func() (hits, misses uint64)) {
+	const name, help = "stsrelay_dns_cache_lookups_total", "DNS lookups by whether the resolver's cache answered them."
+	hit := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: prometheus.Labels{"result": "hit"}},
+		func() float64 { h, _ := lookups(); return float64(h) })
+	miss := prometheus.NewCounterFunc(prometheus.CounterOpts{Name: name, Help: help, ConstLabels: prometheus.Labels{"result": "miss"}},
+		func() float64 { _, n := lookups(); return float64(n) })
+	m.Registry.MustRegister(hit, miss)
+}
 
 // Serve listens on addr until ctx ends.
 func (m *Metrics) Serve(ctx context.Context, addr string) (net.Addr, error) {

@@ -68,7 +68,7 @@ type Cert struct {
 // World.CAFile or Pool) and a second, unrelated root that signs
 // CertUnknownCA certificates. Both use ECDSA P-256.
 type CA struct {
-	t testing.TB
+	t testing.TB // nil outside a test: Issue then panics on error
 
 	root, unknown       *x509.Certificate
 	rootKey, unknownKey *ecdsa.PrivateKey
@@ -79,15 +79,25 @@ type CA struct {
 	serial int64
 }
 
-func newCA(t testing.TB) *CA {
-	c := &CA{t: t, serial: 1}
-	c.root, c.rootKey, c.rootPEM = c.newRoot("testworld root CA")
-	c.unknown, c.unknownKey, c.unknownPEM = c.newRoot("testworld unknown CA")
-	return c
+// NewCA creates a CA whose issued certificates and keys are written to
+// dir.
+func NewCA(dir string) (*CA, error) {
+	c := &CA{serial: 1, dir: dir}
+	var err error
+	if c.root, c.rootKey, c.rootPEM, err = c.newRoot("testworld root CA"); err != nil {
+		return nil, err
+	}
+	if c.unknown, c.unknownKey, c.unknownPEM, err = c.newRoot("testworld unknown CA"); err != nil {
+		return nil, err
+	}
+	return c, nil
 }
 
-func (c *CA) newRoot(name string) (*x509.Certificate, *ecdsa.PrivateKey, []byte) {
-	key := newKey(c.t)
+func (c *CA) newRoot(name string) (*x509.Certificate, *ecdsa.PrivateKey, []byte, error) {
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, nil, nil, fmt.Errorf("testworld: generate key: %w", err)
+	}
 	now := time.Now()
 	tmpl := &x509.Certificate{
 		SerialNumber:          big.NewInt(c.nextSerial()),
@@ -100,21 +110,13 @@ func (c *CA) newRoot(name string) (*x509.Certificate, *ecdsa.PrivateKey, []byte)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
 	if err != nil {
-		c.t.Fatalf("testworld: create root: %v", err)
+		return nil, nil, nil, fmt.Errorf("testworld: create root: %w", err)
 	}
 	cert, err := x509.ParseCertificate(der)
 	if err != nil {
-		c.t.Fatalf("testworld: parse root: %v", err)
+		return nil, nil, nil, fmt.Errorf("testworld: parse root: %w", err)
 	}
-	return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})
-}
-
-func newKey(t testing.TB) *ecdsa.PrivateKey {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		t.Fatalf("testworld: generate key: %v", err)
-	}
-	return key
+	return cert, key, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), nil
 }
 
 func (c *CA) nextSerial() int64 {
@@ -140,14 +142,30 @@ func (c *CA) UnknownRootPEM() []byte { return append([]byte(nil), c.unknownPEM..
 
 // Issue creates a certificate of the given kind for names, writes it and its
 // key to a temporary directory, and returns it. At least one name is needed,
-// except for CertWrongName.
+// except for CertWrongName. It fails the test on error (IssueCert returns
+// the error).
 func (c *CA) Issue(kind CertKind, names ...string) *Cert {
-	c.t.Helper()
+	cert, err := c.IssueCert(kind, names...)
+	if err != nil {
+		if c.t != nil {
+			c.t.Helper()
+			c.t.Fatal(err)
+		}
+		panic(err)
+	}
+	return cert
+}
+
+// IssueCert is Issue returning its error.
+func (c *CA) IssueCert(kind CertKind, names ...string) (*Cert, error) {
 	if len(names) == 0 && kind != CertWrongName {
-		c.t.Fatalf("testworld: Issue(%v) needs at least one name", kind)
+		return nil, fmt.Errorf("testworld: Issue(%v) needs at least one name", kind)
 	}
 	now := time.Now()
-	key := newKey(c.t)
+	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	if err != nil {
+		return nil, fmt.Errorf("testworld: generate key: %w", err)
+	}
 	tmpl := &x509.Certificate{
 		SerialNumber: big.NewInt(c.nextSerial()),
 		Subject:      pkix.Name{Organization: []string{"testworld"}},
@@ -179,13 +197,13 @@ func (c *CA) Issue(kind CertKind, names ...string) *Cert {
 		for _, n := range names {
 			ip := net.ParseIP(n)
 			if ip == nil {
-				c.t.Fatalf("testworld: Issue(CertIPOnly): %q is not an IP address", n)
+				return nil, fmt.Errorf("testworld: Issue(CertIPOnly): %q is not an IP address", n)
 			}
 			tmpl.IPAddresses = append(tmpl.IPAddresses, ip)
 		}
 	case CertCNOnly:
 	default:
-		c.t.Fatalf("testworld: Issue: unknown kind %v", kind)
+		return nil, fmt.Errorf("testworld: Issue: unknown kind %v", kind)
 	}
 	if kind != CertIPOnly && kind != CertCNOnly {
 		tmpl.DNSNames = names
@@ -193,15 +211,15 @@ func (c *CA) Issue(kind CertKind, names ...string) *Cert {
 
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, parent, &key.PublicKey, parentKey)
 	if err != nil {
-		c.t.Fatalf("testworld: issue %v certificate for %v: %v", kind, names, err)
+		return nil, fmt.Errorf("testworld: issue %v certificate for %v: %w", kind, names, err)
 	}
 	leaf, err := x509.ParseCertificate(der)
 	if err != nil {
-		c.t.Fatalf("testworld: parse issued certificate: %v", err)
+		return nil, fmt.Errorf("testworld: parse issued certificate: %w", err)
 	}
 	keyDER, err := x509.MarshalPKCS8PrivateKey(key)
 	if err != nil {
-		c.t.Fatalf("testworld: marshal key: %v", err)
+		return nil, fmt.Errorf("testworld: marshal key: %w", err)
 	}
 	cert := &Cert{
 		TLS:     tls.Certificate{Certificate: [][]byte{der}, PrivateKey: key, Leaf: leaf},
@@ -209,20 +227,15 @@ func (c *CA) Issue(kind CertKind, names ...string) *Cert {
 		CertPEM: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}),
 		KeyPEM:  pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: keyDER}),
 	}
-	c.mu.Lock()
-	if c.dir == "" {
-		c.dir = c.t.TempDir()
-	}
 	dir := c.dir
-	c.mu.Unlock()
 	serial := leaf.SerialNumber.String()
 	cert.CertFile = filepath.Join(dir, "cert-"+serial+".pem")
 	cert.KeyFile = filepath.Join(dir, "key-"+serial+".pem")
 	if err := os.WriteFile(cert.CertFile, cert.CertPEM, 0o644); err != nil {
-		c.t.Fatalf("testworld: write certificate: %v", err)
+		return nil, fmt.Errorf("testworld: write certificate: %w", err)
 	}
 	if err := os.WriteFile(cert.KeyFile, cert.KeyPEM, 0o600); err != nil {
-		c.t.Fatalf("testworld: write key: %v", err)
+		return nil, fmt.Errorf("testworld: write key: %w", err)
 	}
-	return cert
+	return cert, nil
 }

@@ -8,7 +8,6 @@ import (
 	"strings"
 	"sync"
 	"syscall"
-	"testing"
 	"time"
 
 	"github.com/miekg/dns"
@@ -51,6 +50,7 @@ type DNSServer struct {
 	udp  *dns.Server
 	tcp  *dns.Server
 	done chan struct{}
+	once sync.Once
 
 	mu       sync.Mutex
 	ttl      uint32
@@ -62,8 +62,7 @@ type DNSServer struct {
 	queries  []Query
 }
 
-func newDNSServer(t testing.TB, ip string) *DNSServer {
-	t.Helper()
+func newDNSServer(ip string) (*DNSServer, error) {
 	d := &DNSServer{
 		done:     make(chan struct{}),
 		ttl:      DefaultTTL,
@@ -81,7 +80,7 @@ func newDNSServer(t testing.TB, ip string) *DNSServer {
 		var err error
 		pc, err = net.ListenPacket("udp", net.JoinHostPort(ip, "0"))
 		if err != nil {
-			t.Fatalf("testworld: dns: listen udp: %v", err)
+			return nil, fmt.Errorf("testworld: dns: listen udp: %w", err)
 		}
 		port := pc.LocalAddr().(*net.UDPAddr).Port
 		l, err = net.Listen("tcp", net.JoinHostPort(ip, fmt.Sprint(port)))
@@ -90,7 +89,7 @@ func newDNSServer(t testing.TB, ip string) *DNSServer {
 		}
 		pc.Close()
 		if !errors.Is(err, syscall.EADDRINUSE) || tries >= 20 {
-			t.Fatalf("testworld: dns: listen tcp: %v", err)
+			return nil, fmt.Errorf("testworld: dns: listen tcp: %w", err)
 		}
 	}
 	d.addr = pc.LocalAddr().String()
@@ -108,19 +107,24 @@ func newDNSServer(t testing.TB, ip string) *DNSServer {
 	select {
 	case <-ready:
 	case err := <-errc:
-		t.Fatalf("testworld: dns: serve: %v", err)
+		d.Close()
+		return nil, fmt.Errorf("testworld: dns: serve: %w", err)
 	case <-time.After(shutdownTimeout):
-		t.Fatalf("testworld: dns: server did not start")
+		d.Close()
+		return nil, errors.New("testworld: dns: server did not start")
 	}
+	return d, nil
+}
 
-	t.Cleanup(func() {
+// Close stops the server. It is called when the world stops.
+func (d *DNSServer) Close() {
+	d.once.Do(func() {
 		close(d.done) // releases handlers sleeping in SetDelay
 		ctx, cancel := context.WithTimeout(context.Background(), shutdownTimeout)
 		defer cancel()
 		d.udp.ShutdownContext(ctx)
 		d.tcp.ShutdownContext(ctx)
 	})
-	return d
 }
 
 // Addr is the server's "ip:port", for UDP and TCP alike.

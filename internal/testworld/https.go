@@ -4,6 +4,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/tls"
+	"errors"
 	"fmt"
 	"io"
 	"log"
@@ -48,15 +49,36 @@ type HTTPSServer struct {
 // NewHTTPS starts an HTTPS server on ip ("" takes World.NextIP) presenting
 // cert. It stops when the test ends.
 func (w *World) NewHTTPS(ip string, cert *Cert) *HTTPSServer {
-	w.t.Helper()
+	if w.t != nil {
+		w.t.Helper()
+	}
+	h, err := w.StartHTTPS(ip, cert)
+	if err != nil {
+		w.fatalf("%v", err)
+	}
+	return h
+}
+
+// StartHTTPS is NewHTTPS returning its error.
+func (w *World) StartHTTPS(ip string, cert *Cert) (*HTTPSServer, error) {
 	if cert == nil {
-		w.t.Fatalf("testworld: NewHTTPS needs a certificate")
+		return nil, errors.New("testworld: NewHTTPS needs a certificate")
 	}
 	auto := ip == ""
 	if auto {
-		ip = w.NextIP()
+		var err error
+		if ip, err = w.nextIP(); err != nil {
+			return nil, err
+		}
 	}
-	l, ip := w.listenShared(ip, auto, w.HTTPSPort())
+	port, err := w.port(&w.httpsPort)
+	if err != nil {
+		return nil, err
+	}
+	l, ip, err := w.listenShared(ip, auto, port)
+	if err != nil {
+		return nil, err
+	}
 	h := &HTTPSServer{
 		ip:       ip,
 		addr:     l.Addr().String(),
@@ -78,8 +100,8 @@ func (w *World) NewHTTPS(ip string, cert *Cert) *HTTPSServer {
 		defer close(h.served)
 		h.srv.Serve(tls.NewListener(l, tlsConfig))
 	}()
-	w.t.Cleanup(h.Close)
-	return h
+	w.onClose(h.Close)
+	return h, nil
 }
 
 // ctx is a context that ends when the server closes, so that handlers
@@ -206,15 +228,36 @@ const PolicyPath = "/.well-known/mta-sts.txt"
 // certificate of the given kind for that name (for CertIPOnly, for the
 // address). The TXT record _mta-sts.<domain> is left to the test.
 func (w *World) PolicyHost(domain string, kind CertKind) *PolicyServer {
-	w.t.Helper()
+	if w.t != nil {
+		w.t.Helper()
+	}
+	p, err := w.StartPolicyHost(domain, kind)
+	if err != nil {
+		w.fatalf("%v", err)
+	}
+	return p
+}
+
+// StartPolicyHost is PolicyHost returning its error.
+func (w *World) StartPolicyHost(domain string, kind CertKind) (*PolicyServer, error) {
 	domain = strings.TrimSuffix(strings.ToLower(domain), ".")
 	host := "mta-sts." + domain
-	ip := w.NextIP()
+	ip, err := w.nextIP()
+	if err != nil {
+		return nil, err
+	}
 	name := host
 	if kind == CertIPOnly {
 		name = ip
 	}
-	h := w.NewHTTPS(ip, w.CA.Issue(kind, name))
+	cert, err := w.CA.IssueCert(kind, name)
+	if err != nil {
+		return nil, err
+	}
+	h, err := w.StartHTTPS(ip, cert)
+	if err != nil {
+		return nil, err
+	}
 	w.DNS.SetA(host, h.IP())
 	p := &PolicyServer{
 		HTTPSServer: h,
@@ -223,7 +266,7 @@ func (w *World) PolicyHost(domain string, kind CertKind) *PolicyServer {
 		resp:        policyResponse{status: http.StatusNotFound, contentType: "text/plain", body: "no policy set\n"},
 	}
 	h.Handle("", p) // the policy host answers whatever Host the client names; the log shows it
-	return p
+	return p, nil
 }
 
 // Domain is the policy domain.
@@ -398,13 +441,31 @@ const ReportPath = "/report"
 // new address and an HTTPS server there with a valid certificate for host.
 // It accepts POSTs at any path; URL gives https://host/report.
 func (w *World) ReportReceiver(host string) *ReportReceiver {
-	w.t.Helper()
+	if w.t != nil {
+		w.t.Helper()
+	}
+	r, err := w.StartReportReceiver(host)
+	if err != nil {
+		w.fatalf("%v", err)
+	}
+	return r
+}
+
+// StartReportReceiver is ReportReceiver returning its error.
+func (w *World) StartReportReceiver(host string) (*ReportReceiver, error) {
 	host = strings.TrimSuffix(strings.ToLower(host), ".")
-	h := w.NewHTTPS("", w.CA.Issue(CertValid, host))
+	cert, err := w.CA.IssueCert(CertValid, host)
+	if err != nil {
+		return nil, err
+	}
+	h, err := w.StartHTTPS("", cert)
+	if err != nil {
+		return nil, err
+	}
 	w.DNS.SetA(host, h.IP())
 	r := &ReportReceiver{HTTPSServer: h, host: host, status: http.StatusOK}
 	h.Handle("", r)
-	return r
+	return r, nil
 }
 
 // URL is the rua URL to publish as it would be on the Internet, without a

@@ -1,6 +1,7 @@
 package testworld
 
 import (
+	"crypto/rand"
 	"fmt"
 	"io"
 	"log"
@@ -78,6 +79,7 @@ type ConnInfo struct {
 	Helo       string // the EHLO/HELO argument in force
 	TLS        bool   // STARTTLS completed
 	TLSVersion uint16
+	DidResume  bool   // the TLS handshake resumed an earlier session
 	SNI        string // server name the client sent in its ClientHello
 }
 
@@ -99,6 +101,7 @@ type Received struct {
 	Data        []byte   // the exact bytes after dot-unstuffing, CRLF line ends kept
 	TLS         bool
 	TLSVersion  uint16
+	DidResume   bool
 	SNI         string
 	Helo        string
 	Time        time.Time
@@ -135,19 +138,64 @@ type MXServer struct {
 	snis     []string
 	msgs     []Received
 	commands []Command
+	// cert and ticketKey are the STARTTLS certificate and session ticket
+	// key in force: one key for the server's life (so clients can resume
+	// TLS sessions, RFC 8446 §2.2) until SetCert changes both.
+	cert      *Cert
+	ticketKey [32]byte
+	resumed   int
+}
+
+// SetCert makes c the certificate of later STARTTLS handshakes and
+// changes the session ticket key, as a server restarted with a new
+// certificate does: no session from before resumes.
+func (mx *MXServer) SetCert(c *Cert) {
+	mx.mu.Lock()
+	defer mx.mu.Unlock()
+	mx.cert = c
+	_, _ = rand.Read(mx.ticketKey[:])
+}
+
+// Resumed returns how many STARTTLS handshakes resumed an earlier TLS
+// session.
+func (mx *MXServer) Resumed() int {
+	mx.mu.Lock()
+	defer mx.mu.Unlock()
+	return mx.resumed
 }
 
 // NewMX starts an MX server as opts says; it stops when the test ends.
 func (w *World) NewMX(opts MXOptions) *MXServer {
-	w.t.Helper()
+	if w.t != nil {
+		w.t.Helper()
+	}
+	mx, err := w.StartMX(opts)
+	if err != nil {
+		w.fatalf("%v", err)
+	}
+	return mx
+}
+
+// StartMX is NewMX returning its error.
+func (w *World) StartMX(opts MXOptions) (*MXServer, error) {
 	if opts.Hostname == "" {
 		opts.Hostname = "mx.testworld.invalid"
 	}
 	ip, auto := opts.IP, opts.IP == ""
 	if auto {
-		ip = w.NextIP()
+		var err error
+		if ip, err = w.nextIP(); err != nil {
+			return nil, err
+		}
 	}
-	l, ip := w.listenShared(ip, auto, w.MXPort())
+	port, err := w.port(&w.mxPort)
+	if err != nil {
+		return nil, err
+	}
+	l, ip, err := w.listenShared(ip, auto, port)
+	if err != nil {
+		return nil, err
+	}
 	mx := &MXServer{
 		w:      w,
 		opts:   opts,
@@ -155,7 +203,9 @@ func (w *World) NewMX(opts MXOptions) *MXServer {
 		addr:   l.Addr().String(),
 		done:   make(chan struct{}),
 		served: make(chan struct{}),
+		cert:   opts.Cert,
 	}
+	_, _ = rand.Read(mx.ticketKey[:])
 	srv := smtp.NewServer(smtp.BackendFunc(func(c *smtp.Conn) (smtp.Session, error) {
 		mc, _ := c.Conn().(*mxConn)
 		return &mxSession{mx: mx, c: c, conn: mc}, nil
@@ -171,8 +221,8 @@ func (w *World) NewMX(opts MXOptions) *MXServer {
 		defer close(mx.served)
 		srv.Serve(&mxListener{Listener: l, mx: mx})
 	}()
-	w.t.Cleanup(mx.Close)
-	return mx
+	w.onClose(mx.Close)
+	return mx, nil
 }
 
 // Mailbox starts an MX for domain that accepts everything (STARTTLS with a
@@ -180,7 +230,9 @@ func (w *World) NewMX(opts MXOptions) *MXServer {
 // its A record: the place where DSNs and mailto TLS reports addressed to
 // domain arrive. Read them with Messages or WaitMessages.
 func (w *World) Mailbox(domain string) *MXServer {
-	w.t.Helper()
+	if w.t != nil {
+		w.t.Helper()
+	}
 	host := "mx." + strings.TrimSuffix(strings.ToLower(domain), ".")
 	mx := w.NewMX(MXOptions{Hostname: host, Cert: w.CA.Issue(CertValid, host)})
 	w.DNS.SetMX(domain, MX{Pref: 10, Host: host})
@@ -375,6 +427,7 @@ func (s *mxSession) Data(r io.Reader) error {
 		Data:        data,
 		TLS:         ci.TLS,
 		TLSVersion:  ci.TLSVersion,
+		DidResume:   ci.DidResume,
 		SNI:         ci.SNI,
 		Helo:        ci.Helo,
 		Time:        time.Now(),

@@ -60,6 +60,7 @@ func (c *mxConn) info() ConnInfo {
 	if c.tlsState != nil {
 		ci.TLS = true
 		ci.TLSVersion = c.tlsState.Version
+		ci.DidResume = c.tlsState.DidResume
 	}
 	return ci
 }
@@ -214,9 +215,12 @@ func (c *mxConn) startTLS() error {
 			return nil, nil
 		},
 	}
-	if opts.Cert != nil {
-		cfg.Certificates = []tls.Certificate{opts.Cert.TLS}
+	c.mx.mu.Lock()
+	if cert := c.mx.cert; cert != nil {
+		cfg.Certificates = []tls.Certificate{cert.TLS}
 	}
+	cfg.SetSessionTicketKeys([][32]byte{c.mx.ticketKey})
+	c.mx.mu.Unlock()
 	tc := tls.Server(c.raw, cfg)
 	ctx, cancel := context.WithTimeout(context.Background(), handshakeTimeout)
 	defer cancel()
@@ -232,6 +236,11 @@ func (c *mxConn) startTLS() error {
 	}
 	st := tc.ConnectionState()
 	c.tlsState = &st
+	if st.DidResume {
+		c.mx.mu.Lock()
+		c.mx.resumed++
+		c.mx.mu.Unlock()
+	}
 	c.cur = tc
 	c.needHelo = true
 	return nil

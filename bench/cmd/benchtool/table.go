@@ -50,6 +50,22 @@ func (r row) num(k string) (float64, bool) {
 type caseKey struct {
 	mode       string
 	size, conc int
+	// wan mode: one-way delay of the latency proxy and the sink kind
+	delay int
+	sink  string
+}
+
+// label names a case in the tables.
+func (k caseKey) label() string {
+	l := fmt.Sprintf("%s, %s, %d sess.", modeLabel[k.mode], sizeLabel(k.size), k.conc)
+	if k.mode == "wan" {
+		sink := "CHUNKING sink"
+		if k.sink == "nochunking" {
+			sink = "no-CHUNKING sink"
+		}
+		l = fmt.Sprintf("WAN %d ms RTT, %s, %s, %d sess.", 2*k.delay, sink, sizeLabel(k.size), k.conc)
+	}
+	return l
 }
 
 // figure computes one number from a run, ok=false when not applicable.
@@ -84,16 +100,30 @@ var figures = []figure{
 		v, ok := r.num("peak_pss_kb")
 		return v / 1024, ok
 	}},
+	{name: "round trips per message: client→server flights at the sink side of the latency proxy ÷ messages", unit: "flights/msg",
+		get: func(r row) (float64, bool) { return perMsg(r, "flights_c2s") }, only: func(k caseKey) bool { return k.mode == "wan" }},
+	{name: "connections per message (at the latency proxy)", unit: "conn/msg",
+		get: func(r row) (float64, bool) { return perMsg(r, "conns") }, only: func(k caseKey) bool { return k.mode == "wan" }},
+}
+
+func perMsg(r row, k string) (float64, bool) {
+	n, ok1 := r.num("n")
+	v, ok2 := r.num(k)
+	if !ok1 || !ok2 || n <= 0 {
+		return 0, false
+	}
+	return v / n, true
 }
 
 var systems = []string{"stsrelay", "postfix", "postfix-reuse"}
 
-var modeOrder = map[string]int{"plain": 0, "tls": 1, "sts": 2, "accept": 3}
+var modeOrder = map[string]int{"plain": 0, "tls": 1, "sts": 2, "accept": 3, "wan": 4}
 var modeLabel = map[string]string{
 	"plain":  "plain",
 	"tls":    "verified TLS",
 	"sts":    "MTA-STS enforce",
 	"accept": "accept only",
+	"wan":    "WAN (verified TLS via latencyproxy)",
 }
 
 func median(v []float64) float64 {
@@ -173,7 +203,12 @@ func cmdTable(args []string) error {
 		}
 		size, _ := strconv.Atoi(r["size"])
 		conc, _ := strconv.Atoi(r["conc"])
-		k := caseKey{r["mode"], size, conc}
+		delay, _ := strconv.Atoi(r["delay_ms"])
+		sink := r["sink"]
+		if sink == "-" {
+			sink = ""
+		}
+		k := caseKey{mode: r["mode"], size: size, conc: conc, delay: delay, sink: sink}
 		if byCase[k] == nil {
 			byCase[k] = map[string]map[string]row{}
 		}
@@ -198,15 +233,36 @@ func cmdTable(args []string) error {
 		if a.size != b.size {
 			return a.size < b.size
 		}
-		return a.conc < b.conc
+		if a.conc != b.conc {
+			return a.conc < b.conc
+		}
+		if a.delay != b.delay {
+			return a.delay < b.delay
+		}
+		return a.sink < b.sink
 	})
 	// Postfix reference runs for a case: the MTA-STS case compares with
 	// Postfix's verified-TLS runs of the same repetition.
+	// The WAN case's no-CHUNKING rows compare with Postfix's runs against
+	// the CHUNKING sink of the same repetition and delay unless Postfix ran
+	// against the no-CHUNKING sink too (WAN_NOCHUNK_SYSTEMS): Postfix's SMTP
+	// client never sends BDAT, so the sink's CHUNKING makes no difference
+	// to it.
+	wanShared := false
 	ref := func(k caseKey, sys string) map[string]row {
 		if k.mode == "sts" {
 			k.mode = "tls"
 		}
+		if k.mode == "wan" && k.sink == "nochunking" && sys != "stsrelay" && len(byCase[k][sys]) == 0 {
+			k.sink = "chunking"
+			if len(byCase[k][sys]) > 0 {
+				wanShared = true
+			}
+		}
 		return byCase[k][sys]
+	}
+	for _, k := range keys {
+		ref(k, "postfix")
 	}
 	values := func(m map[string]row, f figure) []float64 {
 		var out []float64
@@ -236,7 +292,11 @@ func cmdTable(args []string) error {
 		return out
 	}
 
-	fmt.Printf("Cells: **median** (min–max) over %d repetitions; ratios are stsrelay ÷ Postfix computed per repetition (the two ran back to back), then the median (min–max) of those ratios. The MTA-STS-enforce rows (stsrelay only) are compared with Postfix's verified-TLS runs.\n\n", len(reps))
+	fmt.Printf("Cells: **median** (min–max) over %d repetitions; ratios are stsrelay ÷ Postfix computed per repetition (the two ran back to back), then the median (min–max) of those ratios. The MTA-STS-enforce rows (stsrelay only) are compared with Postfix's verified-TLS runs.", len(reps))
+	if wanShared {
+		fmt.Print(" The WAN no-CHUNKING rows' Postfix columns are Postfix's runs against the CHUNKING sink at the same RTT and repetition (Postfix's SMTP client does not use BDAT, so it delivers to both sinks alike; set WAN_NOCHUNK_SYSTEMS to run it against both).")
+	}
+	fmt.Print("\n\n")
 	for _, f := range figures {
 		var lines []string
 		for _, k := range keys {
@@ -249,8 +309,8 @@ func cmdTable(args []string) error {
 			if len(sts)+len(pf)+len(pfr) == 0 {
 				continue
 			}
-			lines = append(lines, fmt.Sprintf("| %s, %s, %d sess. | %s | %s | %s | %s | %s |",
-				modeLabel[k.mode], sizeLabel(k.size), k.conc,
+			lines = append(lines, fmt.Sprintf("| %s | %s | %s | %s | %s | %s |",
+				k.label(),
 				cell(sts), cell(pf), cell(pfr),
 				ratioCell(ratios(k, f, "postfix")), ratioCell(ratios(k, f, "postfix-reuse"))))
 		}
@@ -272,7 +332,7 @@ func cmdTable(args []string) error {
 	fmt.Println("| case | system | messages | check |")
 	fmt.Println("|---|---|---|---|")
 	for _, k := range keys {
-		if k.mode != "tls" && k.mode != "sts" {
+		if k.mode != "tls" && k.mode != "sts" && k.mode != "wan" {
 			continue
 		}
 		for _, sys := range systems {
@@ -305,7 +365,7 @@ func cmdTable(args []string) error {
 			for _, name := range order {
 				parts = append(parts, fmt.Sprintf("%s=%d", name, sums[name]))
 			}
-			fmt.Printf("| %s, %s, %d sess. | %s | %d | %s |\n", modeLabel[k.mode], sizeLabel(k.size), k.conc, sys, total, strings.Join(parts, " "))
+			fmt.Printf("| %s | %s | %d | %s |\n", k.label(), sys, total, strings.Join(parts, " "))
 		}
 	}
 	fmt.Println()
@@ -343,14 +403,17 @@ func cmdTable(args []string) error {
 		}
 	}
 
-	// Targets.
-	fmt.Println("### targets")
-	fmt.Println()
+	// Targets (only those whose case was run).
+	targetsHead := false
 	target := func(label string, k caseKey, f figure, other string, want float64, atLeast bool) {
 		rs := ratios(k, f, other)
 		if len(rs) == 0 {
-			fmt.Printf("- %s: not measured\n", label)
 			return
+		}
+		if !targetsHead {
+			fmt.Println("### targets")
+			fmt.Println()
+			targetsHead = true
 		}
 		m := median(rs)
 		ok := m >= want
@@ -364,12 +427,12 @@ func cmdTable(args []string) error {
 		fmt.Printf("- %s: median ratio %.2f× (%s) → **%s**\n", label, m, ratioCell(rs), verdict)
 	}
 	del, acc, pss := figures[1], figures[0], figures[5]
-	target("verified-TLS delivered/s ≥ 3× Postfix defaults (2 KiB, 20 sessions)", caseKey{"tls", 2048, 20}, del, "postfix", 3, true)
-	target("verified-TLS delivered/s ≥ 2× Postfix with TLS reuse (2 KiB, 20 sessions)", caseKey{"tls", 2048, 20}, del, "postfix-reuse", 2, true)
-	target("MTA-STS-enforce delivered/s ≥ 3× Postfix verify defaults (2 KiB, 20 sessions)", caseKey{"sts", 2048, 20}, del, "postfix", 3, true)
-	target("durable accepts/s ≥ 3× Postfix (accept only, 2 KiB, 20 sessions)", caseKey{"accept", 2048, 20}, acc, "postfix", 3, true)
-	target("PSS ≤ ¼ of Postfix at 100 sessions (plain, 2 KiB)", caseKey{"plain", 2048, 100}, pss, "postfix", 0.25, false)
-	target("PSS ≤ ¼ of Postfix at 100 sessions (accept only, 2 KiB)", caseKey{"accept", 2048, 100}, pss, "postfix", 0.25, false)
+	target("verified-TLS delivered/s ≥ 3× Postfix defaults (2 KiB, 20 sessions)", caseKey{mode: "tls", size: 2048, conc: 20}, del, "postfix", 3, true)
+	target("verified-TLS delivered/s ≥ 2× Postfix with TLS reuse (2 KiB, 20 sessions)", caseKey{mode: "tls", size: 2048, conc: 20}, del, "postfix-reuse", 2, true)
+	target("MTA-STS-enforce delivered/s ≥ 3× Postfix verify defaults (2 KiB, 20 sessions)", caseKey{mode: "sts", size: 2048, conc: 20}, del, "postfix", 3, true)
+	target("durable accepts/s ≥ 3× Postfix (accept only, 2 KiB, 20 sessions)", caseKey{mode: "accept", size: 2048, conc: 20}, acc, "postfix", 3, true)
+	target("PSS ≤ ¼ of Postfix at 100 sessions (plain, 2 KiB)", caseKey{mode: "plain", size: 2048, conc: 100}, pss, "postfix", 0.25, false)
+	target("PSS ≤ ¼ of Postfix at 100 sessions (accept only, 2 KiB)", caseKey{mode: "accept", size: 2048, conc: 100}, pss, "postfix", 0.25, false)
 	if *restartF != "" {
 		if rr, err := readTSV(*restartF); err == nil {
 			for _, r := range rr {
@@ -378,6 +441,10 @@ func cmdTable(args []string) error {
 					verdict := "MISSED"
 					if v < 2 {
 						verdict = "met"
+					}
+					if !targetsHead {
+						fmt.Print("### targets\n\n")
+						targetsHead = true
 					}
 					fmt.Printf("- restart with %s queued < 2 s: %s s → **%s**\n", r["queued"], r["restart_s"], verdict)
 				}

@@ -7,15 +7,21 @@
 //     tls.bench.test    MX mx.tls.bench.test   -> -tls-ip   (this program's STARTTLS sink)
 //     sts.bench.test    MX mx.sts.bench.test   -> -tls-ip   (same sink, MTA-STS enforce)
 //     down.bench.test   MX mx.down.bench.test  -> -down-ip  (nothing listens: accept-only)
+//     wan.bench.test    MX mx.wan.bench.test   -> -wan-ip   (bench/cmd/latencyproxy in front of -wan-sink)
+//     wannc.bench.test  MX mx.wannc.bench.test -> -wannc-ip (latencyproxy in front of -wan-sink-nochunking)
 //     plus _mta-sts.sts.bench.test TXT and mta-sts.sts.bench.test A -> -https-ip;
 //   - a test CA (written to DIR/ca.pem) and, signed by it, the certificates
 //     of the STARTTLS sink (mx.tls.bench.test, mx.sts.bench.test) and of the
 //     MTA-STS policy host;
 //   - the STARTTLS sink: a go-smtp server on -tls-ip:-smtp-port that reads
 //     and discards every message and counts it;
+//   - with -wan-sink / -wan-sink-nochunking, the WAN sinks (wansink.go): a
+//     small STARTTLS SMTP server of our own, with the same certificate,
+//     advertising PIPELINING and, on -wan-sink only, CHUNKING (go-smtp's
+//     server cannot switch CHUNKING off); they count into the same counter;
 //   - the HTTPS policy host on -https-ip:-https-port serving an "enforce"
 //     policy that lists mx.sts.bench.test;
-//   - GET http://-http/count: the number of messages the sink has accepted.
+//   - GET http://-http/count: the number of messages the sinks have accepted.
 //
 // It writes DIR/ready when everything listens and runs until SIGINT/SIGTERM.
 package main
@@ -61,9 +67,16 @@ func main() {
 	httpsPort := flag.Int("https-port", 8443, "policy host port (on -https-ip)")
 	httpAddr := flag.String("http", "127.0.0.1:8089", "counter endpoint (GET /count)")
 	policyID := flag.String("policy-id", "bench1", "MTA-STS TXT id")
+	wanIP := flag.String("wan-ip", "127.0.0.7", "address of mx.wan.bench.test (the latency proxy in front of -wan-sink)")
+	wanNCIP := flag.String("wannc-ip", "127.0.0.8", "address of mx.wannc.bench.test (the latency proxy in front of -wan-sink-nochunking)")
+	wanSinkAddr := flag.String("wan-sink", "", "host:port of a WAN sink that advertises CHUNKING (empty: none)")
+	wanNCSinkAddr := flag.String("wan-sink-nochunking", "", "host:port of a WAN sink that does not advertise CHUNKING (empty: none)")
 	flag.Parse()
 
-	for _, a := range []string{*dnsAddr, *httpAddr, *plainIP, *tlsIP, *downIP, *httpsIP} {
+	for _, a := range []string{*dnsAddr, *httpAddr, *plainIP, *tlsIP, *downIP, *httpsIP, *wanIP, *wanNCIP, *wanSinkAddr, *wanNCSinkAddr} {
+		if a == "" {
+			continue
+		}
 		h := a
 		if hh, _, err := net.SplitHostPort(a); err == nil {
 			h = hh
@@ -78,7 +91,7 @@ func main() {
 	if err != nil {
 		log.Fatal(err)
 	}
-	mxCert, err := ca.issue("mx.tls.bench.test", "mx.sts.bench.test")
+	mxCert, err := ca.issue("mx.tls.bench.test", "mx.sts.bench.test", "mx.wan.bench.test", "mx.wannc.bench.test")
 	if err != nil {
 		log.Fatal(err)
 	}
@@ -94,7 +107,9 @@ func main() {
 	z.a("mx.sts.bench.test.", *tlsIP)
 	z.a("mx.down.bench.test.", *downIP)
 	z.a("mta-sts.sts.bench.test.", *httpsIP)
-	for _, d := range []string{"plain", "tls", "sts", "down"} {
+	z.a("mx.wan.bench.test.", *wanIP)
+	z.a("mx.wannc.bench.test.", *wanNCIP)
+	for _, d := range []string{"plain", "tls", "sts", "down", "wan", "wannc"} {
 		z.mx(d+".bench.test.", "mx."+d+".bench.test.")
 	}
 	z.txt("_mta-sts.sts.bench.test.", "v=STSv1; id="+*policyID+";")
@@ -132,6 +147,25 @@ func main() {
 		log.Fatalf("benchworld: sink: %v", err)
 	}
 	go srv.Serve(smtpLn)
+
+	// WAN sinks.
+	var wanLns []net.Listener
+	for _, ws := range []struct {
+		addr, name string
+		chunking   bool
+	}{{*wanSinkAddr, "mx.wan.bench.test", true}, {*wanNCSinkAddr, "mx.wannc.bench.test", false}} {
+		if ws.addr == "" {
+			continue
+		}
+		ln, err := net.Listen("tcp", ws.addr)
+		if err != nil {
+			log.Fatalf("benchworld: wan sink: %v", err)
+		}
+		wanLns = append(wanLns, ln)
+		s := &wanSink{name: ws.name, chunking: ws.chunking, count: &count,
+			tls: &tls.Config{Certificates: []tls.Certificate{mxCert}}}
+		go s.serve(ln)
+	}
 
 	// MTA-STS policy host.
 	policy := "version: STSv1\r\nmode: enforce\r\nmx: mx.sts.bench.test\r\nmax_age: 86400\r\n"
@@ -176,6 +210,9 @@ func main() {
 		s.ShutdownContext(ctx)
 	}
 	srv.Close()
+	for _, ln := range wanLns {
+		ln.Close()
+	}
 	hsrv.Shutdown(ctx)
 	csrv.Shutdown(ctx)
 }
