@@ -175,7 +175,12 @@ func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy
 		if sess == nil {
 			o := outcome{result: "deferred", code: 451, enhanced: "4.4.1", reason: "no MX host could be used"}
 			if lastErr != nil {
-				o.code, o.reason = lastErr.Code, lastErr.Error()
+				// The reply's code is in code and enhanced_code; the
+				// reason is the text (with the stage when no reply came).
+				o.code, o.reason = lastErr.Code, lastErr.Msg
+				if lastErr.Code == 0 {
+					o.reason = lastErr.Error()
+				}
 				if o.code == 0 {
 					o.code = 451
 				}

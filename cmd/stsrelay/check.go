@@ -15,6 +15,7 @@ import (
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/forecast"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -30,6 +31,9 @@ type checkReport struct {
 	TLSRPT   checkTLSRPT          `json:"tls_rpt"`
 	Problems []string             `json:"problems"`
 	Advice   []string             `json:"advice"`
+	// Forecast is the relay's enforce forecast for the domain, with
+	// -config, when the relay counted sessions to it.
+	Forecast *forecast.Summary `json:"forecast,omitempty"`
 }
 
 type checkMX struct {
@@ -85,6 +89,9 @@ func cmdCheck(args []string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), *timeout)
 	defer cancel()
 	rep := runCheck(ctx, cfg, res, roots, extra, strings.ToLower(strings.TrimSuffix(pos[0], ".")))
+	if cf.config != "" {
+		addForecast(rep, cfg)
+	}
 	if cf.json {
 		enc := json.NewEncoder(os.Stdout)
 		enc.SetIndent("", "  ")
@@ -313,6 +320,7 @@ func printCheck(r *checkReport) {
 			fmt.Printf("  - %s\n", a)
 		}
 	}
+	printCheckForecast(r)
 	if r.OK {
 		fmt.Printf("\nResult: sound\n")
 	} else {

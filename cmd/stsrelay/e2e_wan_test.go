@@ -44,3 +44,34 @@ func TestE2ETLSResumptionKeepsChecks(t *testing.T) {
 		t.Errorf("the MX with the expired certificate got %d messages in all, want 2", n)
 	}
 }
+
+// Issue #10, as a user would try it: with TTL 1 s on _mta-sts, a policy
+// change made 1.5 s before the next message moves that message to the new
+// MX (RFC 8461 §3.1, §5.1: the TXT id is looked at again once its TTL
+// runs out, through the relay's DNS cache), although the relay's cache
+// would keep answers up to dns.cache_max_ttl.
+func TestE2EMTASTSTXTTTLHonoured(t *testing.T) {
+	t.Parallel()
+	w := testworld.New(t)
+	w.DNS.SetTTL(1)
+	mx1 := mxWithCert(w, "mx1.ex.test", testworld.CertValid)
+	mx2 := mxWithCert(w, "mx2.ex.test", testworld.CertValid)
+	w.DNS.SetMX("ex.test", testworld.MX{Pref: 10, Host: "mx1.ex.test"}, testworld.MX{Pref: 20, Host: "mx2.ex.test"})
+	pol := stsDomain(w, "ex.test", "a1", stsPolicy("enforce", "mx1.ex.test"))
+	cfg := testConfig(t, w)
+	cfg.DNS.CacheMaxTTL.Duration = time.Hour
+	r := startRelay(t, cfg)
+
+	r.send("u1@ex.test", "ttl1")
+	checkFields(t, "u1", r.waitResult("u1@ex.test", "delivered", stsWait), map[string]any{"mx": "mx1.ex.test", "sts_policy_id": "a1"})
+
+	pol.SetPolicy(stsPolicy("enforce", "mx2.ex.test"))
+	w.DNS.SetTXT("_mta-sts.ex.test", []string{"v=STSv1; id=b2"})
+	time.Sleep(1500 * time.Millisecond)
+	r.send("u2@ex.test", "ttl2")
+	checkFields(t, "u2", r.waitResult("u2@ex.test", "delivered", stsWait), map[string]any{"mx": "mx2.ex.test", "sts_policy_id": "b2"})
+	if n := len(mx1.Messages()); n != 1 {
+		t.Errorf("mx1 got %d messages, want 1", n)
+	}
+	mx2.WaitMessages(t, 1, stsWait)
+}

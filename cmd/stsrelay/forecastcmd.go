@@ -46,12 +46,23 @@ func forecastAction(fc *forecast.Counter, domain string) ([]forecast.Summary, er
 	}
 	s, ok := fc.Summary(domain)
 	if !ok {
-		return nil, fmt.Errorf("%s: %w", domain, errNoForecast)
+		return nil, noForecastError{domain}
 	}
 	return []forecast.Summary{s}, nil
 }
 
 var errNoForecast = errors.New("no sessions counted for that domain in 7 days")
+
+// noForecastError is errNoForecast for one domain; it is also a "not
+// found" (errPolicyNotFound) for the control socket, so that the CLI
+// exits 1 whether the relay runs or not.
+type noForecastError struct{ domain string }
+
+func (e noForecastError) Error() string { return e.domain + ": " + errNoForecast.Error() }
+
+func (e noForecastError) Is(target error) bool {
+	return target == errNoForecast || target == errPolicyNotFound
+}
 
 // readForecast asks the running relay, or reads the files of a stopped
 // one.
@@ -145,4 +156,26 @@ func forecastColumn(s forecast.Summary, ok bool) string {
 		return fmt.Sprintf("not yet %s/%s", forecast.Thousands(s.Testing.Week.Refused), forecast.Thousands(s.Testing.Week.Sessions))
 	}
 	return "-"
+}
+
+// addForecast adds the relay's forecast for the checked domain to a
+// `check -config` report (best effort: no counts, no line). A testing
+// domain that enforce would hurt gets the verdict as advice.
+func addForecast(rep *checkReport, cfg *config.Config) {
+	sums, err := readForecast(cfg, rep.Domain)
+	if err != nil || len(sums) != 1 {
+		return
+	}
+	rep.Forecast = &sums[0]
+	if s := sums[0]; s.Mode == forecast.ModeTesting && !s.Safe && s.Testing.Week.Refused > 0 {
+		rep.Advice = append(rep.Advice, "this relay's enforce forecast: "+s.Verdict)
+	}
+}
+
+// printCheckForecast ends `check` with the relay's own figures.
+func printCheckForecast(r *checkReport) {
+	if r.Forecast == nil {
+		return
+	}
+	fmt.Printf("\nEnforce forecast from this relay's traffic: %s\n", termSafe(r.Forecast.Verdict))
 }

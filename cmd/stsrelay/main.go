@@ -39,6 +39,8 @@ commands:
   check [-config FILE] [-json] DOMAIN        check a domain's MTA-STS and TLS-RPT setup
   queue list|show ID|retry ID|delete ID|bounce ID [-config FILE] [-json]
   policy list|show DOMAIN|refresh DOMAIN|forget DOMAIN [-config FILE] [-json]
+  policy forecast [DOMAIN] [-config FILE] [-json]   would enforce refuse anything? (testing-mode domains)
+  demo [-json] [-keep DIR]                   MTA-STS and TLS-RPT at work on loopback, in one command
   tlsrpt pending [-config FILE] [-json]
   hash-password                              read a password on stdin, print a bcrypt hash
   version                                    print version information
@@ -57,6 +59,8 @@ func run(args []string) int {
 	switch args[0] {
 	case "serve":
 		err = cmdServe(args[1:])
+	case "demo":
+		err = cmdDemo(args[1:])
 	case "check":
 		err = cmdCheck(args[1:])
 	case "queue":

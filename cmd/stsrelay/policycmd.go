@@ -11,11 +11,12 @@ import (
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/forecast"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
 // handleControl answers the CLI's requests on a running relay.
-func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, cache *mtasts.Cache, pending func() any) (any, error) {
+func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, cache *mtasts.Cache, pending func() any, fc *forecast.Counter) (any, error) {
 	switch req.Op {
 	case "queue.list":
 		return st.List(), nil
@@ -27,6 +28,8 @@ func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, ca
 		return []*queue.Message{m}, nil
 	case "queue.retry", "queue.delete", "queue.bounce":
 		return nil, queueAction(st, eng, nil, strings.TrimPrefix(req.Op, "queue."), req.Arg)
+	case "policy.forecast":
+		return forecastAction(fc, req.Arg)
 	case "policy.list", "policy.show", "policy.refresh", "policy.forget":
 		if cache == nil {
 			return nil, errors.New("MTA-STS is disabled (mtasts.enabled = false)")
@@ -39,6 +42,13 @@ func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, ca
 		return pending(), nil
 	}
 	return nil, fmt.Errorf("unknown control operation %q", req.Op)
+}
+
+// policyListEntry is one line of `policy list -json`: the cached policy
+// and, when sessions were counted, its enforce forecast.
+type policyListEntry struct {
+	mtasts.Entry
+	Forecast *forecast.Summary `json:"forecast,omitempty"`
 }
 
 func policyAction(cache *mtasts.Cache, sub, domain string) (any, error) {
@@ -76,10 +86,23 @@ func cmdPolicy(args []string) error {
 		return err
 	}
 	if len(pos) == 0 {
-		return &usageError{"policy: want list, show DOMAIN, refresh DOMAIN or forget DOMAIN"}
+		return &usageError{"policy: want list, show DOMAIN, refresh DOMAIN, forget DOMAIN or forecast [DOMAIN]"}
 	}
 	sub := pos[0]
 	switch sub {
+	case "forecast":
+		if len(pos) > 2 {
+			return &usageError{"policy forecast: want at most one DOMAIN"}
+		}
+		cfg, err := loadConfig(cf.config)
+		if err != nil {
+			return err
+		}
+		domain := ""
+		if len(pos) == 2 {
+			domain = strings.ToLower(strings.TrimSuffix(pos[1], "."))
+		}
+		return cmdPolicyForecast(cfg, domain, cf.json)
 	case "list":
 		if len(pos) != 1 {
 			return &usageError{"policy list takes no argument"}
@@ -135,6 +158,15 @@ func cmdPolicy(args []string) error {
 		fmt.Printf("%s: cached policy forgotten\n", domain)
 		return nil
 	}
+	// The enforce forecast of each listed domain (best effort: the list
+	// does not fail for want of it).
+	forecasts := map[string]forecast.Summary{}
+	if sub == "list" {
+		sums, _ := readForecast(cfg, "")
+		for _, s := range sums {
+			forecasts[s.Domain] = s
+		}
+	}
 	if cf.json {
 		if entries == nil {
 			entries = []mtasts.Entry{}
@@ -142,13 +174,21 @@ func cmdPolicy(args []string) error {
 		enc := jsonOut()
 		enc.SetIndent("", "  ")
 		if sub == "list" {
-			return enc.Encode(entries)
+			out := make([]policyListEntry, 0, len(entries))
+			for _, e := range entries {
+				le := policyListEntry{Entry: e}
+				if s, ok := forecasts[e.Domain]; ok {
+					le.Forecast = &s
+				}
+				out = append(out, le)
+			}
+			return enc.Encode(out)
 		}
 		return enc.Encode(entries[0])
 	}
 	if sub == "list" {
 		tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tMX\tEXPIRES\tLAST ERROR")
+		fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tMX\tEXPIRES\tFORECAST 7D\tLAST ERROR")
 		for _, e := range entries {
 			exp := e.Expires.UTC().Format(time.RFC3339)
 			if e.Expired {
@@ -156,7 +196,8 @@ func cmdPolicy(args []string) error {
 			}
 			// The policy (id, mode, mx) and the error come from the
 			// domain's servers: termSafe.
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\n", termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ",")), exp, termSafe(e.LastError))
+			fs, ok := forecasts[e.Domain]
+			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ",")), exp, forecastColumn(fs, ok), termSafe(e.LastError))
 		}
 		if err := tw.Flush(); err != nil {
 			return err

@@ -238,12 +238,24 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	if tlsrec != nil {
 		recorder = tlsrec
 	}
+	fc, err := startForecast(runCtx, cfg, met, &bg)
+	if err != nil {
+		stopReports()
+		cancelRun()
+		bg.Wait()
+		return err
+	}
+	var forecastRec delivery.ForecastRecorder // no typed nil in the interface
+	if fc != nil {
+		forecastRec = fc
+	}
 	eng := delivery.New(delivery.Options{
 		Config:   cfg,
 		Store:    store,
 		Resolver: resolver,
 		Policies: policies,
 		TLSRPT:   recorder,
+		Forecast: forecastRec,
 		Counters: met,
 		Roots:    roots,
 		Logger:   log,
@@ -294,7 +306,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		return err
 	}
 	ctl, err := serveControl(cfg.DataDir, func(req controlRequest) (any, error) {
-		return handleControl(req, store, eng, cache, tlsrecPending(tlsrec))
+		return handleControl(req, store, eng, cache, tlsrecPending(tlsrec), fc)
 	}, isNotFound)
 	if err != nil {
 		return fail(err)

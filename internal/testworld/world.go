@@ -113,6 +113,8 @@ func newWorld(opts Options, t testing.TB) (*World, error) {
 			return nil, fmt.Errorf("testworld: %w", err)
 		}
 		w.dir, w.ownDir = d, true
+	} else if err := os.MkdirAll(w.dir, 0o755); err != nil {
+		return nil, fmt.Errorf("testworld: %w", err)
 	}
 	fail := func(err error) (*World, error) {
 		if t == nil {

@@ -501,22 +501,30 @@ func verdict(s Summary) (bool, string) {
 	if s.Mode == ModeEnforce {
 		w := s.Enforce.Week
 		if w.Refused == 0 {
-			return false, fmt.Sprintf("enforce in force: 0 of %s sessions in 7 days refused", Thousands(w.Sessions))
+			return false, fmt.Sprintf("enforce in force: 0 of %s in 7 days refused", sessions(w.Sessions))
 		}
 		top := w.ByMX[0]
-		return false, fmt.Sprintf("enforce in force: %s of %s sessions in 7 days refused; most: %s to %s failed %s, last on %s",
-			Thousands(w.Refused), Thousands(w.Sessions), Thousands(top.Count), mxName(top.MX), top.Reason, top.Last.UTC().Format(time.RFC3339))
+		return false, fmt.Sprintf("enforce in force: %s of %s in 7 days refused; most: %s to %s failed %s, last on %s",
+			Thousands(w.Refused), sessions(w.Sessions), Thousands(top.Count), mxName(top.MX), top.Reason, top.Last.UTC().Format(time.RFC3339))
 	}
 	w := s.Testing.Week
 	if w.Sessions == 0 {
 		return false, "no data: no sessions in testing mode in 7 days"
 	}
 	if w.Refused == 0 {
-		return true, fmt.Sprintf("safe to enforce: 0 of %s sessions in 7 days would have been refused", Thousands(w.Sessions))
+		return true, fmt.Sprintf("safe to enforce: 0 of %s in 7 days would have been refused", sessions(w.Sessions))
 	}
 	top := w.ByMX[0]
-	return false, fmt.Sprintf("not yet: %s sessions to %s failed %s; last on %s (%s of %s sessions in 7 days would have been refused)",
-		Thousands(top.Count), mxName(top.MX), top.Reason, top.Last.UTC().Format(time.RFC3339), Thousands(w.Refused), Thousands(w.Sessions))
+	return false, fmt.Sprintf("not yet: %s to %s failed %s; last on %s (%s of %s in 7 days would have been refused)",
+		sessions(top.Count), mxName(top.MX), top.Reason, top.Last.UTC().Format(time.RFC3339), Thousands(w.Refused), sessions(w.Sessions))
+}
+
+// sessions is "1 session", "12,408 sessions".
+func sessions(n int64) string {
+	if n == 1 {
+		return "1 session"
+	}
+	return Thousands(n) + " sessions"
 }
 
 func mxName(mx string) string {
