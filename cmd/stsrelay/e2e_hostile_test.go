@@ -314,7 +314,10 @@ func TestE2EHostileAuthFlood(t *testing.T) {
 	wg.Wait()
 	used := cpuSeconds(t, pid) - before
 	var summary []string
-	attempts.Range(func(k, v any) bool { summary = append(summary, fmt.Sprintf("%v:%d", k, v.(*atomic.Int64).Load())); return true })
+	attempts.Range(func(k, v any) bool {
+		summary = append(summary, fmt.Sprintf("%v:%d", k, v.(*atomic.Int64).Load()))
+		return true
+	})
 	t.Logf("flood replies %v; relay CPU %.2fs", summary, used)
 	// Unthrottled, 40 parallel guessers run 40 comparisons at once and
 	// more after each delay (the issue measured ~1 CPU-second per
