@@ -43,6 +43,12 @@ type attempt struct {
 	// counted is false for sessions TLS-RPT does not count (report mail,
 	// TLS-Required: No): their lines carry no tlsrpt_result.
 	counted bool
+	// rt is the [[route]] used (nil: the MX hosts); route its next_hop
+	// for the log line. policyDomain is the MTA-STS policy domain: the
+	// recipient domain, or the route's (RFC 8461 §3.4).
+	rt           *Route
+	route        string
+	policyDomain string
 }
 
 // deliver makes one attempt for job j, on sess when it is still fit to
@@ -50,7 +56,11 @@ type attempt struct {
 func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	ms := j.ms
 	m := ms.m
-	a := &attempt{}
+	a := &attempt{policyDomain: j.domain}
+	routing := e.routing.Load()
+	if a.rt = routing.route(j.domain); a.rt != nil {
+		a.route, a.policyDomain = a.rt.NextHop, a.rt.PolicyDomain()
+	}
 	outs := make([]outcome, len(j.idx))
 	setAll := func(o outcome) {
 		for i := range outs {
@@ -64,19 +74,24 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 		// (it carries TLS-Required: No) and never counted itself.
 		Uncounted: m.Env.Kind == queue.KindTLSRPT,
 	}
+	if a.policyDomain == "" {
+		// An [IP]:port next hop: no policy domain to report to.
+		pin.Uncounted = true
+	}
+	pin.Override, pin.OverrideWeakens = routing.override(j.domain, a.rt)
 	a.counted = !pin.Uncounted && !(pin.TLSRequiredNo && !pin.RequireTLS)
 
 	// RFC 8461 §4, §5: the policy in force for the recipient domain.
 	// RFC 8689 §5: "TLS-Required: No" sets the policy aside, unless
 	// REQUIRETLS asks for the opposite.
-	if e.o.Policies != nil && !(pin.TLSRequiredNo && !pin.RequireTLS) {
+	if e.o.Policies != nil && a.policyDomain != "" && !(pin.TLSRequiredNo && !pin.RequireTLS) {
 		// RFC 8461 §5.1: before a final failure, look for a new policy
 		// (a new TXT id) rather than trust the cached one.
 		lookup := e.o.Policies.Get
 		if e.sched.Expired(m.Received, e.now()) {
 			lookup = e.o.Policies.Recheck
 		}
-		res, err := lookup(ctx, j.domain)
+		res, err := lookup(ctx, a.policyDomain)
 		if ctx.Err() != nil {
 			// Shutdown, not a failure of the domain's: nothing is
 			// recorded against it.
@@ -106,9 +121,21 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 		}
 	}
 
+	switch {
+	case pin.Weakens():
+		// override_policy: said at every use, since it sets a
+		// domain's published demand aside.
+		e.log.Warn("tls_policy overrides MTA-STS enforce", zap.String("domain", j.domain),
+			zap.String("policy_domain", a.policyDomain), zap.String("security", string(pin.Override)))
+	case pin.OverrideIgnored():
+		e.log.Debug("tls_policy ignored under MTA-STS enforce", zap.String("domain", j.domain),
+			zap.String("security", string(pin.Override)))
+	}
+
 	// A parked session is used only if the policy now in force allows
-	// it: its MX must still match and its TLS state satisfy the mode.
-	if sess != nil && !e.sessionFits(sess, a.stsID, pin) {
+	// it: its MX must still match and its TLS state satisfy the mode,
+	// and it must go where the route now in force goes.
+	if sess != nil && (sess.route != a.route || !e.sessionFits(sess, a.stsID, pin)) {
 		sess.close()
 		sess = nil
 	}
@@ -144,7 +171,13 @@ func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy
 			e.finish(j, outs, a)
 			return nil, false
 		}
-		hosts, err := route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
+		var hosts []Host
+		var err error
+		if a.rt != nil {
+			hosts, err = a.rt.hosts(ctx, e.o.Resolver, e.wantV6)
+		} else {
+			hosts, err = route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
+		}
 		if err != nil && ctx.Err() != nil {
 			e.abandon(j)
 			return nil, false
@@ -163,7 +196,7 @@ func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy
 			e.finish(j, outs, a)
 			return nil, false
 		}
-		sess, lastErr = e.connect(ctx, j.domain, hosts, pin, a)
+		sess, lastErr = e.connect(ctx, a.policyDomain, hosts, pin, a)
 		if sess == nil && ctx.Err() != nil {
 			e.abandon(j)
 			return nil, false
@@ -404,7 +437,8 @@ func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin p
 		}
 		for _, ip := range h.IPs {
 			a.mx, a.ip = h.Name, ip.String()
-			s, err := e.dialHost(ctx, h.Name, ip, false)
+			// security = "none": no STARTTLS at all.
+			s, err := e.dialHost(ctx, h.Name, ip, !pin.STARTTLS(), a.rt)
 			if err != nil {
 				se := asSessionError(err)
 				if se.TLS == nil {
@@ -421,7 +455,7 @@ func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin p
 				// Opportunistic: as a sender without a policy would,
 				// fall back to plaintext on a new connection.
 				st.Fallback = true
-				s, err = e.dialHost(ctx, h.Name, ip, true)
+				s, err = e.dialHost(ctx, h.Name, ip, true, a.rt)
 				if err != nil {
 					// The failed negotiation is the session's result.
 					e.record(domain, pin, policy.CheckConn(pin, h.Name, st), h.Name, ip.String(), "", &st)
@@ -438,16 +472,49 @@ func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin p
 				refuse(v)
 				continue
 			}
+			s.route = a.route
+			if a.rt != nil && a.rt.Username != "" {
+				if err := e.authenticate(s, a.rt); err != nil {
+					s.close()
+					lastErr = err
+					continue
+				}
+			}
 			return s, nil
 		}
 	}
 	return nil, lastErr
 }
 
-func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext bool) (*session, error) {
+// authenticate says AUTH PLAIN (RFC 4954) to a route's next hop, only on
+// a session whose certificate was verified for the next hop name: the
+// password never goes in the clear or to an unauthenticated peer. A
+// refusal (535 5.7.8) makes the message wait, like any failure of the
+// next hop: the credentials are the operator's to fix, not the sender's.
+func (e *Engine) authenticate(s *session, r *Route) *sessionError {
+	switch {
+	case r.PasswordErr != nil:
+		return &sessionError{Stage: "auth", Code: 451, Enhanced: "4.7.0", Msg: r.PasswordErr.Error()}
+	case !s.state.TLS || s.state.CertError != nil:
+		return &sessionError{Stage: "auth", Code: 451, Enhanced: "4.7.0",
+			Msg: "not sending credentials to " + s.host + ": no TLS session with a certificate verified for it"}
+	}
+	if err := s.c.AuthPlain(r.Username, r.Password); err != nil {
+		se := clientErr("auth", err)
+		se.Permanent = false
+		return se
+	}
+	return nil
+}
+
+func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext bool, r *Route) (*session, error) {
+	port := e.cfg.Delivery.Port
+	if r != nil {
+		port = r.Port
+	}
 	o := dialOptions{
 		Hostname:       e.cfg.Hostname,
-		Port:           e.cfg.Delivery.Port,
+		Port:           port,
 		ConnectTimeout: e.cfg.Delivery.ConnectTimeout.Duration,
 		CommandTimeout: e.cfg.Delivery.CommandTimeout.Duration,
 		DataTimeout:    e.cfg.Delivery.DataTimeout.Duration,
@@ -687,6 +754,7 @@ func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a 
 		zap.String("sts_mode", a.stsMode),
 		zap.String("sts_policy_id", a.stsID),
 		zap.String("tlsrpt_result", a.tlsrptResult),
+		zap.String("route", a.route),
 	)
 }
 

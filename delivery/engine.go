@@ -96,6 +96,9 @@ type Engine struct {
 	// shutdown closed them (drain, shutdown.go).
 	conns connSet
 	cut   atomic.Bool
+	// routing is the [[route]] / [[tls_policy]] tables in force
+	// (SetRouting swaps them on reload).
+	routing atomic.Pointer[Routing]
 }
 
 type domainQueue struct {
@@ -167,6 +170,14 @@ func New(o Options) *Engine {
 	}
 	for _, a := range o.Config.Delivery.LocalAddresses {
 		e.localIPs = append(e.localIPs, net.ParseIP(a))
+	}
+	rt, err := NewRouting(o.Config.Routes, o.Config.TLSPolicies, o.Config.Delivery.Port)
+	if err != nil {
+		// The routes concerned wait (PasswordErr); the rest works.
+		e.log.Error("routing", zap.Error(err))
+	}
+	if rt != nil {
+		e.routing.Store(rt)
 	}
 	return e
 }

@@ -34,6 +34,9 @@ type session struct {
 	// policyID is the MTA-STS policy id in force when the session was
 	// set up; reuse re-checks the policy.
 	policyID string
+	// route is the next_hop of the [[route]] the session was set up
+	// for ("" for an MX): reuse needs the same route.
+	route string
 }
 
 // sessionError is a failure to set a session up or to use it.

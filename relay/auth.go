@@ -37,9 +37,10 @@ const (
 // takes as long as for a known user with a wrong password. No lock is held
 // during the (deliberately slow) comparison.
 func (s *Server) checkPassword(username, password string) bool {
-	hash, known := s.users[username]
+	a := s.acc.Load()
+	hash, known := a.users[username]
 	if !known {
-		hash = s.dummyHash
+		hash = a.dummyHash
 	}
 	if hash == nil {
 		return false

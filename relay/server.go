@@ -12,7 +12,6 @@ package relay
 
 import (
 	"context"
-	"crypto/rand"
 	"crypto/tls"
 	"errors"
 	"fmt"
@@ -21,11 +20,11 @@ import (
 	"runtime"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
-	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/queue"
@@ -74,12 +73,12 @@ type Server struct {
 	log      *zap.Logger
 	accepted Counter
 
-	tlsConfig *tls.Config // nil when no certificate is configured
-	users     map[string][]byte
-	dummyHash []byte // compared against for unknown users (timing)
-
-	allowedAddrs   map[string]bool // lower-cased
-	allowedDomains map[string]bool // lower-cased, no trailing dot
+	// tlsConfig is nil when no certificate was configured at New; its
+	// GetCertificate reads acc, so a reload changes the certificate.
+	tlsConfig *tls.Config
+	// acc holds what Reload replaces: users, trusted networks, allowed
+	// senders, the certificate.
+	acc atomic.Pointer[access]
 
 	throttle *authThrottle
 	// bcryptSlots bounds the password checks running at once, so that
@@ -134,74 +133,40 @@ func New(opts Options) (*Server, error) {
 		log = zap.NewNop()
 	}
 	s := &Server{
-		hostname:       cfg.Hostname,
-		sub:            sub,
-		queue:          opts.Queue,
-		log:            log,
-		accepted:       opts.Accepted,
-		users:          map[string][]byte{},
-		allowedAddrs:   map[string]bool{},
-		allowedDomains: map[string]bool{},
-		throttle:       newAuthThrottle(),
-		bcryptSlots:    make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)),
-		limiter:        newConnLimiter(sub.MaxConnections, sub.MaxConnectionsPerIP),
-		onRejected:     opts.ConnectionsRejected,
-		lifetime:       sessionLifetime,
-		loopback:       netip.Addr.IsLoopback,
-		done:           make(chan struct{}),
-		sessions:       map[*session]struct{}{},
-		changed:        make(chan struct{}),
+		hostname:    cfg.Hostname,
+		sub:         sub,
+		queue:       opts.Queue,
+		log:         log,
+		accepted:    opts.Accepted,
+		throttle:    newAuthThrottle(),
+		bcryptSlots: make(chan struct{}, max(1, runtime.GOMAXPROCS(0)/2)),
+		limiter:     newConnLimiter(sub.MaxConnections, sub.MaxConnectionsPerIP),
+		onRejected:  opts.ConnectionsRejected,
+		lifetime:    sessionLifetime,
+		loopback:    netip.Addr.IsLoopback,
+		done:        make(chan struct{}),
+		sessions:    map[*session]struct{}{},
+		changed:     make(chan struct{}),
 	}
 
-	if sub.TLSCertFile != "" || sub.TLSKeyFile != "" {
-		cert, err := tls.LoadX509KeyPair(sub.TLSCertFile, sub.TLSKeyFile)
-		if err != nil {
-			return nil, fmt.Errorf("relay: load submission.tls_cert_file %s: %w", sub.TLSCertFile, err)
-		}
+	acc, err := newAccess(sub)
+	if err != nil {
+		return nil, err
+	}
+	s.acc.Store(acc)
+	if acc.cert != nil {
 		s.tlsConfig = &tls.Config{
-			Certificates: []tls.Certificate{cert},
-			MinVersion:   tls.VersionTLS12,
+			GetCertificate: func(*tls.ClientHelloInfo) (*tls.Certificate, error) {
+				return s.acc.Load().cert, nil
+			},
+			MinVersion: tls.VersionTLS12,
 		}
 	}
 	if len(sub.ImplicitTLSListen) > 0 && s.tlsConfig == nil {
 		return nil, errors.New("relay: submission.implicit_tls_listen needs tls_cert_file and tls_key_file")
 	}
-
-	cost := bcrypt.MinCost
-	for _, u := range sub.Users {
-		c, err := bcrypt.Cost([]byte(u.PasswordHash))
-		if err != nil {
-			return nil, fmt.Errorf("relay: submission.users %q: password_hash: %w", u.Username, err)
-		}
-		cost = max(cost, c)
-		s.users[u.Username] = []byte(u.PasswordHash)
-	}
-	if len(s.users) > 0 {
-		// A hash of a random password at the users' cost: an unknown
-		// user costs as much time as a wrong password.
-		pw := make([]byte, 18)
-		_, _ = rand.Read(pw)
-		h, err := bcrypt.GenerateFromPassword(pw, cost)
-		if err != nil {
-			return nil, fmt.Errorf("relay: dummy hash: %w", err)
-		}
-		s.dummyHash = h
-		if s.tlsConfig == nil && sub.RequireTLSForAuth {
-			log.Warn("submission users configured but AUTH is impossible: no TLS certificate and require_tls_for_auth is set")
-		}
-	}
-
-	for _, a := range sub.AllowedSenders {
-		a = strings.ToLower(strings.TrimSpace(a))
-		switch {
-		case a == "":
-		case strings.HasPrefix(a, "@"):
-			s.allowedDomains[strings.TrimSuffix(a[1:], ".")] = true
-		case strings.Contains(a, "@"):
-			s.allowedAddrs[a] = true
-		default:
-			s.allowedDomains[strings.TrimSuffix(a, ".")] = true
-		}
+	if len(acc.users) > 0 && s.tlsConfig == nil && sub.RequireTLSForAuth {
+		log.Warn("submission users configured but AUTH is impossible: no TLS certificate and require_tls_for_auth is set")
 	}
 
 	srv := smtp.NewServer(backend{s})
@@ -408,7 +373,7 @@ func (s *Server) rejected(reason string) {
 
 // trusted reports whether ip is in submission.trusted_networks.
 func (s *Server) trusted(ip netip.Addr) bool {
-	for _, p := range s.sub.TrustedPrefixes {
+	for _, p := range s.acc.Load().trusted {
 		if p.Contains(ip) {
 			return true
 		}
@@ -422,13 +387,14 @@ func (s *Server) trusted(ip netip.Addr) bool {
 // always allowed: applications send bounces and notifications with it, and
 // it cannot be used to impersonate anyone.
 func (s *Server) senderAllowed(from string) bool {
-	if len(s.allowedAddrs) == 0 && len(s.allowedDomains) == 0 || from == "" {
+	a := s.acc.Load()
+	if len(a.allowedAddrs) == 0 && len(a.allowedDomains) == 0 || from == "" {
 		return true
 	}
-	if s.allowedAddrs[strings.ToLower(from)] {
+	if a.allowedAddrs[strings.ToLower(from)] {
 		return true
 	}
-	return s.allowedDomains[queue.AddrDomain(from)]
+	return a.allowedDomains[queue.AddrDomain(from)]
 }
 
 // backend is go-smtp's Backend: one session per connection (and a new one

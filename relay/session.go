@@ -204,13 +204,13 @@ func (ss *session) authAllowed() bool {
 	if ss.tls {
 		return true
 	}
-	return !ss.s.sub.RequireTLSForAuth && ss.ip.IsValid() && ss.s.loopback(ss.ip)
+	return !ss.s.acc.Load().requireTLSForAuth && ss.ip.IsValid() && ss.s.loopback(ss.ip)
 }
 
 // AuthMechanisms lists what EHLO offers: nothing where AUTH is not allowed
 // (RFC 4954 §4: no plaintext mechanisms over an unprotected channel).
 func (ss *session) AuthMechanisms() []string {
-	if len(ss.s.users) == 0 || !ss.authAllowed() {
+	if len(ss.s.acc.Load().users) == 0 || !ss.authAllowed() {
 		return nil
 	}
 	return []string{sasl.Plain, sasl.Login}
@@ -218,7 +218,7 @@ func (ss *session) AuthMechanisms() []string {
 
 // Auth starts a SASL exchange for mech.
 func (ss *session) Auth(mech string) (sasl.Server, error) {
-	if len(ss.s.users) == 0 {
+	if len(ss.s.acc.Load().users) == 0 {
 		return nil, smtp.ErrAuthUnsupported
 	}
 	if !ss.authAllowed() {

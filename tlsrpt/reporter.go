@@ -18,9 +18,11 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
+	"golang.org/x/net/publicsuffix"
 
 	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"github.com/stsrelay/stsrelay/internal/domain"
@@ -146,6 +148,67 @@ type Reporter struct {
 	jobTries map[string]int
 	mu       sync.Mutex
 	jobs     map[string]*job // by file name
+	// dkim signs mailed reports (nil: unsigned); SetDKIM replaces it.
+	dkim atomic.Pointer[DKIMOptions]
+}
+
+// SetDKIM replaces the DKIM signing options of mailed reports (a reload:
+// a rotated key, or signing turned on or off); nil means unsigned. A
+// KeyFile without Signer is read now; on error nothing changes. Reports
+// composed afterwards use the new key.
+func (rp *Reporter) SetDKIM(d *DKIMOptions) error {
+	if d != nil && d.Signer == nil {
+		if d.KeyFile == "" {
+			d = nil
+		} else {
+			s, err := LoadDKIMKey(d.KeyFile)
+			if err != nil {
+				return fmt.Errorf("tlsrpt: %w", err)
+			}
+			dk := *d
+			dk.Signer = s
+			d = &dk
+		}
+	}
+	if d != nil && (d.Domain == "" || d.Selector == "") {
+		return errors.New("tlsrpt: DKIM needs a domain and a selector")
+	}
+	if d == nil {
+		rp.log.Warn("tlsrpt_no_dkim", zap.String("reason", noDKIMReason))
+	}
+	rp.dkim.Store(d)
+	return nil
+}
+
+const noDKIMReason = "mailed TLS reports are sent without a DKIM signature; RFC 8460 §3 lets receivers ignore them"
+
+// ContactMatchesSubmitter reports whether the domain of contact-info (a
+// mailto: URI or an address) is the submitter's domain — the relay's
+// hostname — or a parent of it up to the organisational domain (public
+// suffix plus one label): relay.example.net may give
+// postmaster@example.net, not postmaster@net. RFC 8460 §5.3 asks that
+// TLS-Report-Submitter be the domain responsible for the reports.
+func ContactMatchesSubmitter(contactInfo, hostname string) bool {
+	_, dom, ok := strings.Cut(ContactAddress(contactInfo), "@")
+	if !ok {
+		return false
+	}
+	dom, host := normDomain(dom), normDomain(hostname)
+	if dom == "" || host == "" {
+		return false
+	}
+	if dom == host {
+		return true
+	}
+	if !strings.HasSuffix(host, "."+dom) {
+		return false
+	}
+	org, err := publicsuffix.EffectiveTLDPlusOne(host)
+	if err != nil {
+		return false
+	}
+	// dom is a parent of host; it must not be above the organisation.
+	return dom == org || strings.HasSuffix(dom, "."+org)
 }
 
 // job is one report for one policy domain and period, and its delivery
@@ -241,13 +304,12 @@ func NewReporter(opts Options) (*Reporter, error) {
 	}
 	log := opts.Logger
 	if opts.DKIM == nil {
-		log.Warn("tlsrpt_no_dkim", zap.String("reason", "mailed TLS reports are sent without a DKIM signature; RFC 8460 §3 lets receivers ignore them"))
+		log.Warn("tlsrpt_no_dkim", zap.String("reason", noDKIMReason))
 	}
-	contact := ContactAddress(opts.ContactInfo)
-	if _, dom, ok := strings.Cut(contact, "@"); !ok || normDomain(dom) != opts.Hostname {
+	if !ContactMatchesSubmitter(opts.ContactInfo, opts.Hostname) {
 		log.Warn("tlsrpt_contact_domain",
-			zap.String("contact_info", contact), zap.String("submitter", opts.Hostname),
-			zap.String("reason", "RFC 8460 §5.3: TLS-Report-Submitter (the hostname) must match the domain of contact-info"))
+			zap.String("contact_info", ContactAddress(opts.ContactInfo)), zap.String("submitter", opts.Hostname),
+			zap.String("reason", "RFC 8460 §5.3: TLS-Report-Submitter (the hostname) must match the domain of contact-info, or its organisational parent"))
 	}
 
 	rd := &ruaDialer{
@@ -280,6 +342,7 @@ func NewReporter(opts Options) (*Reporter, error) {
 		jobTries: map[string]int{},
 		jobs:     map[string]*job{},
 	}
+	rp.dkim.Store(opts.DKIM)
 	if err := os.MkdirAll(rp.dir, 0o750); err != nil {
 		return nil, fmt.Errorf("tlsrpt: %w", err)
 	}
@@ -707,7 +770,7 @@ func (rp *Reporter) mail(j *job, to string, gz []byte) (string, error) {
 		Report:       j.Report,
 		Gzip:         gz,
 		Filename:     j.Report.Filename(rp.opts.Hostname, j.PolicyDomain),
-	}, rp.opts.DKIM)
+	}, rp.dkim.Load())
 	if err != nil {
 		return "", err
 	}

@@ -113,11 +113,6 @@ func (r *relayProc) noResult(rcpt, result string) {
 	}
 }
 
-// fetchLines returns the mtasts_fetch lines for domain.
-func (r *relayProc) fetchLines(domain string) []map[string]any {
-	return r.logs("mtasts_fetch", func(l map[string]any) bool { return l["domain"] == domain })
-}
-
 // checkFields compares log fields.
 func checkFields(t *testing.T, what string, l map[string]any, want map[string]any) {
 	t.Helper()

@@ -40,6 +40,7 @@ commands:
   queue list|show ID|retry ID|delete ID|bounce ID [-config FILE] [-json]
   policy list|show DOMAIN|refresh DOMAIN|forget DOMAIN [-config FILE] [-json]
   policy forecast [DOMAIN] [-config FILE] [-json]   would enforce refuse anything? (testing-mode domains)
+  config check -config FILE                  validate a configuration without starting
   demo [-json] [-keep DIR]                   MTA-STS and TLS-RPT at work on loopback, in one command
   tlsrpt pending [-config FILE] [-json]
   hash-password                              read a password on stdin, print a bcrypt hash
@@ -61,6 +62,8 @@ func run(args []string) int {
 		err = cmdServe(args[1:])
 	case "demo":
 		err = cmdDemo(args[1:])
+	case "config":
+		err = cmdConfig(args[1:])
 	case "check":
 		err = cmdCheck(args[1:])
 	case "queue":

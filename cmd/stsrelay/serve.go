@@ -21,6 +21,7 @@ import (
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/logging"
 	"github.com/stsrelay/stsrelay/internal/metrics"
+	"github.com/stsrelay/stsrelay/internal/sdnotify"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/relay"
@@ -43,13 +44,18 @@ func cmdServe(args []string) error {
 	if err != nil {
 		return err
 	}
-	log, closeLog, err := logging.New(cfg.Log)
+	log, level, closeLog, err := logging.NewLeveled(cfg.Log)
 	if err != nil {
 		return fmt.Errorf("config %s: %w", cfg.Path, err)
 	}
 	defer closeLog()
 	ctx, stop := stopOnSignal(log)
 	defer stop()
+	// SIGHUP reloads the configuration (reload.go). Registered before
+	// anything starts: unhandled, SIGHUP would end the process.
+	hup := make(chan os.Signal, 1)
+	signal.Notify(hup, syscall.SIGHUP)
+	defer signal.Stop(hup)
 	// STSRELAY_CPUPROFILE=FILE writes a CPU profile of the whole run, for
 	// `go tool pprof` (benchmarks; not an operator setting).
 	if path := os.Getenv("STSRELAY_CPUPROFILE"); path != "" {
@@ -62,7 +68,7 @@ func cmdServe(args []string) error {
 		}
 		defer func() { pprof.StopCPUProfile(); f.Close() }()
 	}
-	if err := serve(ctx, cfg, log); err != nil {
+	if err := serveWith(ctx, cfg, log, serveHooks{reload: hup, level: &level}); err != nil {
 		log.Error("stopped with error", zap.Error(err))
 		return err
 	}
@@ -161,7 +167,18 @@ func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.Cer
 	})
 }
 
+// serveHooks are what `serve` adds to a relay run in process (demo): the
+// reload signal and the log level it may change.
+type serveHooks struct {
+	reload <-chan os.Signal // SIGHUP; nil: no reloads
+	level  *zap.AtomicLevel
+}
+
 func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
+	return serveWith(ctx, cfg, log, serveHooks{})
+}
+
+func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks serveHooks) error {
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data_dir: %w", err)
 	}
@@ -227,7 +244,7 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 		}()
 	}
 
-	tlsrec, stopReports, err := startTLSRPT(runCtx, cfg, resolver, roots, store, log, met, &bg)
+	tlsrec, reporter, stopReports, err := startTLSRPT(runCtx, cfg, resolver, roots, store, log, met, &bg)
 	if err != nil {
 		cancelRun()
 		bg.Wait()
@@ -319,8 +336,26 @@ func serve(ctx context.Context, cfg *config.Config, log *zap.Logger) error {
 	}
 	met.SetReady(true)
 	log.Info("started", zap.Strings("listen", addrs), zap.String("hostname", cfg.Hostname), zap.String("version", version))
+	// systemd Type=notify (contrib/stsrelay.service): ready once
+	// submission listens. Without NOTIFY_SOCKET this does nothing.
+	_ = sdnotify.Notify(sdnotify.Ready)
 
-	<-ctx.Done()
+	rl := &reloader{path: cfg.Path, cur: cfg, log: log, level: hooks.level, srv: srv, reporter: reporter, met: met}
+	// Routes and TLS overrides are swapped in the running engine; a
+	// table it refuses (an unreadable password file) keeps the old one.
+	rl.delivery = func(c *config.Config) error { return eng.SetRouting(c.Routes, c.TLSPolicies) }
+wait:
+	for {
+		select {
+		case <-ctx.Done():
+			break wait
+		case <-hooks.reload:
+			_ = sdnotify.Notify(sdnotify.Reloading)
+			rl.reload()
+			_ = sdnotify.Notify(sdnotify.Ready)
+		}
+	}
+	_ = sdnotify.Notify(sdnotify.Stopping)
 	log.Info("stopping")
 	met.SetReady(false)
 	// Deliveries start their shutdown_timeout now, beside the

@@ -25,21 +25,22 @@ func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "t
 
 // startTLSRPT starts the recorder (counts flushed to disk every second)
 // and the reporter (reports after each period). It returns the recorder
-// for delivery (nil when TLS-RPT is off) and a function that flushes the
-// counts at shutdown.
-func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (*tlsrpt.Recorder, func(), error) {
+// for delivery (nil when TLS-RPT is off), the reporter (for reloading its
+// DKIM key; nil when off) and a function that flushes the counts at
+// shutdown.
+func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (*tlsrpt.Recorder, *tlsrpt.Reporter, func(), error) {
 	if !cfg.TLSRPT.Enabled {
-		return nil, func() {}, nil
+		return nil, nil, func() {}, nil
 	}
 	rec, err := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, log, tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
 	if err != nil {
-		return nil, nil, fmt.Errorf("tlsrpt: %w", err)
+		return nil, nil, nil, fmt.Errorf("tlsrpt: %w", err)
 	}
 	var dkim *tlsrpt.DKIMOptions
 	if cfg.TLSRPT.DKIMKeyFile != "" {
 		signer, err := tlsrpt.LoadDKIMKey(cfg.TLSRPT.DKIMKeyFile)
 		if err != nil {
-			return nil, nil, fmt.Errorf("config %s: key \"tlsrpt.dkim_key_file\": %w", cfg.Path, err)
+			return nil, nil, nil, fmt.Errorf("config %s: key \"tlsrpt.dkim_key_file\": %w", cfg.Path, err)
 		}
 		dkim = &tlsrpt.DKIMOptions{Domain: cfg.TLSRPT.DKIMDomain, Selector: cfg.TLSRPT.DKIMSelector,
 			KeyFile: cfg.TLSRPT.DKIMKeyFile, Signer: signer}
@@ -61,7 +62,7 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 		SendDelay:        tlsrpt.DefaultSendDelay(cfg.TLSRPT.Interval.Duration),
 	})
 	if err != nil {
-		return nil, nil, fmt.Errorf("tlsrpt: %w", err)
+		return nil, nil, nil, fmt.Errorf("tlsrpt: %w", err)
 	}
 	recCtx, stopRec := context.WithCancel(context.Background())
 	bg.Add(2)
@@ -73,7 +74,7 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 			log.Error("tlsrpt: flushing counts", zap.Error(err))
 		}
 	}
-	return rec, stop, nil
+	return rec, rep, stop, nil
 }
 
 // tlsrecPending returns what `tlsrpt pending` shows, from the live

@@ -47,12 +47,83 @@ type Policy struct {
 	// Uncounted keeps the message's sessions out of TLS-RPT: a report
 	// mail (RFC 8460 §5.3: reports about report delivery would loop).
 	Uncounted bool
+	// Override is the local TLS override for the destination (a
+	// [[tls_policy]], or a route's require_tls), "" when none.
+	Override Security
+	// OverrideWeakens (override_policy) lets an Override weaker than
+	// verify set an enforce MTA-STS policy aside: the policy is then
+	// applied as in testing mode (failures recorded, not enforced).
+	// Without it such an Override is ignored under enforce (RFC 8461 §5).
+	OverrideWeakens bool
 }
+
+// Security is a local TLS requirement, as in Postfix's
+// smtp_tls_policy_maps.
+type Security string
+
+// Security levels, strongest first.
+const (
+	// SecurityDANE is accepted and treated as SecurityVerify until DANE
+	// (RFC 7672) is implemented.
+	SecurityDANE Security = "dane"
+	// SecurityVerify: STARTTLS and a certificate verified for the MX name.
+	SecurityVerify Security = "verify"
+	// SecurityEncrypt: STARTTLS required, the certificate not checked.
+	SecurityEncrypt Security = "encrypt"
+	// SecurityMay: opportunistic TLS, plaintext when it fails.
+	SecurityMay Security = "may"
+	// SecurityNone: no STARTTLS.
+	SecurityNone Security = "none"
+)
+
+// rawEnforce reports whether an enforce policy is in force before any
+// override.
+func (p *Policy) rawEnforce() bool {
+	return p.STS != nil && !p.ignoresSTS() && p.STS.Mode == mtasts.ModeEnforce
+}
+
+// security is the Override that applies: "" when there is none, when the
+// message sets policies aside (TLS-Required: No, RFC 8689 §5), or when it
+// would weaken an enforce policy without OverrideWeakens.
+func (p *Policy) security() Security {
+	o := p.Override
+	if o == SecurityDANE {
+		o = SecurityVerify
+	}
+	if o == "" || p.ignoresSTS() {
+		return ""
+	}
+	if o != SecurityVerify && p.rawEnforce() && !p.OverrideWeakens {
+		return ""
+	}
+	return o
+}
+
+// Weakens reports whether the Override sets an enforce MTA-STS policy
+// aside (override_policy): delivery logs a warning at each use.
+func (p Policy) Weakens() bool {
+	s := p.security()
+	return p.rawEnforce() && s != "" && s != SecurityVerify
+}
+
+// OverrideIgnored reports whether an Override is configured but does not
+// apply, because it would weaken an enforce MTA-STS policy.
+func (p Policy) OverrideIgnored() bool {
+	return p.Override != "" && !p.ignoresSTS() && p.security() == ""
+}
+
+// STARTTLS reports whether a session should try STARTTLS at all (not
+// with security = "none").
+func (p Policy) STARTTLS() bool { return p.security() != SecurityNone }
 
 // mode is the MTA-STS mode that applies: "" when none does.
 func (p *Policy) mode() mtasts.Mode {
 	if p.STS == nil || p.ignoresSTS() || p.STS.Mode == mtasts.ModeNone {
 		return ""
+	}
+	if p.Weakens() {
+		// override_policy: enforce is applied as testing.
+		return mtasts.ModeTesting
 	}
 	return p.STS.Mode
 }
@@ -210,16 +281,35 @@ func CheckMX(p Policy, mx string) Verdict {
 func CheckConn(p Policy, mx string, c ConnState) Verdict {
 	v := Verdict{Action: Use, PolicyType: p.policyType(), Count: p.counted()}
 	mode := p.mode()
-	strict := mode == mtasts.ModeEnforce || p.RequireTLS
+	sec := p.security()
+	strict := mode == mtasts.ModeEnforce || p.RequireTLS || sec == SecurityVerify || sec == SecurityEncrypt
 
 	tlsResult, tlsReason := Classify(c)
 	why := describe(mx, c)
 	tlsFailed := c.STARTTLSReply != 0 || c.HandshakeError != nil
+	// What blocks the session: any TLS failure, except that encrypt
+	// accepts an unverified certificate (REQUIRETLS still does not).
+	blocked := tlsResult != ""
+	if sec == SecurityEncrypt && !p.RequireTLS && mode != mtasts.ModeEnforce && c.TLS && c.CertError != nil {
+		blocked = false
+	}
+	if sec == SecurityNone {
+		// No TLS was tried: there is no TLS result to report.
+		v.Count = false
+	}
 
 	if strict {
-		if tlsResult != "" {
+		if blocked {
 			v.Action, v.Result, v.ReasonCode, v.Reason = NextMX, tlsResult, tlsReason, why+", required by policy"
 			v.Code, v.Enhanced = 451, "4.7.5"
+			if mode != mtasts.ModeEnforce && !p.RequireTLS {
+				// The local override alone: the message waits.
+				v.Reason = why + ", required by tls_policy security=" + string(sec)
+				if mode == mtasts.ModeTesting && !p.matches(mx) {
+					v.Result, v.ReasonCode = tlsrpt.ResultValidationFailure, tlsrpt.ReasonMXMismatch
+				}
+				return v
+			}
 			if mode != mtasts.ModeEnforce {
 				// REQUIRETLS alone: RFC 8689 §4.2.1, 5.7.10 when TLS
 				// could not be had.
@@ -246,12 +336,20 @@ func CheckConn(p Policy, mx string, c ConnState) Verdict {
 		switch {
 		case mode == mtasts.ModeTesting && !p.matches(mx):
 			v.Result, v.ReasonCode = tlsrpt.ResultValidationFailure, tlsrpt.ReasonMXMismatch
+		case mode == mtasts.ModeTesting && tlsResult != "":
+			// encrypt under testing (or a weakened enforce): the
+			// unverified certificate is the failure recorded.
+			v.Result, v.ReasonCode = tlsResult, tlsReason
 		case p.fetchFailed():
 			v.Result, v.ReasonCode = p.FetchFailure, p.FetchReason
 		}
 		return v
 	}
 
+	if sec == SecurityNone && !c.TLS {
+		// STARTTLS not tried, by local choice: nothing to record.
+		return v
+	}
 	if tlsFailed && !c.Fallback {
 		// Opportunistic: try again in plaintext. Counted then.
 		v.Action, v.Count = Fallback, false

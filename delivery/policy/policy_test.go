@@ -174,3 +174,80 @@ func TestReasonCodesAreStable(t *testing.T) {
 		t.Errorf("%q/%q vs %q/%q", a.Result, a.ReasonCode, b.Result, b.ReasonCode)
 	}
 }
+
+// TestOverrideMatrix: [[tls_policy]] overrides (like Postfix's
+// smtp_tls_policy_maps) tighten any policy, and weaken an enforce
+// MTA-STS policy only with override_policy (RFC 8461 §5 otherwise wins).
+func TestOverrideMatrix(t *testing.T) {
+	const listed, unlisted = "mx1.example.org", "mx9.example.net"
+	verified := ConnState{STARTTLSOffered: true, TLS: true}
+	plaintext := ConnState{}
+	untrusted := ConnState{STARTTLSOffered: true, TLS: true, CertError: errUnknown}
+	handshake := ConnState{STARTTLSOffered: true, HandshakeError: errAlert}
+	skipped := ConnState{STARTTLSOffered: true} // security = "none": STARTTLS not tried
+	enforce, testing_ := sts(t, "enforce"), sts(t, "testing")
+	S, N := tlsrpt.PolicyTypeSTS, tlsrpt.PolicyTypeNoPolicyFound
+	NT := tlsrpt.ResultCertificateNotTrusted
+	type want struct {
+		action Action
+		result tlsrpt.ResultType
+		ptype  tlsrpt.PolicyType
+		count  bool
+	}
+	cases := []struct {
+		name     string
+		p        Policy
+		mx       string
+		c        ConnState
+		want     want
+		weakens  bool
+		ignored  bool
+		starttls bool
+	}{
+		{"verify on no policy: verified goes", Policy{Override: SecurityVerify}, listed, verified, want{Use, "", N, true}, false, false, true},
+		{"verify on no policy refuses an untrusted certificate", Policy{Override: SecurityVerify}, listed, untrusted, want{NextMX, NT, N, true}, false, false, true},
+		{"verify on no policy refuses plaintext", Policy{Override: SecurityVerify}, listed, plaintext, want{NextMX, tlsrpt.ResultSTARTTLSNotSupported, N, true}, false, false, true},
+		{"verify on no policy: no plaintext fallback", Policy{Override: SecurityVerify}, listed, handshake, want{NextMX, tlsrpt.ResultValidationFailure, N, true}, false, false, true},
+		{"dane is verify until DANE lands", Policy{Override: SecurityDANE}, listed, untrusted, want{NextMX, NT, N, true}, false, false, true},
+		{"verify on testing: unverified refused", Policy{STS: testing_, Override: SecurityVerify}, listed, untrusted, want{NextMX, NT, S, true}, false, false, true},
+		{"encrypt on no policy: untrusted goes", Policy{Override: SecurityEncrypt}, listed, untrusted, want{Use, "", N, true}, false, false, true},
+		{"encrypt on no policy refuses plaintext", Policy{Override: SecurityEncrypt}, listed, plaintext, want{NextMX, tlsrpt.ResultSTARTTLSNotSupported, N, true}, false, false, true},
+		{"encrypt with REQUIRETLS still needs a verified certificate", Policy{Override: SecurityEncrypt, RequireTLS: true}, listed, untrusted, want{NextMX, NT, N, false}, false, false, true},
+		{"may on no policy is opportunistic", Policy{Override: SecurityMay}, listed, handshake, want{Fallback, tlsrpt.ResultValidationFailure, N, false}, false, false, true},
+		{"none on no policy: plaintext, uncounted", Policy{Override: SecurityNone}, listed, skipped, want{Use, "", N, false}, false, false, false},
+		{"may cannot weaken enforce", Policy{STS: enforce, Override: SecurityMay}, listed, untrusted, want{NextMX, NT, S, true}, false, true, true},
+		{"encrypt cannot weaken enforce", Policy{STS: enforce, Override: SecurityEncrypt}, listed, untrusted, want{NextMX, NT, S, true}, false, true, true},
+		{"none cannot weaken enforce", Policy{STS: enforce, Override: SecurityNone}, listed, plaintext, want{NextMX, tlsrpt.ResultSTARTTLSNotSupported, S, true}, false, true, true},
+		{"verify on enforce is enforce", Policy{STS: enforce, Override: SecurityVerify}, listed, verified, want{Use, "", S, true}, false, false, true},
+		{"override_policy: encrypt lets untrusted through, failure reported", Policy{STS: enforce, Override: SecurityEncrypt, OverrideWeakens: true}, listed, untrusted, want{Use, NT, S, true}, true, false, true},
+		{"override_policy: encrypt still refuses plaintext", Policy{STS: enforce, Override: SecurityEncrypt, OverrideWeakens: true}, listed, plaintext, want{NextMX, tlsrpt.ResultSTARTTLSNotSupported, S, true}, true, false, true},
+		{"override_policy: may delivers to an unlisted MX, mismatch reported", Policy{STS: enforce, Override: SecurityMay, OverrideWeakens: true}, unlisted, untrusted, want{Use, tlsrpt.ResultValidationFailure, S, true}, true, false, true},
+		{"override_policy: none goes plaintext, uncounted", Policy{STS: enforce, Override: SecurityNone, OverrideWeakens: true}, listed, skipped, want{Use, "", S, false}, true, false, false},
+		{"TLS-Required: No sets the override aside too", Policy{Override: SecurityVerify, TLSRequiredNo: true}, listed, untrusted, want{Use, "", N, false}, false, false, true},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			if mv := CheckMX(c.p, c.mx); mv.Action != Use {
+				if c.want.action != NextMX {
+					t.Fatalf("CheckMX refused: %+v", mv)
+				}
+				return
+			}
+			v := CheckConn(c.p, c.mx, c.c)
+			got := want{v.Action, v.Result, v.PolicyType, v.Count}
+			if got != c.want {
+				t.Errorf("CheckConn\n got %+v\nwant %+v", got, c.want)
+			}
+			if got := [3]bool{c.p.Weakens(), c.p.OverrideIgnored(), c.p.STARTTLS()}; got != [3]bool{c.weakens, c.ignored, c.starttls} {
+				t.Errorf("Weakens/OverrideIgnored/STARTTLS = %v, want %v", got, [3]bool{c.weakens, c.ignored, c.starttls})
+			}
+			if v.Action == NextMX && v.Reason == "" {
+				t.Errorf("NextMX without a reason")
+			}
+		})
+	}
+	// An enforce policy's MX list stands unless override_policy.
+	if v := CheckMX(Policy{STS: enforce, Override: SecurityMay}, unlisted); v.Action != NextMX {
+		t.Errorf("may on enforce let an unlisted MX through: %+v", v)
+	}
+}

@@ -51,6 +51,10 @@ type Config struct {
 	TLSRPT     TLSRPT     `toml:"tlsrpt"`
 	Log        Log        `toml:"log"`
 	Metrics    Metrics    `toml:"metrics"`
+	// Routes send chosen domains to a fixed next hop instead of their
+	// MX; TLSPolicies override the TLS requirements of chosen domains.
+	Routes      []Route     `toml:"route"`
+	TLSPolicies []TLSPolicy `toml:"tls_policy"`
 
 	// Path is the file the configuration was read from.
 	Path string `toml:"-"`
@@ -167,6 +171,44 @@ type Log struct {
 // Metrics configures the Prometheus endpoint.
 type Metrics struct {
 	Listen string `toml:"listen"`
+}
+
+// Route is one [[route]]: mail for Domains goes to NextHop instead of
+// the domains' MX hosts.
+type Route struct {
+	// Domains are recipient domains (A-labels, exact match); "*" is
+	// every domain no other route names.
+	Domains []string `toml:"domains"`
+	// NextHop is "host", "host:port" or "[IP]:port"; the port defaults
+	// to delivery.port.
+	NextHop string `toml:"next_hop"`
+	// AuthUsername and AuthPasswordFile: AUTH PLAIN at the next hop,
+	// only after STARTTLS with a verified certificate.
+	AuthUsername     string `toml:"auth_username"`
+	AuthPasswordFile string `toml:"auth_password_file"`
+	// RequireTLS: STARTTLS and a certificate verified for the next hop's
+	// name, or no delivery (unless a [[tls_policy]] for the domain says
+	// otherwise). Default true; see TLSRequired.
+	RequireTLS *bool `toml:"require_tls"`
+
+	// Host and Port are NextHop parsed; IP is set for "[IP]:port".
+	Host string `toml:"-"`
+	Port int    `toml:"-"`
+	IP   net.IP `toml:"-"`
+}
+
+// TLSRequired is require_tls with its default (true).
+func (r *Route) TLSRequired() bool { return r.RequireTLS == nil || *r.RequireTLS }
+
+// TLSPolicy is one [[tls_policy]]: a per-domain TLS override, like
+// Postfix's smtp_tls_policy_maps.
+type TLSPolicy struct {
+	Domains []string `toml:"domains"`
+	// Security is "dane", "verify", "encrypt", "may" or "none".
+	Security string `toml:"security"`
+	// OverridePolicy lets a Security weaker than verify set aside an
+	// enforce MTA-STS policy (logged as a warning at every use).
+	OverridePolicy bool `toml:"override_policy"`
 }
 
 // Default returns the configuration with every default filled in.
@@ -576,7 +618,123 @@ func (c *Config) validate() error {
 			return keyErr("metrics.listen", "%v", err)
 		}
 	}
+	return c.validateRouting()
+}
+
+// validateRouting checks [[route]] and [[tls_policy]]: each domain named
+// once per table, next hops that parse, password files that exist.
+func (c *Config) validateRouting() error {
+	seen := map[string]bool{}
+	for i := range c.Routes {
+		r := &c.Routes[i]
+		key := func(k string) string { return fmt.Sprintf("route[%d].%s", i, k) }
+		if err := checkDomains(r.Domains, seen, true); err != nil {
+			return keyErr(key("domains"), "%v", err)
+		}
+		host, port, ip, err := ParseNextHop(r.NextHop, c.Delivery.Port)
+		if err != nil {
+			return keyErr(key("next_hop"), "%v", err)
+		}
+		r.Host, r.Port, r.IP = host, port, ip
+		if (r.AuthUsername == "") != (r.AuthPasswordFile == "") {
+			return keyErr(key("auth_username"), "auth_username and auth_password_file must be set together")
+		}
+		if r.AuthPasswordFile != "" {
+			if _, err := os.Stat(r.AuthPasswordFile); err != nil {
+				return keyErr(key("auth_password_file"), "cannot read file: %v", err)
+			}
+		}
+	}
+	seen = map[string]bool{}
+	for i := range c.TLSPolicies {
+		p := &c.TLSPolicies[i]
+		if err := checkDomains(p.Domains, seen, false); err != nil {
+			return keyErr(fmt.Sprintf("tls_policy[%d].domains", i), "%v", err)
+		}
+		switch p.Security {
+		case "dane", "verify", "encrypt", "may", "none":
+		default:
+			return keyErr(fmt.Sprintf("tls_policy[%d].security", i), "must be dane, verify, encrypt, may or none, got %q", p.Security)
+		}
+	}
 	return nil
+}
+
+// checkDomains checks one table's domains: lower-case names, each at
+// most once across the table, "*" only where allowed. Names are stored
+// lower-cased.
+func checkDomains(ds []string, seen map[string]bool, wildcard bool) error {
+	if len(ds) == 0 {
+		return errors.New("must list at least one domain")
+	}
+	for i, d := range ds {
+		d = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(d)), ".")
+		switch {
+		case d == "*" && !wildcard:
+			return errors.New(`"*" is not allowed here`)
+		case d == "":
+			return errors.New("empty domain")
+		case d != "*" && (strings.ContainsAny(d, " \t/@:[]*") || strings.HasPrefix(d, ".") || strings.Contains(d, "..")):
+			return fmt.Errorf("bad domain %q", ds[i])
+		case seen[d]:
+			return fmt.Errorf("domain %q is named more than once", d)
+		}
+		seen[d] = true
+		ds[i] = d
+	}
+	return nil
+}
+
+// ParseNextHop splits a route's next_hop: "host", "host:port" or
+// "[IP]:port" (also "[IP]"); the port defaults to defPort.
+func ParseNextHop(s string, defPort int) (host string, port int, ip net.IP, err error) {
+	port = defPort
+	switch {
+	case s == "":
+		return "", 0, nil, errors.New(`must be "host[:port]" or "[IP]:port"`)
+	case strings.HasPrefix(s, "["):
+		end := strings.IndexByte(s, ']')
+		if end < 0 {
+			return "", 0, nil, fmt.Errorf("bad next hop %q: no closing ]", s)
+		}
+		host, rest := s[1:end], s[end+1:]
+		if ip = net.ParseIP(strings.TrimPrefix(host, "IPv6:")); ip == nil {
+			return "", 0, nil, fmt.Errorf("bad next hop %q: %q is not an IP address", s, host)
+		}
+		host = ip.String()
+		if rest != "" {
+			if !strings.HasPrefix(rest, ":") {
+				return "", 0, nil, fmt.Errorf("bad next hop %q", s)
+			}
+			if port, err = parsePort(rest[1:]); err != nil {
+				return "", 0, nil, fmt.Errorf("bad next hop %q: %v", s, err)
+			}
+		}
+		return host, port, ip, nil
+	}
+	host = s
+	if h, p, ok := strings.Cut(s, ":"); ok {
+		host = h
+		if port, err = parsePort(p); err != nil {
+			return "", 0, nil, fmt.Errorf("bad next hop %q: %v", s, err)
+		}
+	}
+	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	if net.ParseIP(host) != nil {
+		return "", 0, nil, fmt.Errorf("bad next hop %q: write an IP address as [IP]:port", s)
+	}
+	if host == "" || strings.ContainsAny(host, " \t/@[]*") || strings.Contains(host, "..") || strings.HasPrefix(host, ".") {
+		return "", 0, nil, fmt.Errorf("bad next hop %q: bad host name", s)
+	}
+	return host, port, nil, nil
+}
+
+func parsePort(s string) (int, error) {
+	p, err := strconv.Atoi(s)
+	if err != nil || p <= 0 || p > 65535 || strconv.Itoa(p) != s {
+		return 0, fmt.Errorf("bad port %q", s)
+	}
+	return p, nil
 }
 
 func countSet(vals ...string) int {

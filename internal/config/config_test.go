@@ -100,6 +100,14 @@ func TestLoadErrorsNameFileKeyAndLine(t *testing.T) {
 		{"bad metrics listen address", "[metrics]\nlisten = \"9464\"\n", "metrics.listen", 2, "9464"},
 		{"host name with a space", "hostname = \"relay example\"\n", "hostname", 1, ""},
 		{"empty data dir", "data_dir = \"\"\n", "data_dir", 1, ""},
+		{"route without domains", "[[route]]\nnext_hop = \"smtp.example.net\"\n", "route[0].domains", 1, "at least one"},
+		{"route with a bad next hop", "[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"smtp.example.net:99999\"\n", "route[0].next_hop", 3, "99999"},
+		{"route to a bare IP", "[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"192.0.2.1:25\"\n", "route[0].next_hop", 3, "[IP]:port"},
+		{"second route names a domain again", "[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"x.example\"\n[[route]]\ndomains = [\"A.example\"]\nnext_hop = \"y.example\"\n", "route[1].domains", 5, "more than once"},
+		{"route password file missing", "[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"x.example\"\nauth_username = \"u\"\nauth_password_file = \"MISSING\"\n", "route[0].auth_password_file", 5, missing},
+		{"route user without password file", "[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"x.example\"\nauth_username = \"u\"\n", "route[0].auth_username", 4, "together"},
+		{"tls_policy with an unknown level", "[[tls_policy]]\ndomains = [\"a.example\"]\nsecurity = \"secure\"\n", "tls_policy[0].security", 3, "secure"},
+		{"tls_policy for every domain", "[[tls_policy]]\ndomains = [\"*\"]\nsecurity = \"may\"\n", "tls_policy[0].domains", 2, "not allowed"},
 	}
 	for _, tt := range tests {
 		t.Run(tt.name, func(t *testing.T) {
@@ -384,6 +392,34 @@ func keyInTable(text, table, leaf string) bool {
 		}
 	}
 	return false
+}
+
+// TestParseNextHop: a route's next_hop forms, the port defaulting to
+// delivery.port.
+func TestParseNextHop(t *testing.T) {
+	for _, c := range []struct {
+		in   string
+		host string
+		port int
+		ip   bool
+	}{
+		{"smtp.example.net", "smtp.example.net", 25, false},
+		{"SMTP.example.net.:587", "smtp.example.net", 587, false},
+		{"[192.0.2.1]:2525", "192.0.2.1", 2525, true},
+		{"[IPv6:2001:db8::1]", "2001:db8::1", 25, true},
+	} {
+		host, port, ip, err := ParseNextHop(c.in, 25)
+		if err != nil || host != c.host || port != c.port || (ip != nil) != c.ip {
+			t.Errorf("ParseNextHop(%q) = %q %d %v %v, want %q %d ip=%v", c.in, host, port, ip, err, c.host, c.port, c.ip)
+		}
+	}
+	cfg, err := Parse("t.toml", []byte("[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"x.example\"\n[[route]]\ndomains = [\"*\"]\nnext_hop = \"y.example\"\nrequire_tls = false\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !cfg.Routes[0].TLSRequired() || cfg.Routes[1].TLSRequired() {
+		t.Errorf("require_tls: got %v %v, want the default true and the explicit false", cfg.Routes[0].TLSRequired(), cfg.Routes[1].TLSRequired())
+	}
 }
 
 func TestKeyLine(t *testing.T) {

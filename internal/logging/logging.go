@@ -16,10 +16,28 @@ import (
 // New returns a logger writing to cfg.Output at cfg.Level in cfg.Format.
 // The returned close function flushes and closes a log file.
 func New(cfg config.Log) (*zap.Logger, func(), error) {
+	log, _, closeFn, err := NewLeveled(cfg)
+	return log, closeFn, err
+}
+
+// ParseLevel reads log.level: debug, info, warn or error.
+func ParseLevel(s string) (zapcore.Level, error) {
 	var level zapcore.Level
-	if err := level.UnmarshalText([]byte(cfg.Level)); err != nil {
-		return nil, nil, fmt.Errorf("log.level: %w", err)
+	if err := level.UnmarshalText([]byte(s)); err != nil {
+		return level, fmt.Errorf("log.level: %w", err)
 	}
+	return level, nil
+}
+
+// NewLeveled is New that also returns the logger's level, which can be
+// changed while the logger is in use (on reload: log.level takes effect
+// at once; format and output need a restart).
+func NewLeveled(cfg config.Log) (*zap.Logger, zap.AtomicLevel, func(), error) {
+	lv, err := ParseLevel(cfg.Level)
+	if err != nil {
+		return nil, zap.AtomicLevel{}, nil, err
+	}
+	level := zap.NewAtomicLevelAt(lv)
 	enc := zapcore.EncoderConfig{
 		TimeKey:        "ts",
 		LevelKey:       "level",
@@ -49,11 +67,11 @@ func New(cfg config.Log) (*zap.Logger, func(), error) {
 	default:
 		f, err := os.OpenFile(cfg.Output, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 		if err != nil {
-			return nil, nil, fmt.Errorf("log.output: %w", err)
+			return nil, zap.AtomicLevel{}, nil, fmt.Errorf("log.output: %w", err)
 		}
 		ws = zapcore.Lock(f)
 		closeFn = func() { f.Sync(); f.Close() }
 	}
 	logger := zap.New(zapcore.NewCore(encoder, ws, level))
-	return logger, func() { _ = logger.Sync(); closeFn() }, nil
+	return logger, level, func() { _ = logger.Sync(); closeFn() }, nil
 }

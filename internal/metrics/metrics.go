@@ -31,6 +31,9 @@ type Metrics struct {
 	SubmissionRejected *prometheus.CounterVec
 	// ForecastRefusals is stsrelay_mtasts_forecast_refusals_total{reason}.
 	ForecastRefusals *prometheus.CounterVec
+	// ConfigReloads is stsrelay_config_reloads_total{result}: SIGHUP
+	// reloads, "ok" or "failed" (the old configuration stays).
+	ConfigReloads *prometheus.CounterVec
 }
 
 // New creates the metrics. queueLen and oldest feed the queue gauges
@@ -65,7 +68,16 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 	// result types), so the label is bounded; no domain label.
 	m.ForecastRefusals = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_mtasts_forecast_refusals_total",
 		Help: "Sessions to MTA-STS testing-mode domains that enforce would have refused, by reason."}, []string{"reason"})
+	// mx-not-in-policy (forecast.ReasonMXNotInPolicy) at zero: the series
+	// exists from the first scrape, for the dashboard and alerts.
+	m.ForecastRefusals.WithLabelValues("mx-not-in-policy")
 	m.Registry.MustRegister(m.ForecastRefusals)
+	m.ConfigReloads = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_config_reloads_total",
+		Help: "Configuration reloads (SIGHUP) by result: ok, or failed (the old configuration stays in force)."}, []string{"result"})
+	for _, r := range []string{"ok", "failed"} {
+		m.ConfigReloads.WithLabelValues(r)
+	}
+	m.Registry.MustRegister(m.ConfigReloads)
 	m.Registry.MustRegister(m.MessagesAccepted, m.Deliveries, m.MTASTSFetches, m.TLSSessions, m.TLSRPTReports,
 		m.policiesByMode, queueGauge, oldestGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))

@@ -15,6 +15,7 @@ package smtpclient
 import (
 	"bufio"
 	"crypto/tls"
+	"encoding/base64"
 	"errors"
 	"fmt"
 	"net"
@@ -343,6 +344,51 @@ func (c *Client) StartTLS(cfg *tls.Config) (tls.ConnectionState, error) {
 	c.ext, c.maxSize, c.helloDone, c.helloReply = nil, 0, false, Reply{}
 	st := tc.ConnectionState()
 	return st, c.Hello()
+}
+
+// ErrAuthWithoutTLS is returned by AuthPlain on a plaintext session: the
+// password is never sent in the clear.
+var ErrAuthWithoutTLS = errors.New("smtpclient: AUTH refused on a session without TLS")
+
+// AuthPlain authenticates with the PLAIN mechanism (RFC 4954 §4, RFC
+// 4616), the credentials in the initial response. It works only after
+// StartTLS (RFC 4954 §4: PLAIN without encryption exposes the password);
+// the caller checks the certificate before. A refusal (535 5.7.8, say) is
+// a *ReplyError with Stage "auth"; the session stays usable.
+func (c *Client) AuthPlain(username, password string) error {
+	if c.err != nil {
+		return c.err
+	}
+	if c.tls == nil {
+		return ErrAuthWithoutTLS
+	}
+	if _, ok := c.Ext("AUTH"); !ok {
+		return &ReplyError{Stage: StageAuth, Code: 502, Enhanced: "5.5.1", Text: "server does not offer AUTH"}
+	}
+	if strings.ContainsAny(username+password, "\x00\r\n") {
+		return errors.New("smtpclient: AUTH credentials contain NUL or line breaks")
+	}
+	ir := base64.StdEncoding.EncodeToString([]byte("\x00" + username + "\x00" + password))
+	r, err := c.cmd(StageAuth, "AUTH PLAIN "+ir)
+	if err != nil {
+		return err
+	}
+	if r.Code == 334 {
+		// A server that ignored the initial response asks for it.
+		if r, err = c.cmd(StageAuth, ir); err != nil {
+			return err
+		}
+	}
+	if r.Code != 235 {
+		if r.Code == 334 {
+			// Never a third round: cancel (RFC 4954 §4).
+			if r, err = c.cmd(StageAuth, "*"); err != nil {
+				return err
+			}
+		}
+		return c.refused(StageAuth, r)
+	}
+	return nil
 }
 
 // Reset says RSET (RFC 5321 §4.1.1.5), abandoning any transaction.

@@ -12,6 +12,7 @@ const (
 	StageConnect  = "connect" // the greeting (RFC 5321 §3.1)
 	StageEHLO     = "ehlo"    // EHLO, or the HELO fallback
 	StageStartTLS = "starttls"
+	StageAuth     = "auth" // AUTH (RFC 4954)
 	StageMail     = "mail"
 	StageRcpt     = "rcpt"
 	StageData     = "data" // the DATA command, the body and the final dot
@@ -102,17 +103,6 @@ type BodyError struct {
 
 func (e *BodyError) Error() string { return "read message body: " + e.Err.Error() }
 func (e *BodyError) Unwrap() error { return e.Err }
-
-// Temporary reports whether err (from this package) means a later try may
-// succeed: a 4xx reply or a network, timeout or protocol failure.
-func Temporary(err error) bool {
-	var re *ReplyError
-	if errors.As(err, &re) {
-		return re.Temporary()
-	}
-	var e *Error
-	return errors.As(err, &e)
-}
 
 // Permanent reports whether err is a 5xx reply.
 func Permanent(err error) bool {

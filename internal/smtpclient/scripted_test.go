@@ -91,13 +91,6 @@ func (s *scripted) errorf(format string, args ...any) {
 	s.mu.Unlock()
 }
 
-// commands returns the commands received so far.
-func (s *scripted) commands() []string {
-	s.mu.Lock()
-	defer s.mu.Unlock()
-	return append([]string(nil), s.cmds...)
-}
-
 // flights groups the commands by the burst they arrived in.
 func (s *scripted) flights() [][]string {
 	s.mu.Lock()

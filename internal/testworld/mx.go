@@ -12,6 +12,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 )
 
@@ -52,6 +53,10 @@ type MXOptions struct {
 	MaxSize int64
 	// GreetingDelay holds the 220 greeting back.
 	GreetingDelay time.Duration
+	// AuthUsers, when set, advertises AUTH PLAIN after STARTTLS (never
+	// before) and accepts these username/password pairs (a wrong one
+	// gets 535 5.7.8); MAIL without a successful AUTH gets 530 5.7.0.
+	AuthUsers map[string]string
 	// Script decides the reply to each command: it is called with Verb
 	// "CONNECT" before the greeting (a reply replaces the greeting), and with
 	// "MAIL", "RCPT" and "DATA" (after the final dot, with the message in
@@ -108,6 +113,8 @@ type Received struct {
 	ConnID      int
 	MailOptions smtp.MailOptions
 	RcptOptions []smtp.RcptOptions
+	// AuthUser is the user the session authenticated as (AuthUsers).
+	AuthUser string
 }
 
 // MXServer is a go-smtp server on ip:World.MXPort() playing one MX host. It
@@ -216,6 +223,9 @@ func (w *World) StartMX(opts MXOptions) (*MXServer, error) {
 	srv.EnableDSN = opts.DSN
 	srv.MaxMessageBytes = opts.MaxSize
 	srv.ErrorLog = log.New(io.Discard, "", 0)
+	// TLS runs below go-smtp (mxConn), so go-smtp cannot see it: the
+	// session offers AUTH only once STARTTLS is done (AuthMechanisms).
+	srv.AllowInsecureAuth = opts.AuthUsers != nil
 	mx.srv = srv
 	go func() {
 		defer close(mx.served)
@@ -377,6 +387,30 @@ type mxSession struct {
 	mailOpts smtp.MailOptions
 	rcpts    []string
 	rcptOpts []smtp.RcptOptions
+	authUser string
+}
+
+// AuthMechanisms offers PLAIN after STARTTLS when MXOptions.AuthUsers is
+// set.
+func (s *mxSession) AuthMechanisms() []string {
+	if s.mx.opts.AuthUsers == nil || s.conn.tlsState == nil {
+		return nil
+	}
+	return []string{sasl.Plain}
+}
+
+// Auth checks PLAIN credentials against MXOptions.AuthUsers.
+func (s *mxSession) Auth(mech string) (sasl.Server, error) {
+	if s.mx.opts.AuthUsers == nil || s.conn.tlsState == nil || mech != sasl.Plain {
+		return nil, smtp.ErrAuthUnknownMechanism
+	}
+	return sasl.NewPlainServer(func(identity, username, password string) error {
+		if want, ok := s.mx.opts.AuthUsers[username]; !ok || want != password || (identity != "" && identity != username) {
+			return &smtp.SMTPError{Code: 535, EnhancedCode: smtp.EnhancedCode{5, 7, 8}, Message: "Authentication credentials invalid"}
+		}
+		s.authUser = username
+		return nil
+	}), nil
 }
 
 func (s *mxSession) info() ConnInfo {
@@ -388,6 +422,9 @@ func (s *mxSession) info() ConnInfo {
 func (s *mxSession) Mail(from string, opts *smtp.MailOptions) error {
 	if s.mx.opts.RequireTLS && s.conn.tlsState == nil {
 		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Must issue a STARTTLS command first"}
+	}
+	if s.mx.opts.AuthUsers != nil && s.authUser == "" {
+		return &smtp.SMTPError{Code: 530, EnhancedCode: smtp.EnhancedCode{5, 7, 0}, Message: "Authentication required"}
 	}
 	closeAfter, err := s.mx.run(Command{Verb: "MAIL", Arg: from, Conn: s.info()}, 250)
 	s.conn.closeAfterReply = closeAfter
@@ -434,6 +471,7 @@ func (s *mxSession) Data(r io.Reader) error {
 		ConnID:      ci.ID,
 		MailOptions: s.mailOpts,
 		RcptOptions: append([]smtp.RcptOptions(nil), s.rcptOpts...),
+		AuthUser:    s.authUser,
 	})
 	s.mx.mu.Unlock()
 	return nil
