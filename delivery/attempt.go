@@ -718,6 +718,9 @@ func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
 		e.logDelivery(m, r, o, a)
 		if e.o.Counters != nil {
 			e.o.Counters.Delivery(o.result)
+			if o.result == "delivered" {
+				e.o.Counters.Delivered(now.Sub(m.Received))
+			}
 		}
 	}
 	ms.pending--

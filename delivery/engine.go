@@ -44,6 +44,9 @@ type TLSRecorder interface {
 // Counters receives delivery outcomes (metrics).
 type Counters interface {
 	Delivery(result string)
+	// Delivered observes, per delivered recipient, the time since the
+	// message was accepted.
+	Delivered(latency time.Duration)
 	TLSSession(resultType string)
 }
 

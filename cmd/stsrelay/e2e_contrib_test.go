@@ -37,6 +37,12 @@ func servedMetrics(t *testing.T) map[string]bool {
 	sc := bufio.NewScanner(strings.NewReader(scrape(t, cfg.Metrics.Listen)))
 	for sc.Scan() {
 		line := sc.Text()
+		if f, ok := strings.CutPrefix(line, "# TYPE "); ok {
+			// A histogram's family name (…_seconds) is served as
+			// …_bucket, …_sum and …_count samples.
+			names[strings.Fields(f)[0]] = true
+			continue
+		}
 		if strings.HasPrefix(line, "#") {
 			continue
 		}

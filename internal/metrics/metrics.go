@@ -20,6 +20,9 @@ type Metrics struct {
 	Registry          *prometheus.Registry
 	MessagesAccepted  prometheus.Counter
 	Deliveries        *prometheus.CounterVec
+	// DeliveryLatency is stsrelay_delivery_latency_seconds: from the 250
+	// at submission to the recipient's delivery.
+	DeliveryLatency prometheus.Histogram
 	MTASTSFetches     *prometheus.CounterVec
 	TLSSessions       *prometheus.CounterVec
 	TLSRPTReports     *prometheus.CounterVec
@@ -42,6 +45,9 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 	m := &Metrics{Registry: prometheus.NewRegistry()}
 	m.MessagesAccepted = prometheus.NewCounter(prometheus.CounterOpts{Name: "stsrelay_messages_accepted_total", Help: "Messages accepted at submission (250 sent)."})
 	m.Deliveries = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_deliveries_total", Help: "Per-recipient delivery attempt outcomes."}, []string{"result"})
+	m.DeliveryLatency = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "stsrelay_delivery_latency_seconds",
+		Help:    "Time from acceptance at submission to delivery, per delivered recipient.",
+		Buckets: []float64{0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 4 * 3600, 24 * 3600}})
 	m.MTASTSFetches = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_mtasts_fetches_total", Help: "MTA-STS policy fetches by result."}, []string{"result"})
 	m.TLSSessions = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_tls_sessions_total", Help: "Delivery sessions by TLS-RPT result type (success for compliant sessions)."}, []string{"result_type"})
 	m.TLSRPTReports = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "stsrelay_tlsrpt_reports_total", Help: "TLS-RPT reports sent by result."}, []string{"result"})
@@ -78,7 +84,7 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 		m.ConfigReloads.WithLabelValues(r)
 	}
 	m.Registry.MustRegister(m.ConfigReloads)
-	m.Registry.MustRegister(m.MessagesAccepted, m.Deliveries, m.MTASTSFetches, m.TLSSessions, m.TLSRPTReports,
+	m.Registry.MustRegister(m.MessagesAccepted, m.Deliveries, m.DeliveryLatency, m.MTASTSFetches, m.TLSSessions, m.TLSRPTReports,
 		m.policiesByMode, queueGauge, oldestGauge,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
@@ -86,6 +92,9 @@ func New(queueLen, oldestSeconds func() float64) *Metrics {
 
 // Delivery counts one recipient outcome.
 func (m *Metrics) Delivery(result string) { m.Deliveries.WithLabelValues(result).Inc() }
+
+// Delivered observes how long a delivered recipient's message waited.
+func (m *Metrics) Delivered(latency time.Duration) { m.DeliveryLatency.Observe(latency.Seconds()) }
 
 // SubmissionConnectionRejected counts one submission connection refused
 // at accept; it is relay.Options.ConnectionsRejected.
