@@ -4,6 +4,7 @@ package main
 // [[tls_policy]] (per-domain TLS overrides) on the real binary.
 
 import (
+	"fmt"
 	"os"
 	"path/filepath"
 	"strings"
@@ -167,5 +168,40 @@ func TestE2ETLSPolicyCannotWeakenEnforce(t *testing.T) {
 	}
 	if n := len(r.logs("tls_policy overrides MTA-STS enforce", func(l map[string]any) bool { return l["domain"] == "kept.test" })); n != 0 {
 		t.Errorf("override warning logged for a domain whose override was ignored")
+	}
+}
+
+// SIGHUP applies a new [[route]] to the running delivery engine: mail to
+// the domain goes to its own MX before the reload and to the smart host
+// after it, and the reload line names nothing that needs a restart.
+func TestE2ERouteReload(t *testing.T) {
+	t.Parallel()
+	w := testworld.New(t)
+	ownMX := simpleDomain(w, "later.test")
+	smart := mxHost(w, "smtp.relayhost.test", testworld.MXOptions{
+		Cert:      w.CA.Issue(testworld.CertValid, "smtp.relayhost.test"),
+		AuthUsers: map[string]string{"relayuser": "s3cret"},
+	})
+	cfg := testConfig(t, w)
+	r := startRelay(t, cfg)
+
+	r.send("u1@later.test", "before")
+	checkFields(t, "before", r.waitResult("u1@later.test", "delivered", stsWait), map[string]any{"mx": "mx1.later.test", "route": ""})
+
+	next := *cfg
+	next.Routes = []config.Route{{Domains: []string{"later.test"}, NextHop: "smtp.relayhost.test",
+		AuthUsername: "relayuser", AuthPasswordFile: passwordFile(t, "s3cret")}}
+	r.writeConfig(&next)
+	l := r.hup(1)
+	if l["result"] != "ok" || fmt.Sprint(l["restart_needed"]) != "[]" && l["restart_needed"] != nil {
+		t.Fatalf("reload line %v, want ok with nothing needing a restart", l)
+	}
+	r.send("u2@later.test", "after")
+	checkFields(t, "after", r.waitResult("u2@later.test", "delivered", stsWait), map[string]any{"mx": "smtp.relayhost.test", "route": "smtp.relayhost.test"})
+	if got := smart.WaitMessages(t, 1, stsWait); got[0].AuthUser != "relayuser" {
+		t.Errorf("smart host session auth %q", got[0].AuthUser)
+	}
+	if n := len(ownMX.Messages()); n != 1 {
+		t.Errorf("the domain's own MX got %d messages, want 1 (the one before the reload)", n)
 	}
 }
