@@ -17,12 +17,12 @@ import (
 
 // Metrics are the relay's counters and gauges.
 type Metrics struct {
-	Registry          *prometheus.Registry
-	MessagesAccepted  prometheus.Counter
-	Deliveries        *prometheus.CounterVec
+	Registry         *prometheus.Registry
+	MessagesAccepted prometheus.Counter
+	Deliveries       *prometheus.CounterVec
 	// DeliveryLatency is stsrelay_delivery_latency_seconds: from the 250
 	// at submission to the recipient's delivery.
-	DeliveryLatency prometheus.Histogram
+	DeliveryLatency   prometheus.Histogram
 	MTASTSFetches     *prometheus.CounterVec
 	TLSSessions       *prometheus.CounterVec
 	TLSRPTReports     *prometheus.CounterVec
