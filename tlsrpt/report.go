@@ -152,11 +152,24 @@ func (r *Report) period() (start, end time.Time, err error) {
 // timestamps of the first and last second of the period.
 func (r *Report) Filename(submitter, policyDomain string) string {
 	start, end, _ := r.period()
-	name := fmt.Sprintf("%s!%s!%d!%d", normDomain(submitter), policyDomain, start.Unix(), end.Unix())
+	name := fmt.Sprintf("%s!%s!%d!%d", fileSafe(normDomain(submitter)), fileSafe(policyDomain), start.Unix(), end.Unix())
 	if u := r.unique(); u != "" {
-		name += "!" + u
+		name += "!" + fileSafe(u)
 	}
 	return name + ".json.gz"
+}
+
+// fileSafe keeps a filename field (§5.3) to printable ASCII without the
+// field separator "!", path separators, quotes or line breaks, whatever
+// a domain name or configured host name held: the name goes into a
+// Content-Disposition header and onto disks.
+func fileSafe(s string) string {
+	return strings.Map(func(r rune) rune {
+		if r <= ' ' || r >= 0x7f || strings.ContainsRune("!/\\\"';", r) {
+			return '_'
+		}
+		return r
+	}, s)
 }
 
 // Gzip is the report as gzip-compressed JSON (§5.2), the body of both

@@ -444,7 +444,7 @@ func keyLine(data []byte, key string) int {
 }
 
 func (c *Config) validate() error {
-	if c.Hostname == "" || strings.ContainsAny(c.Hostname, " \t/") {
+	if c.Hostname == "" || strings.ContainsFunc(c.Hostname, func(r rune) bool { return r <= ' ' || r >= 0x7f || r == '/' }) {
 		return keyErr("hostname", "must be a host name, got %q", c.Hostname)
 	}
 	if c.DataDir == "" {

@@ -99,6 +99,7 @@ func TestLoadErrorsNameFileKeyAndLine(t *testing.T) {
 		{"zero report interval", "[tlsrpt]\ninterval = \"0s\"\n", "tlsrpt.interval", 2, ""},
 		{"bad metrics listen address", "[metrics]\nlisten = \"9464\"\n", "metrics.listen", 2, "9464"},
 		{"host name with a space", "hostname = \"relay example\"\n", "hostname", 1, ""},
+		{"host name with a control character", "hostname = \"relay\\rexample\"\n", "hostname", 1, ""},
 		{"empty data dir", "data_dir = \"\"\n", "data_dir", 1, ""},
 		{"route without domains", "[[route]]\nnext_hop = \"smtp.example.net\"\n", "route[0].domains", 1, "at least one"},
 		{"route with a bad next hop", "[[route]]\ndomains = [\"a.example\"]\nnext_hop = \"smtp.example.net:99999\"\n", "route[0].next_hop", 3, "99999"},
