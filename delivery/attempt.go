@@ -732,11 +732,18 @@ func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
 }
 
 func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a *attempt) {
-	d := r.Domain()
 	// Domains are A-labels; a line about an IDN also names the U-label.
+	// One parse gives both forms.
+	var d string
 	unicode := zap.Skip()
-	if dd, err := domain.Parse(d); err == nil && dd.IsIDN() {
-		unicode = zap.String("domain_unicode", dd.Unicode())
+	i := strings.LastIndexByte(r.Addr, '@')
+	if dd, err := domain.Parse(r.Addr[i+1:]); err == nil && i >= 0 {
+		d = dd.ASCII()
+		if dd.IsIDN() {
+			unicode = zap.String("domain_unicode", dd.Unicode())
+		}
+	} else {
+		d = r.Domain() // a literal, or a name delivery refused
 	}
 	e.log.Info("delivery",
 		zap.String("queue_id", m.ID),

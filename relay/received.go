@@ -9,6 +9,7 @@ import (
 
 	"github.com/emersion/go-smtp"
 
+	"github.com/stsrelay/stsrelay/internal/message"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -33,7 +34,7 @@ func (ss *session) receivedHeader(env queue.Envelope, now time.Time) string {
 	b.WriteString(ss.s.hostname)
 	b.WriteString(" (stsrelay) with ")
 	b.WriteString(protocolName(ss.tls, env.User != "", env.SMTPUTF8))
-	if len(env.Rcpts) == 1 && (env.SMTPUTF8 || isASCII(env.Rcpts[0].Addr)) {
+	if len(env.Rcpts) == 1 && (env.SMTPUTF8 || message.IsASCII(env.Rcpts[0].Addr)) {
 		b.WriteString("\r\n\tfor <")
 		b.WriteString(env.Rcpts[0].Addr)
 		b.WriteString(">")
@@ -90,15 +91,6 @@ func sanitizeHelo(h string) string {
 		}
 	}
 	return string(b)
-}
-
-func isASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= 0x80 {
-			return false
-		}
-	}
-	return true
 }
 
 // Address problems that interface.md fixes as 501 5.1.3: control

@@ -14,6 +14,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"go.uber.org/zap"
 
+	"github.com/stsrelay/stsrelay/internal/message"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -348,7 +349,7 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 		return reject(errRequireTLSPlain, "REQUIRETLS without TLS")
 	}
 	if from != "" {
-		if !opts.UTF8 && !isASCII(from) {
+		if !opts.UTF8 && !message.IsASCII(from) {
 			return reject(errNeedUTF8, "non-ASCII sender without SMTPUTF8")
 		}
 		if err := checkAddress(from, errBadSender); err != nil {
@@ -399,7 +400,7 @@ func (ss *session) Rcpt(to string, opts *smtp.RcptOptions) error {
 	if !ss.inTxn {
 		return errNoTransaction
 	}
-	if !ss.env.SMTPUTF8 && !isASCII(to) {
+	if !ss.env.SMTPUTF8 && !message.IsASCII(to) {
 		return errNeedUTF8
 	}
 	if err := checkAddress(to, errBadRcpt); err != nil {

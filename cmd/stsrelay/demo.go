@@ -583,13 +583,24 @@ func demoSubmit(addr string, tlsCfg *tls.Config, password, rcpt, domain string) 
 	if err := c.Rcpt(rcpt, nil); err != nil {
 		return "", err
 	}
+	msg := fmt.Sprintf("From: <%s>\r\nTo: <%s>\r\nSubject: stsrelay demo to %s\r\nMessage-ID: <demo.%s@sender.demo>\r\n\r\nHello from the stsrelay demo.\r\n",
+		demoSender, rcpt, domain, domain)
+	id, err := dataQueued(c, strings.NewReader(msg))
+	if err != nil {
+		return "", err
+	}
+	_ = c.Quit()
+	return id, nil
+}
+
+// dataQueued sends body with DATA and returns the queue ID of the
+// relay's "250 2.0.0 OK queued as ID" reply.
+func dataQueued(c *smtp.Client, body io.Reader) (string, error) {
 	w, err := c.Data()
 	if err != nil {
 		return "", err
 	}
-	msg := fmt.Sprintf("From: <%s>\r\nTo: <%s>\r\nSubject: stsrelay demo to %s\r\nMessage-ID: <demo.%s@sender.demo>\r\n\r\nHello from the stsrelay demo.\r\n",
-		demoSender, rcpt, domain, domain)
-	if _, err := io.WriteString(w, msg); err != nil {
+	if _, err := io.Copy(w, body); err != nil {
 		return "", err
 	}
 	resp, err := w.CloseWithResponse()
@@ -598,9 +609,8 @@ func demoSubmit(addr string, tlsCfg *tls.Config, password, rcpt, domain string) 
 	}
 	const prefix = "2.0.0 OK queued as "
 	if !strings.HasPrefix(resp.StatusText, prefix) {
-		return "", fmt.Errorf("unexpected reply %q", resp.StatusText)
+		return "", fmt.Errorf("unexpected 250 text %q", resp.StatusText)
 	}
-	_ = c.Quit()
 	return strings.TrimPrefix(resp.StatusText, prefix), nil
 }
 

@@ -11,7 +11,6 @@ import (
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
-	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -335,23 +334,12 @@ func (r *relayProc) submit(from string, to []string, body []byte, o ...submitOpt
 			return "", err
 		}
 	}
-	w, err := c.Data()
+	id, err := dataQueued(c, bytes.NewReader(body))
 	if err != nil {
 		return "", err
-	}
-	if _, err := io.Copy(w, bytes.NewReader(body)); err != nil {
-		return "", err
-	}
-	resp, err := w.CloseWithResponse()
-	if err != nil {
-		return "", err
-	}
-	const prefix = "2.0.0 OK queued as "
-	if !strings.HasPrefix(resp.StatusText, prefix) {
-		return "", fmt.Errorf("unexpected 250 text %q", resp.StatusText)
 	}
 	_ = c.Quit()
-	return strings.TrimPrefix(resp.StatusText, prefix), nil
+	return id, nil
 }
 
 // mustSubmit is submit that fails the test on error.
