@@ -877,8 +877,13 @@ func (e *Engine) sourceIP(dst net.IP) string {
 func (e *Engine) suspend(domain, reason string) {
 	d := min(e.cfg.Queue.RetryDelay(1), 5*time.Minute)
 	e.mu.Lock()
-	e.dead[domain] = deadDest{until: e.now().Add(d), reason: reason}
+	until := e.now().Add(d)
+	e.dead[domain] = deadDest{until: until, reason: reason}
 	e.mu.Unlock()
+	// The queue holds the destination's other messages back as one, so
+	// a dead destination with many messages costs one wake-up, not one
+	// deferral record per message (issue #12).
+	e.store.HoldDomain(domain, until)
 }
 
 // suspended reports whether domain is marked unreachable now, and why.

@@ -24,11 +24,15 @@ type pendingRecord struct {
 	meta []byte
 	body []byte   // small bodies
 	file *os.File // spilled bodies
+	// src is a body copied from an older segment (compaction).
+	src  *io.SectionReader
 	size int64
 	crc  uint32
-	// off is set by the committer: where the body landed.
-	seg *segment
-	off int64
+	// Set by the committer: where the record (recOff) and its body (off)
+	// landed.
+	seg    *segment
+	recOff int64
+	off    int64
 }
 
 type commitReq struct {
@@ -152,6 +156,18 @@ func (s *Store) commitLoop() {
 }
 
 func (s *Store) commitBatch(bw *bufio.Writer, batch []*commitReq) *bufio.Writer {
+	if s.broken {
+		// The last failed write could not be cut off its segment: start
+		// a new one before writing anything.
+		if err := s.rotate(); err != nil {
+			err = fmt.Errorf("queue write: %w", err)
+			for _, req := range batch {
+				req.finish(err)
+			}
+			return bw
+		}
+		bw = bufio.NewWriterSize(s.active, 256<<10)
+	}
 	seg := s.activeSeg
 	start := seg.size
 	off := start
@@ -162,6 +178,9 @@ write:
 	for _, req := range batch {
 		for _, r := range req.recs {
 			putHeader(hdr[:], r.typ, len(r.meta), r.size, r.crc)
+			if err = s.fault("write"); err != nil {
+				break write
+			}
 			if _, err = bw.Write(hdr[:]); err != nil {
 				break write
 			}
@@ -169,15 +188,23 @@ write:
 				break write
 			}
 			r.seg = seg
+			r.recOff = off
 			r.off = off + headerLen + int64(len(r.meta))
-			if r.file != nil {
+			var src io.Reader
+			switch {
+			case r.file != nil:
 				if _, err = r.file.Seek(0, io.SeekStart); err != nil {
 					break write
 				}
+				src = r.file
+			case r.src != nil:
+				src = io.NewSectionReader(r.src, 0, r.src.Size())
+			}
+			if src != nil {
 				var c int64
-				c, err = io.Copy(bw, r.file)
+				c, err = io.Copy(bw, src)
 				if err == nil && c != r.size {
-					err = fmt.Errorf("spool file changed size (%d != %d)", c, r.size)
+					err = fmt.Errorf("body changed size (%d != %d)", c, r.size)
 				}
 				if err != nil {
 					break write
@@ -193,27 +220,40 @@ write:
 		err = bw.Flush()
 	}
 	if err == nil {
-		err = unix.Fdatasync(int(s.active.Fd()))
+		if err = s.fault("sync"); err == nil {
+			err = unix.Fdatasync(int(s.active.Fd()))
+		}
 		s.syncs.Add(1)
 	}
 	if err != nil {
 		// Nothing of this batch was acknowledged. Cut the segment back
-		// to where the batch began and carry on in a fresh segment (a
-		// failed fsync may have dropped dirty pages).
-		_ = s.active.Truncate(start)
+		// to where the batch began, durably, and go on in it. If that
+		// fails the segment may hold garbage before whatever came next,
+		// and recovery would stop at the garbage: start a new segment,
+		// and if that fails too write nothing until one can be made.
 		err = fmt.Errorf("queue write: %w", err)
 		for _, req := range batch {
 			req.finish(err)
 		}
 		bw.Reset(s.active)
+		terr := s.active.Truncate(start)
+		if terr == nil {
+			terr = unix.Fdatasync(int(s.active.Fd()))
+		}
+		if terr == nil {
+			return bw
+		}
 		if rerr := s.rotate(); rerr == nil {
 			return bufio.NewWriterSize(s.active, 256<<10)
 		}
+		s.mu.Lock()
+		s.broken = true
+		s.mu.Unlock()
 		return bw
 	}
-	seg.size = off
 	s.records.Add(uint64(n))
 	s.mu.Lock()
+	seg.size = off
 	for _, req := range batch {
 		if req.apply != nil {
 			req.apply(req.recs)
@@ -350,8 +390,11 @@ func (w *Writer) Commit(env Envelope) (string, error) {
 	}
 	env.SetContent(w.scan.Content())
 	s := w.s
+	if err := s.CheckSpace(w.size); err != nil {
+		return "", err
+	}
 	now := s.opts.Now()
-	id := s.ids.next(now)
+	id := s.idgen.next(now)
 	meta, err := json.Marshal(messageMeta{ID: id, Received: now, Env: env})
 	if err != nil {
 		return "", err
@@ -360,17 +403,11 @@ func (w *Writer) Commit(env Envelope) (string, error) {
 	if w.err != nil {
 		return "", fmt.Errorf("queue spool: %w", w.err)
 	}
+	dom := msgDomain(env.Rcpts)
 	rec := &pendingRecord{typ: recMessage, meta: meta, body: *w.buf, file: w.spill, size: w.size, crc: crc}
 	req := &commitReq{recs: []*pendingRecord{rec}, apply: func(recs []*pendingRecord) {
 		r := recs[0]
-		m := &Message{ID: id, Env: env, Received: now, Size: r.size, loc: bodyLoc{seg: r.seg, off: r.off}}
-		m.Rcpts = make([]Recipient, len(env.Rcpts))
-		for i, rs := range env.Rcpts {
-			m.Rcpts[i] = Recipient{RcptSpec: rs, Status: Pending, NextAttempt: now}
-		}
-		s.msgs[id] = m
-		r.seg.live++
-		s.pushDue(m)
+		s.insertEntry(id, dom, now, r.size, recLoc{off: r.recOff, seg: uint32(r.seg.seq), metaLen: uint32(len(r.meta))})
 	}}
 	if err := s.submit(req); err != nil {
 		return "", err

@@ -7,86 +7,123 @@ import (
 	"time"
 )
 
-// dueEntry says message id has a recipient due at at. Entries go stale
-// when the message changes; a stale entry is skipped when popped.
-type dueEntry struct {
-	id string
-	at time.Time
-}
-
-type dueHeap []dueEntry
-
-func (h dueHeap) Len() int           { return len(h) }
-func (h dueHeap) Less(i, j int) bool { return h[i].at.Before(h[j].at) }
-func (h dueHeap) Swap(i, j int)      { h[i], h[j] = h[j], h[i] }
-func (h *dueHeap) Push(x any)        { *h = append(*h, x.(dueEntry)) }
-func (h *dueHeap) Pop() any {
-	old := *h
-	e := old[len(old)-1]
-	*h = old[:len(old)-1]
-	return e
-}
-
-// pushDue schedules m at its next due time. Call with s.mu held.
-func (s *Store) pushDue(m *Message) {
-	if t := m.NextDue(); !t.IsZero() {
-		heap.Push(&s.due, dueEntry{id: m.ID, at: t})
-	}
-}
-
 // Wake returns a channel that receives when messages were added or
 // changed, so a scheduler can sleep until then or until NextDue.
 func (s *Store) Wake() <-chan struct{} { return s.wake }
 
-// NextDue returns the earliest time a message not leased is due.
+// NextDue returns the earliest time a message not leased is due (or a
+// held destination's hold ends).
 func (s *Store) NextDue() (time.Time, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	for s.due.Len() > 0 {
-		e := s.due[0]
-		if s.validEntry(e) {
-			return e.at, true
-		}
-		heap.Pop(&s.due)
+	if len(s.domHeap) == 0 {
+		return time.Time{}, false
 	}
-	return time.Time{}, false
-}
-
-func (s *Store) validEntry(e dueEntry) bool {
-	m, ok := s.msgs[e.id]
-	return ok && !s.leased[e.id] && m.NextDue().Equal(e.at)
+	return time.Unix(0, topHeap{s}.key(s.domHeap[0])), true
 }
 
 // Lease hands out up to n messages due at or before now that are not
-// leased already. A leased message is the caller's until it calls Update
-// or Release; it is not handed out again meanwhile.
+// leased already, read from disk. A leased message is the caller's until
+// it calls Update or Release; it is not handed out again meanwhile.
+// Destinations take turns by the due time of their first message.
 func (s *Store) Lease(now time.Time, n int) []*Message {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var out []*Message
-	for len(out) < n && s.due.Len() > 0 {
-		e := s.due[0]
-		if !s.validEntry(e) {
-			heap.Pop(&s.due)
-			continue
-		}
-		if e.at.After(now) {
+	th := topHeap{s}
+	limit := now.UnixNano()
+	for len(out) < n && len(s.domHeap) > 0 {
+		d := s.domHeap[0]
+		if th.key(d) > limit {
 			break
 		}
-		heap.Pop(&s.due)
-		s.leased[e.id] = true
-		out = append(out, s.msgs[e.id].clone())
+		slot := d.heap[0]
+		e := s.arena.at(slot)
+		e.flags |= flagLeased
+		s.schedule(slot)
+		m, err := s.loadLocked(slot)
+		if err != nil {
+			// The record can't be read now (an I/O error): leave the
+			// message leased until a Release, which never comes, would
+			// lose it from scheduling; put it back a minute later.
+			e.flags &^= flagLeased
+			e.next = now.Add(time.Minute).UnixNano()
+			s.schedule(slot)
+			continue
+		}
+		out = append(out, m)
 	}
 	return out
+}
+
+// HoldDomain stops Lease from handing out messages of destination d
+// until until (a destination found dead: its messages wait together,
+// without one wake-up each). A zero until ends a hold.
+func (s *Store) HoldDomain(d string, until time.Time) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i, ok := s.domIdx[d]
+	if !ok || d == multiDomain {
+		return
+	}
+	de := s.doms[i]
+	de.hold = nextOf(until)
+	s.fixTop(de)
+	s.signal()
+}
+
+// RetryDomain makes every message of destination d that is not leased
+// due now, and ends its hold; leased ones become due when their lease
+// ends. It changes the schedule in memory only (a restart keeps the
+// times on disk), so that a million messages are released at once. It
+// returns how many messages it released. Messages with recipients in
+// several domains are not included.
+func (s *Store) RetryDomain(d string) int {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	i, ok := s.domIdx[d]
+	if !ok || d == multiDomain {
+		return 0
+	}
+	de := s.doms[i]
+	de.hold = 0
+	now := s.opts.Now().UnixNano()
+	n := 0
+	s.arena.each(func(slot uint32, e *entry) bool {
+		if e.dom != i || e.next == 0 {
+			return true
+		}
+		n++
+		if e.flags&(flagLeased|flagCopying) != 0 {
+			e.flags |= flagRetryNow
+			return true
+		}
+		e.next = min(e.next, now)
+		return true
+	})
+	heap.Init(domHeap{&s.arena, de})
+	s.fixTop(de)
+	s.signal()
+	return n
+}
+
+// unlease ends the lease of slot and schedules it. Call with s.mu held.
+func (s *Store) unlease(slot uint32) {
+	e := s.arena.at(slot)
+	e.flags &^= flagLeased
+	if e.flags&flagRetryNow != 0 && e.next != 0 {
+		e.next = min(e.next, s.opts.Now().UnixNano())
+		e.flags &^= flagRetryNow
+	}
+	s.schedule(slot)
 }
 
 // Release gives a leased message back unchanged.
 func (s *Store) Release(id string) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.leased, id)
-	if m, ok := s.msgs[id]; ok {
-		s.pushDue(m)
+	if slot := s.ids.find(&s.arena, id); slot != 0 {
+		s.unlease(slot)
 	}
 	s.signal()
 }
@@ -100,11 +137,12 @@ func (s *Store) Release(id string) {
 func (s *Store) Requeue(m *Message) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	delete(s.leased, m.ID)
-	if cur, ok := s.msgs[m.ID]; ok && len(cur.Rcpts) == len(m.Rcpts) {
-		cur.Rcpts = append([]Recipient(nil), m.Rcpts...)
-		cur.DelayNotified = m.DelayNotified
-		s.pushDue(cur)
+	slot := s.ids.find(&s.arena, m.ID)
+	if slot != 0 {
+		s.overrides[m.ID] = &stateMeta{ID: m.ID, Rcpts: append([]Recipient(nil), m.Rcpts...), DelayNotified: m.DelayNotified}
+		e := s.arena.at(slot)
+		e.next = nextOf(m.NextDue())
+		s.unlease(slot)
 	}
 	s.signal()
 }
@@ -136,28 +174,24 @@ func (s *Store) UpdateAsync(m *Message, then func(error)) error {
 
 func (s *Store) updateReq(m *Message) (*commitReq, error) {
 	s.mu.Lock()
-	cur, ok := s.msgs[m.ID]
-	n := 0
-	if ok {
-		n = len(cur.Rcpts)
-	}
-	s.mu.Unlock()
-	if !ok {
+	slot := s.ids.find(&s.arena, m.ID)
+	if slot == 0 {
+		s.mu.Unlock()
 		return nil, fmt.Errorf("%s: %w", m.ID, ErrNotFound)
 	}
-	if len(m.Rcpts) != n {
+	if len(m.Rcpts) != len(m.Env.Rcpts) {
+		s.mu.Unlock()
 		return nil, fmt.Errorf("%s: recipient count changed", m.ID)
 	}
 	rcpts := append([]Recipient(nil), m.Rcpts...)
-	s.mu.Lock()
-	if s.retryNow[m.ID] {
+	if e := s.arena.at(slot); e.flags&flagRetryNow != 0 {
 		now := s.opts.Now()
 		for i := range rcpts {
 			if !rcpts[i].Status.Final() {
 				rcpts[i].NextAttempt = now
 			}
 		}
-		delete(s.retryNow, m.ID)
+		e.flags &^= flagRetryNow
 	}
 	s.mu.Unlock()
 	done := m.Done()
@@ -173,20 +207,20 @@ func (s *Store) updateReq(m *Message) (*commitReq, error) {
 	}
 	id := m.ID
 	delayNotified := m.DelayNotified
-	return &commitReq{recs: []*pendingRecord{rec}, apply: func([]*pendingRecord) {
-		delete(s.leased, id)
-		cur, ok := s.msgs[id]
-		if !ok {
+	next := nextDue(rcpts)
+	return &commitReq{recs: []*pendingRecord{rec}, apply: func(recs []*pendingRecord) {
+		delete(s.overrides, id)
+		slot := s.ids.find(&s.arena, id)
+		if slot == 0 {
 			return
 		}
 		if done {
-			cur.loc.seg.live--
-			delete(s.msgs, id)
+			s.removeEntry(slot)
 			return
 		}
-		cur.Rcpts = rcpts
-		cur.DelayNotified = delayNotified
-		s.pushDue(cur)
+		r := recs[0]
+		s.setState(s.arena.at(slot), recLoc{off: r.recOff, seg: uint32(r.seg.seq), metaLen: uint32(len(r.meta))}, next, delayNotified)
+		s.unlease(slot)
 	}}, nil
 }
 
@@ -194,9 +228,13 @@ func (s *Store) updateReq(m *Message) (*commitReq, error) {
 // action). A delivery in flight for it finishes but is not recorded.
 func (s *Store) Delete(id string) error {
 	s.mu.Lock()
-	_, ok := s.msgs[id]
+	slot := s.ids.find(&s.arena, id)
+	if slot != 0 && s.arena.at(slot).flags&flagCopying != 0 {
+		s.mu.Unlock()
+		return fmt.Errorf("%s: %w", id, ErrLeased)
+	}
 	s.mu.Unlock()
-	if !ok {
+	if slot == 0 {
 		return fmt.Errorf("%s: %w", id, ErrNotFound)
 	}
 	rec, err := newRecord(recRemove, removeMeta{ID: id})
@@ -204,10 +242,9 @@ func (s *Store) Delete(id string) error {
 		return err
 	}
 	return s.submit(&commitReq{recs: []*pendingRecord{rec}, apply: func([]*pendingRecord) {
-		if cur, ok := s.msgs[id]; ok {
-			cur.loc.seg.live--
-			delete(s.msgs, id)
-			delete(s.leased, id)
+		delete(s.overrides, id)
+		if slot := s.ids.find(&s.arena, id); slot != 0 {
+			s.removeEntry(slot)
 		}
 	}})
 }
@@ -215,23 +252,34 @@ func (s *Store) Delete(id string) error {
 // Retry makes every recipient of id that is not final due now.
 func (s *Store) Retry(id string) error {
 	s.mu.Lock()
-	cur, ok := s.msgs[id]
-	if !ok {
+	if s.closed {
+		s.mu.Unlock()
+		return ErrClosed
+	}
+	slot := s.ids.find(&s.arena, id)
+	if slot == 0 {
 		s.mu.Unlock()
 		return fmt.Errorf("%s: %w", id, ErrNotFound)
 	}
-	if s.leased[id] {
+	e := s.arena.at(slot)
+	if e.flags&(flagLeased|flagCopying) != 0 {
 		// A delivery is in flight: writing its recipients now could
 		// overwrite the outcome it is about to record. Its Update
-		// applies the retry instead.
-		s.retryNow[id] = true
+		// applies the retry instead (compaction's copy: the lease's end).
+		e.flags |= flagRetryNow
 		s.mu.Unlock()
 		return nil
 	}
 	// Hold the lease while the new state is written, so that no delivery
 	// starts from (and later overwrites) the state being replaced.
-	s.leased[id] = true
-	m := cur.clone()
+	e.flags |= flagLeased
+	s.schedule(slot)
+	m, err := s.loadLocked(slot)
+	if err != nil {
+		s.unlease(slot)
+		s.mu.Unlock()
+		return err
+	}
 	s.mu.Unlock()
 	now := s.opts.Now()
 	for i := range m.Rcpts {
@@ -250,7 +298,8 @@ func (s *Store) Retry(id string) error {
 func (s *Store) Leased(id string) bool {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return s.leased[id]
+	slot := s.ids.find(&s.arena, id)
+	return slot != 0 && s.arena.at(slot).flags&flagLeased != 0
 }
 
 // ErrLeased is returned by LeaseID for a message a delivery holds.
@@ -262,13 +311,20 @@ var ErrLeased = errors.New("a delivery attempt of this message is in flight; try
 func (s *Store) LeaseID(id string) (*Message, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, ok := s.msgs[id]
-	if !ok {
+	slot := s.ids.find(&s.arena, id)
+	if slot == 0 {
 		return nil, fmt.Errorf("%s: %w", id, ErrNotFound)
 	}
-	if s.leased[id] {
+	e := s.arena.at(slot)
+	if e.flags&(flagLeased|flagCopying) != 0 {
 		return nil, fmt.Errorf("%s: %w", id, ErrLeased)
 	}
-	s.leased[id] = true
-	return m.clone(), nil
+	e.flags |= flagLeased
+	s.schedule(slot)
+	m, err := s.loadLocked(slot)
+	if err != nil {
+		s.unlease(slot)
+		return nil, err
+	}
+	return m, nil
 }

@@ -12,6 +12,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"time"
 )
 
 // The queue is a sequence of append-only segment files under
@@ -49,9 +50,13 @@ var errTorn = errors.New("torn or corrupt record")
 type segment struct {
 	seq  uint64
 	path string
-	f    *os.File // read handle, for bodies
+	f    *os.File // read handle, for records and bodies
 	live int      // messages whose recMessage lies here and are still queued
-	size int64
+	// liveBytes counts the bytes of records here that queued messages
+	// still need: their message records and newest state records.
+	liveBytes int64
+	size      int64
+	created   time.Time
 }
 
 func segName(seq uint64) string { return fmt.Sprintf("%016d.seg", seq) }
@@ -97,8 +102,14 @@ type scanRecord struct {
 // for each; it returns the offset just past the last whole record, and
 // errTorn if something other than a clean end followed it.
 func scanSegment(f *os.File, fn func(scanRecord) error) (int64, error) {
-	r := bufio.NewReaderSize(io.NewSectionReader(f, 0, 1<<62), 256<<10)
-	var off int64
+	return scanSegmentFrom(f, 0, fn)
+}
+
+// scanSegmentFrom is scanSegment from offset start, which must be where
+// a record begins (or the end).
+func scanSegmentFrom(f *os.File, start int64, fn func(scanRecord) error) (int64, error) {
+	r := bufio.NewReaderSize(io.NewSectionReader(f, start, 1<<62), 256<<10)
+	off := start
 	var h [headerLen]byte
 	for {
 		if _, err := io.ReadFull(r, h[:]); err != nil {

@@ -173,6 +173,22 @@ func (m *Message) NextDue() time.Time {
 	return t
 }
 
+// hasDomain reports whether a recipient of m is in domain d.
+func (m *Message) hasDomain(d string) bool {
+	for i := range m.Env.Rcpts {
+		if AddrDomain(m.Env.Rcpts[i].Addr) == d {
+			return true
+		}
+	}
+	return false
+}
+
+// nextDue is Message.NextDue for recipients alone.
+func nextDue(rcpts []Recipient) time.Time {
+	m := Message{Rcpts: rcpts}
+	return m.NextDue()
+}
+
 func (m *Message) clone() *Message {
 	c := *m
 	c.Rcpts = append([]Recipient(nil), m.Rcpts...)

@@ -7,7 +7,7 @@
 package queue
 
 import (
-	"container/heap"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -44,11 +44,27 @@ type Options struct {
 	// MemBodyBytes is how much of a body is buffered in memory before it
 	// spills to a spool file; larger bodies are streamed to disk.
 	MemBodyBytes int
+	// MaxDiskBytes is the queue's high-water mark on disk (0: none):
+	// beyond it new messages are refused with ErrFull (queue.max_disk_bytes).
+	MaxDiskBytes int64
+	// MinFreeBytes is a floor on the free space of the queue's file
+	// system (0: none); below it new messages are refused with ErrFull
+	// (queue.min_free_disk_bytes).
+	MinFreeBytes int64
+	// CheckpointInterval is how often the index is written to disk for a
+	// fast restart while it changes (default 5 minutes); it is always
+	// written at Close.
+	CheckpointInterval time.Duration
 	// Now is the clock (tests); nil means time.Now.
 	Now func() time.Time
 	// ReadOnly opens the store for inspection only (the CLI while the
 	// server runs): no lock, no writes.
 	ReadOnly bool
+
+	// testFault, when set, is asked before each write ("write") and sync
+	// ("sync") of a batch; an error it returns fails that step (tests:
+	// ENOSPC in the middle of a write).
+	testFault func(op string) error
 }
 
 // Store is the queue. It is safe for concurrent use.
@@ -58,17 +74,25 @@ type Store struct {
 	spoolDir string
 	lockFile *os.File
 
-	mu     sync.Mutex
-	msgs   map[string]*Message
+	mu sync.Mutex
+	// The index (index.go): entries in an arena, found by ID.
+	arena   arena
+	ids     idTable
+	doms    []*domEntry
+	domIdx  map[string]uint32
+	domHeap []*domEntry
+	// overrides hold recipient states a failed Update could not write
+	// (Requeue): they win over the disk until the next write succeeds.
+	overrides map[string]*stateMeta
+
 	segs   map[uint64]*segment
 	order  []uint64 // segment seqs, ascending
-	due    dueHeap
-	leased map[string]bool
-	// retryNow marks leased messages an operator asked to retry: their
-	// Update makes the non-final recipients due at once.
-	retryNow map[string]bool
-	wake     chan struct{}
-	closed   bool
+	wake   chan struct{}
+	closed bool
+	// broken is set when a failed write could not be cut off the active
+	// segment and no new segment could be made: nothing more is written
+	// until a new segment can be started.
+	broken bool
 
 	reqs      chan *commitReq
 	stop      chan struct{}
@@ -78,22 +102,34 @@ type Store struct {
 	activeSeg *segment
 	spoolSeq  atomic.Uint64
 
-	ids idGen
+	idgen idGen
+	space spaceCheck
 
 	// Counters for benchmarks and metrics.
-	syncs   atomic.Uint64
-	records atomic.Uint64
+	syncs       atomic.Uint64
+	records     atomic.Uint64
+	compactions atomic.Uint64
+	copied      atomic.Uint64
+	// checkpointed is the log position of the last checkpoint written.
+	ckptSeq, ckptOff int64
+	ckptDirty        bool
+	fullScan         bool // Open had to scan the whole log
 }
 
 // Open opens (creating if needed) the queue in opts.Dir and recovers its
 // contents: every message whose 250 was sent is found again; records torn
-// by a crash (never acknowledged) are dropped.
+// by a crash (never acknowledged) are dropped. The index comes from the
+// checkpoint written at the last Close (or periodically) and the log
+// written after it; without a usable checkpoint the whole log is read.
 func Open(opts Options) (*Store, error) {
 	if opts.SegmentBytes <= 0 {
 		opts.SegmentBytes = 64 << 20
 	}
 	if opts.MemBodyBytes <= 0 {
 		opts.MemBodyBytes = 64 << 10
+	}
+	if opts.CheckpointInterval <= 0 {
+		opts.CheckpointInterval = 5 * time.Minute
 	}
 	if opts.Now == nil {
 		opts.Now = time.Now
@@ -102,18 +138,18 @@ func Open(opts Options) (*Store, error) {
 		opts.Schedule.MaxQueueTime = 120 * time.Hour
 	}
 	s := &Store{
-		opts:     opts,
-		logDir:   filepath.Join(opts.Dir, "log"),
-		spoolDir: filepath.Join(opts.Dir, "spool"),
-		msgs:     map[string]*Message{},
-		segs:     map[uint64]*segment{},
-		leased:   map[string]bool{},
-		retryNow: map[string]bool{},
-		wake:     make(chan struct{}, 1),
-		reqs:     make(chan *commitReq, 1024),
-		stop:     make(chan struct{}),
-		exited:   make(chan struct{}),
+		opts:      opts,
+		logDir:    filepath.Join(opts.Dir, "log"),
+		spoolDir:  filepath.Join(opts.Dir, "spool"),
+		domIdx:    map[string]uint32{},
+		overrides: map[string]*stateMeta{},
+		segs:      map[uint64]*segment{},
+		wake:      make(chan struct{}, 1),
+		reqs:      make(chan *commitReq, 1024),
+		stop:      make(chan struct{}),
+		exited:    make(chan struct{}),
 	}
+	s.space.dir = opts.Dir
 	if opts.ReadOnly {
 		if err := s.recover(); err != nil {
 			return nil, err
@@ -151,8 +187,9 @@ func Open(opts Options) (*Store, error) {
 	s.mu.Lock()
 	s.collectSegments()
 	s.mu.Unlock()
-	s.committer.Add(1)
+	s.committer.Add(2)
 	go s.commitLoop()
+	go s.compactLoop()
 	return s, nil
 }
 
@@ -160,6 +197,10 @@ type messageMeta struct {
 	ID       string    `json:"id"`
 	Received time.Time `json:"received"`
 	Env      Envelope  `json:"env"`
+	// A copy made by compaction carries the message's recipient states
+	// as they were when it was copied; a newer state record or copy wins.
+	Rcpts         []Recipient `json:"rcpts,omitempty"`
+	DelayNotified bool        `json:"delay_notified,omitempty"`
 }
 
 type stateMeta struct {
@@ -177,9 +218,8 @@ type bodyLoc struct {
 	off int64
 }
 
-// recover rebuilds the index from the segments. Reading and decoding the
-// segments (CRC checks, JSON) runs in parallel, one segment per worker;
-// folding the records into the index then goes in log order.
+// recover rebuilds the index: from the checkpoint and the log after it
+// when the checkpoint is usable, else from the whole log.
 func (s *Store) recover() error {
 	seqs, err := listSegments(s.logDir)
 	if err != nil {
@@ -188,12 +228,7 @@ func (s *Store) recover() error {
 		}
 		return fmt.Errorf("queue: %w", err)
 	}
-	type scanned struct {
-		seg  *segment
-		recs []decoded
-		err  error
-	}
-	var segs []*scanned
+	var segs []*segment
 	for _, seq := range seqs {
 		path := segPath(s.logDir, seq)
 		f, err := os.Open(path)
@@ -206,19 +241,66 @@ func (s *Store) recover() error {
 			}
 			return fmt.Errorf("queue: %w", err)
 		}
+		if seq >= 1<<32 {
+			f.Close()
+			return fmt.Errorf("queue: segment number %d out of range", seq)
+		}
 		seg := &segment{seq: seq, path: path, f: f}
 		s.segs[seq] = seg
 		s.order = append(s.order, seq)
-		segs = append(segs, &scanned{seg: seg})
+		segs = append(segs, seg)
 	}
-	work := make(chan *scanned)
-	var wg sync.WaitGroup
-	for range min(runtime.GOMAXPROCS(0), len(segs)) {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for sc := range work {
-				sc.seg.size, sc.err = scanSegment(sc.seg.f, func(r scanRecord) error {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	if ok, err := s.loadCheckpoint(segs); err != nil {
+		return err
+	} else if ok {
+		return nil
+	}
+	s.resetIndex()
+	s.fullScan = true
+	return s.replay(segs, 0)
+}
+
+// resetIndex empties the index (a checkpoint that turned out stale).
+func (s *Store) resetIndex() {
+	s.arena = arena{}
+	s.ids = idTable{}
+	s.doms = nil
+	s.domIdx = map[string]uint32{}
+	s.domHeap = nil
+	for _, seg := range s.segs {
+		seg.live, seg.liveBytes = 0, 0
+	}
+}
+
+// replay applies the records of segs in log order, the first from offset
+// from. Reading and decoding (CRC checks, JSON) runs in parallel, one
+// segment per worker, a few segments ahead of the one being applied, so
+// memory stays bounded whatever the log's size. Call with s.mu held.
+func (s *Store) replay(segs []*segment, from int64) error {
+	type scanned struct {
+		seg  *segment
+		recs []decoded
+		size int64
+		err  error
+		done chan struct{}
+	}
+	work := make([]*scanned, len(segs))
+	for i, seg := range segs {
+		work[i] = &scanned{seg: seg, done: make(chan struct{})}
+	}
+	ahead := make(chan struct{}, max(2, runtime.GOMAXPROCS(0)))
+	go func() {
+		for i, sc := range work {
+			ahead <- struct{}{}
+			start := int64(0)
+			if i == 0 {
+				start = from
+			}
+			go func() {
+				defer close(sc.done)
+				sc.size, sc.err = scanSegmentFrom(sc.seg.f, start, func(r scanRecord) error {
 					d, err := decodeRecord(r)
 					if err != nil {
 						return err
@@ -226,15 +308,17 @@ func (s *Store) recover() error {
 					sc.recs = append(sc.recs, d)
 					return nil
 				})
-			}
-		}()
-	}
-	for _, sc := range segs {
-		work <- sc
-	}
-	close(work)
-	wg.Wait()
-	for i, sc := range segs {
+			}()
+		}
+	}()
+	var firstErr error
+	for i, sc := range work {
+		<-sc.done
+		<-ahead
+		if firstErr != nil {
+			continue
+		}
+		sc.seg.size = sc.size
 		for j := range sc.recs {
 			s.apply(sc.seg, &sc.recs[j])
 		}
@@ -243,82 +327,91 @@ func (s *Store) recover() error {
 			// The tail of the last segment may hold a batch whose fsync
 			// never completed: nobody was told 250 for it. Cut it off so
 			// that the file ends with whole records.
-			if i == len(segs)-1 && !s.opts.ReadOnly {
+			if i == len(work)-1 && !s.opts.ReadOnly {
 				if err := os.Truncate(sc.seg.path, sc.seg.size); err != nil {
-					return fmt.Errorf("queue: truncate torn tail of %s: %w", sc.seg.path, err)
+					firstErr = fmt.Errorf("queue: truncate torn tail of %s: %w", sc.seg.path, err)
 				}
+			} else if fi, err := sc.seg.f.Stat(); err == nil {
+				sc.seg.size = fi.Size() // garbage after a failed write still takes disk
 			}
 		} else if sc.err != nil {
-			return fmt.Errorf("queue: %s: %w", sc.seg.path, sc.err)
+			firstErr = fmt.Errorf("queue: %s: %w", sc.seg.path, sc.err)
 		}
 	}
-	s.due = make(dueHeap, 0, len(s.msgs))
-	for id, m := range s.msgs {
-		s.due = append(s.due, dueEntry{id: id, at: m.NextDue()})
-	}
-	heap.Init(&s.due)
-	return nil
+	return firstErr
 }
 
-// decoded is a log record with its metadata parsed.
+// decoded is what recovery needs of a log record.
 type decoded struct {
 	typ     recType
-	msg     *messageMeta
-	state   *stateMeta
-	remove  string
-	bodyOff int64
+	id      string
+	dom     string // recMessage
+	next    time.Time
+	delayed bool
+	recOff  int64
+	metaLen uint32
 	bodyLen int64
 }
 
 func decodeRecord(r scanRecord) (decoded, error) {
-	d := decoded{typ: r.typ, bodyOff: r.bodyOff, bodyLen: r.bodyLen}
+	d := decoded{typ: r.typ, recOff: r.bodyOff - headerLen - int64(len(r.meta)), metaLen: uint32(len(r.meta)), bodyLen: r.bodyLen}
 	switch r.typ {
 	case recMessage:
-		d.msg = new(messageMeta)
-		if err := json.Unmarshal(r.meta, d.msg); err != nil {
+		var mm messageMeta
+		if err := json.Unmarshal(r.meta, &mm); err != nil {
 			return d, fmt.Errorf("message record: %w", err)
 		}
+		d.id = mm.ID
+		d.dom = msgDomain(mm.Env.Rcpts)
+		d.next = mm.Received
+		if mm.Rcpts != nil {
+			d.next = nextDue(mm.Rcpts)
+			d.delayed = mm.DelayNotified
+		}
 	case recState:
-		d.state = new(stateMeta)
-		if err := json.Unmarshal(r.meta, d.state); err != nil {
+		var sm stateMeta
+		if err := json.Unmarshal(r.meta, &sm); err != nil {
 			return d, fmt.Errorf("state record: %w", err)
 		}
+		d.id = sm.ID
+		d.next = nextDue(sm.Rcpts)
+		d.delayed = sm.DelayNotified
 	case recRemove:
 		var rm removeMeta
 		if err := json.Unmarshal(r.meta, &rm); err != nil {
 			return d, fmt.Errorf("remove record: %w", err)
 		}
-		d.remove = rm.ID
+		d.id = rm.ID
+	}
+	if !ValidID(d.id) {
+		return d, fmt.Errorf("record with a bad queue ID %q", d.id)
 	}
 	return d, nil
 }
 
-// apply folds one decoded log record into the index.
+// apply folds one decoded log record into the index. A message record
+// for an ID already queued is a compaction copy: it replaces the older
+// entry, so the newest state wins. Call with s.mu held.
 func (s *Store) apply(seg *segment, d *decoded) {
+	slot := s.ids.find(&s.arena, d.id)
+	loc := recLoc{off: d.recOff, seg: uint32(seg.seq), metaLen: d.metaLen}
 	switch d.typ {
 	case recMessage:
-		mm := d.msg
-		m := &Message{ID: mm.ID, Env: mm.Env, Received: mm.Received, Size: d.bodyLen,
-			loc: bodyLoc{seg: seg, off: d.bodyOff}}
-		m.Rcpts = make([]Recipient, len(mm.Env.Rcpts))
-		for i, rs := range mm.Env.Rcpts {
-			m.Rcpts[i] = Recipient{RcptSpec: rs, Status: Pending, NextAttempt: mm.Received}
+		if slot != 0 {
+			s.removeEntry(slot)
 		}
-		if old, ok := s.msgs[m.ID]; ok {
-			old.loc.seg.live--
+		slot = s.insertEntry(d.id, d.dom, d.next, d.bodyLen, loc)
+		if d.delayed {
+			s.arena.at(slot).flags |= flagDelayed
 		}
-		s.msgs[m.ID] = m
-		seg.live++
 	case recState:
-		sm := d.state
-		if m, ok := s.msgs[sm.ID]; ok && len(sm.Rcpts) == len(m.Rcpts) {
-			m.Rcpts = sm.Rcpts
-			m.DelayNotified = sm.DelayNotified
+		if slot != 0 {
+			s.setState(s.arena.at(slot), loc, d.next, d.delayed)
+			s.schedule(slot)
 		}
 	case recRemove:
-		if m, ok := s.msgs[d.remove]; ok {
-			m.loc.seg.live--
-			delete(s.msgs, d.remove)
+		if slot != 0 {
+			s.removeEntry(slot)
 		}
 	}
 }
@@ -334,25 +427,30 @@ func (s *Store) rotate() error {
 	if err != nil {
 		return fmt.Errorf("queue: new segment: %w", err)
 	}
+	fail := func(err error) error {
+		// Leave nothing behind: no file, no descriptor.
+		w.Close()
+		os.Remove(path)
+		return err
+	}
 	r, err := os.Open(path)
 	if err != nil {
-		w.Close()
-		return fmt.Errorf("queue: new segment: %w", err)
+		return fail(fmt.Errorf("queue: new segment: %w", err))
 	}
 	// The new file's directory entry must be durable before any record
 	// in it is acknowledged.
 	if err := atomicfile.SyncDir(s.logDir); err != nil {
-		w.Close()
 		r.Close()
-		return fmt.Errorf("queue: sync %s: %w", s.logDir, err)
+		return fail(fmt.Errorf("queue: sync %s: %w", s.logDir, err))
 	}
 	if s.active != nil {
 		s.active.Close()
 	}
-	seg := &segment{seq: seq, path: path, f: r}
+	seg := &segment{seq: seq, path: path, f: r, created: s.opts.Now()}
 	s.mu.Lock()
 	s.segs[seq] = seg
 	s.order = append(s.order, seq)
+	s.broken = false
 	s.mu.Unlock()
 	s.active = w
 	s.activeSeg = seg
@@ -360,25 +458,48 @@ func (s *Store) rotate() error {
 }
 
 // collectSegments removes, oldest first, segments that hold no queued
-// message. Removal is strictly in order (with a directory sync after
-// each) so that a remove record is never lost while the message record it
-// cancels survives. Call with s.mu held.
+// message, and empty segments anywhere. Removal of segments with records
+// is strictly in order (with a directory sync after each) so that a
+// remove or state record is never lost while the message record it
+// applies to survives. Call with s.mu held.
 func (s *Store) collectSegments() {
+	if s.opts.ReadOnly {
+		return
+	}
 	for len(s.order) > 0 {
 		seg := s.segs[s.order[0]]
-		if seg == s.activeSeg || seg.live > 0 || s.opts.ReadOnly {
+		if seg == s.activeSeg || seg.live > 0 {
+			break
+		}
+		if !s.removeSegment(seg) {
 			return
 		}
-		seg.f.Close()
-		if err := os.Remove(seg.path); err != nil && !os.IsNotExist(err) {
-			return
-		}
-		if err := atomicfile.SyncDir(s.logDir); err != nil {
-			return
-		}
-		delete(s.segs, seg.seq)
 		s.order = s.order[1:]
 	}
+	// A segment with no records at all (one made just before a failed
+	// write) holds nothing anybody needs.
+	for i := 0; i < len(s.order); i++ {
+		seg := s.segs[s.order[i]]
+		if seg != s.activeSeg && seg.size == 0 && seg.live == 0 {
+			if !s.removeSegment(seg) {
+				return
+			}
+			s.order = append(s.order[:i], s.order[i+1:]...)
+			i--
+		}
+	}
+}
+
+func (s *Store) removeSegment(seg *segment) bool {
+	seg.f.Close()
+	if err := os.Remove(seg.path); err != nil && !os.IsNotExist(err) {
+		return false
+	}
+	if err := atomicfile.SyncDir(s.logDir); err != nil {
+		return false
+	}
+	delete(s.segs, seg.seq)
+	return true
 }
 
 func (s *Store) closeFiles() {
@@ -393,8 +514,9 @@ func (s *Store) closeFiles() {
 	}
 }
 
-// Close stops the committer after the batches already handed to it and
-// closes the files. Later calls fail with ErrClosed.
+// Close stops the committer after the batches already handed to it,
+// writes the index checkpoint and closes the files. Later calls fail
+// with ErrClosed.
 func (s *Store) Close() error {
 	s.mu.Lock()
 	if s.closed {
@@ -403,85 +525,232 @@ func (s *Store) Close() error {
 	}
 	s.closed = true
 	s.mu.Unlock()
+	var err error
 	if !s.opts.ReadOnly {
 		close(s.stop)
 		s.committer.Wait()
+		s.mu.Lock()
+		snap := s.snapshotLocked()
+		s.mu.Unlock()
+		err = s.writeCheckpoint(snap)
 	}
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	s.closeFiles()
-	return nil
+	return err
 }
 
-// Stats are counters since Open.
+// Stats are counters since Open and the queue's size.
 type Stats struct {
 	// Syncs is the number of fdatasync calls made for records; Records
 	// the number of records they made durable.
 	Syncs, Records uint64
 	// Messages is the number of queued messages, Segments of log files.
 	Messages, Segments int
+	// DiskBytes is the size of the log on disk; LiveBytes the part of it
+	// queued messages still need (their message and newest state records).
+	DiskBytes, LiveBytes int64
+	// Compactions counts segments emptied by copying their messages
+	// forward; Copied the messages copied.
+	Compactions, Copied uint64
+	// FullScan says Open read the whole log (no usable checkpoint).
+	FullScan bool
 }
 
 // Stats returns the store's counters.
 func (s *Store) Stats() Stats {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return Stats{Syncs: s.syncs.Load(), Records: s.records.Load(), Messages: len(s.msgs), Segments: len(s.order)}
+	st := Stats{Syncs: s.syncs.Load(), Records: s.records.Load(), Messages: s.arena.used, Segments: len(s.order),
+		Compactions: s.compactions.Load(), Copied: s.copied.Load(), FullScan: s.fullScan}
+	st.DiskBytes, st.LiveBytes = s.diskLocked()
+	return st
 }
 
-// Get returns a copy of a queued message.
+// diskLocked sums the segments' sizes and live bytes. Call with s.mu held.
+func (s *Store) diskLocked() (disk, live int64) {
+	for _, seg := range s.segs {
+		disk += seg.size
+		live += seg.liveBytes
+	}
+	return disk, live
+}
+
+// Get returns a queued message, read from disk.
 func (s *Store) Get(id string) (*Message, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, ok := s.msgs[id]
-	if !ok {
+	slot := s.ids.find(&s.arena, id)
+	if slot == 0 {
 		return nil, fmt.Errorf("%s: %w", id, ErrNotFound)
 	}
-	return m.clone(), nil
+	return s.loadLocked(slot)
 }
 
-// List returns copies of all queued messages, oldest first.
+// ListOptions select what List returns.
+type ListOptions struct {
+	// Domain keeps messages with a recipient in this domain (A-label);
+	// "" keeps all.
+	Domain string
+	// Limit is the most messages returned, oldest first; 0 means all.
+	Limit int
+}
+
+// List returns all queued messages, oldest first.
 func (s *Store) List() []*Message {
-	s.mu.Lock()
-	out := make([]*Message, 0, len(s.msgs))
-	for _, m := range s.msgs {
-		out = append(out, m.clone())
-	}
-	s.mu.Unlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].ID < out[j].ID })
+	out, _ := s.Select(ListOptions{})
 	return out
+}
+
+// Select returns queued messages, oldest first, and how many matched in
+// all (more than returned when Limit cut the list). Only the envelopes
+// of the messages returned are read from disk.
+func (s *Store) Select(o ListOptions) ([]*Message, int) {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	var slots []uint32
+	want, known := s.domIdx[o.Domain]
+	multi, hasMulti := s.domIdx[multiDomain]
+	s.arena.each(func(slot uint32, e *entry) bool {
+		if o.Domain == "" || known && e.dom == want || hasMulti && e.dom == multi {
+			slots = append(slots, slot)
+		}
+		return true
+	})
+	sort.Slice(slots, func(i, j int) bool {
+		return string(s.arena.at(slots[i]).id[:]) < string(s.arena.at(slots[j]).id[:])
+	})
+	n := len(slots)
+	if o.Limit > 0 {
+		n = min(n, o.Limit)
+	}
+	out := make([]*Message, 0, n)
+	total := 0
+	for _, slot := range slots {
+		e := s.arena.at(slot)
+		if o.Domain != "" && hasMulti && e.dom == multi {
+			m, err := s.loadLocked(slot)
+			if err != nil || !m.hasDomain(o.Domain) {
+				continue
+			}
+			total++
+			if o.Limit == 0 || len(out) < o.Limit {
+				out = append(out, m)
+			}
+			continue
+		}
+		total++
+		if o.Limit > 0 && len(out) >= o.Limit {
+			continue
+		}
+		if m, err := s.loadLocked(slot); err == nil {
+			out = append(out, m)
+		}
+	}
+	return out, total
 }
 
 // Len returns the number of queued messages.
 func (s *Store) Len() int {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	return len(s.msgs)
+	return s.arena.used
 }
 
-// Oldest returns the receive time of the oldest queued message.
+// Oldest returns the receive time of the oldest queued message (to the
+// millisecond, from its ID).
 func (s *Store) Oldest() (time.Time, bool) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	var t time.Time
-	for _, m := range s.msgs {
-		if t.IsZero() || m.Received.Before(t) {
-			t = m.Received
+	var oldest [IDLen]byte
+	found := false
+	s.arena.each(func(_ uint32, e *entry) bool {
+		if !found || string(e.id[:]) < string(oldest[:]) {
+			oldest, found = e.id, true
 		}
+		return true
+	})
+	if !found {
+		return time.Time{}, false
 	}
-	return t, !t.IsZero()
+	return IDTime(string(oldest[:])), true
 }
 
 // Body returns a reader of a message's body, exactly as committed.
 func (s *Store) Body(id string) (*io.SectionReader, error) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
-	m, ok := s.msgs[id]
-	if !ok {
+	slot := s.ids.find(&s.arena, id)
+	if slot == 0 {
 		return nil, fmt.Errorf("%s: %w", id, ErrNotFound)
 	}
-	return io.NewSectionReader(m.loc.seg.f, m.loc.off, m.Size), nil
+	e := s.arena.at(slot)
+	seg := s.segs[uint64(e.msg.seg)]
+	if seg == nil {
+		return nil, fmt.Errorf("%s: segment %d missing", id, e.msg.seg)
+	}
+	return io.NewSectionReader(seg.f, e.msg.off+headerLen+int64(e.msg.metaLen), e.bodyLen), nil
 }
 
 // Schedule returns the retry schedule the store was opened with.
 func (s *Store) Schedule() Schedule { return s.opts.Schedule }
+
+// readMeta reads the metadata of the record at loc.
+func (s *Store) readMeta(loc recLoc, want recType) ([]byte, error) {
+	seg := s.segs[uint64(loc.seg)]
+	if seg == nil {
+		return nil, fmt.Errorf("queue: segment %d missing", loc.seg)
+	}
+	buf := make([]byte, headerLen+int(loc.metaLen))
+	if _, err := seg.f.ReadAt(buf, loc.off); err != nil {
+		return nil, fmt.Errorf("queue: read %s at %d: %w", seg.path, loc.off, err)
+	}
+	if binary.LittleEndian.Uint32(buf) != recMagic || recType(buf[4]) != want ||
+		binary.LittleEndian.Uint32(buf[5:]) != loc.metaLen {
+		return nil, fmt.Errorf("queue: %s at %d: not the record the index expects", seg.path, loc.off)
+	}
+	return buf[headerLen:], nil
+}
+
+// loadLocked reads a message's envelope and recipients from disk. Call
+// with s.mu held.
+func (s *Store) loadLocked(slot uint32) (*Message, error) {
+	e := s.arena.at(slot)
+	raw, err := s.readMeta(e.msg, recMessage)
+	if err != nil {
+		return nil, err
+	}
+	var mm messageMeta
+	if err := json.Unmarshal(raw, &mm); err != nil {
+		return nil, fmt.Errorf("queue: message record of %s: %w", e.idString(), err)
+	}
+	m := &Message{ID: mm.ID, Env: mm.Env, Received: mm.Received, Size: e.bodyLen,
+		loc: bodyLoc{seg: s.segs[uint64(e.msg.seg)], off: e.msg.off + headerLen + int64(e.msg.metaLen)}}
+	if mm.ID != e.idString() {
+		return nil, fmt.Errorf("queue: index points %s at the record of %s", e.idString(), mm.ID)
+	}
+	m.Rcpts = mm.Rcpts
+	m.DelayNotified = mm.DelayNotified
+	if e.state.valid() {
+		raw, err := s.readMeta(e.state, recState)
+		if err != nil {
+			return nil, err
+		}
+		var sm stateMeta
+		if err := json.Unmarshal(raw, &sm); err != nil {
+			return nil, fmt.Errorf("queue: state record of %s: %w", m.ID, err)
+		}
+		m.Rcpts, m.DelayNotified = sm.Rcpts, sm.DelayNotified
+	}
+	if len(m.Rcpts) != len(m.Env.Rcpts) {
+		m.Rcpts = make([]Recipient, len(m.Env.Rcpts))
+		for i, rs := range m.Env.Rcpts {
+			m.Rcpts[i] = Recipient{RcptSpec: rs, Status: Pending, NextAttempt: m.Received}
+		}
+	}
+	if o := s.overrides[m.ID]; o != nil && len(o.Rcpts) == len(m.Rcpts) {
+		m.Rcpts = append([]Recipient(nil), o.Rcpts...)
+		m.DelayNotified = o.DelayNotified
+	}
+	return m, nil
+}

@@ -39,7 +39,10 @@ var (
 	errBadSender        = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 1, 7}, Message: "Bad sender address syntax"}
 	errBadRcpt          = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 1, 3}, Message: "Bad recipient address syntax"}
 	// RFC 6531 §3.5: non-ASCII addresses only with SMTPUTF8.
-	errNeedUTF8    = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7}, Message: "Non-ASCII address needs SMTPUTF8"}
+	errNeedUTF8 = &smtp.SMTPError{Code: 553, EnhancedCode: smtp.EnhancedCode{5, 6, 7}, Message: "Non-ASCII address needs SMTPUTF8"}
+	// errQueueFull: RFC 3463 X.3.1 "mail system full"; RFC 5321 §4.2.2
+	// 452 "insufficient system storage".
+	errQueueFull   = &smtp.SMTPError{Code: 452, EnhancedCode: smtp.EnhancedCode{4, 3, 1}, Message: "Mail system full, try again later"}
 	errQueueWrite  = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 3, 0}, Message: "Local error writing the message, try again later"}
 	errReadData    = &smtp.SMTPError{Code: 451, EnhancedCode: smtp.EnhancedCode{4, 4, 2}, Message: "Error reading message data"}
 	errLineTooLong = &smtp.SMTPError{Code: 554, EnhancedCode: smtp.EnhancedCode{5, 6, 0}, Message: "Line too long"}
@@ -363,6 +366,9 @@ func (ss *session) Mail(from string, opts *smtp.MailOptions) error {
 	if !ss.s.senderAllowed(from) {
 		return reject(errSenderNotAllowed, "sender not in allowed_senders")
 	}
+	if err := ss.s.queue.CheckSpace(int64(opts.Size)); err != nil {
+		return reject(errQueueFull, err.Error())
+	}
 	var closing bool
 	ss.update(func() {
 		// Checked again under the lock: Shutdown decides which
@@ -521,6 +527,10 @@ func (ss *session) Data(r io.Reader) error {
 	}
 	size := w.Size()
 	id, err := w.Commit(env)
+	if errors.Is(err, queue.ErrFull) {
+		s.log.Warn("message rejected", zap.String("client_ip", ss.ipStr), zap.String("from", env.From), zap.String("reason", err.Error()))
+		return errQueueFull
+	}
 	if err != nil {
 		s.log.Error("queue commit failed", zap.String("client_ip", ss.ipStr), zap.String("from", env.From), zap.Error(err))
 		return errQueueWrite

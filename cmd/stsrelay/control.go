@@ -20,6 +20,9 @@ import (
 type controlRequest struct {
 	Op  string `json:"op"`
 	Arg string `json:"arg,omitempty"`
+	// Domain and Limit select messages (queue.list, queue.retry).
+	Domain string `json:"domain,omitempty"`
+	Limit  int    `json:"limit,omitempty"`
 }
 
 type controlReply struct {

@@ -37,7 +37,7 @@ const usage = `usage: stsrelay <command> [flags]
 commands:
   serve -config FILE                         run the relay
   check [-config FILE] [-json] DOMAIN        check a domain's MTA-STS and TLS-RPT setup
-  queue list|show ID|retry ID|delete ID|bounce ID [-config FILE] [-json]
+  queue list [-limit N] [-domain D]|summary|show ID|retry ID|retry -domain D|delete ID|bounce ID [-config FILE] [-json]
   policy list|show DOMAIN|refresh DOMAIN|forget DOMAIN [-config FILE] [-json]
   policy forecast [DOMAIN] [-config FILE] [-json]   would enforce refuse anything? (testing-mode domains)
   config check -config FILE                  validate a configuration without starting

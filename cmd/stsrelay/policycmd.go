@@ -19,7 +19,12 @@ import (
 func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, cache *mtasts.Cache, pending func() any, fc *forecast.Counter) (any, error) {
 	switch req.Op {
 	case "queue.list":
-		return st.List(), nil
+		msgs, total := st.Select(queue.ListOptions{Domain: req.Domain, Limit: req.Limit})
+		return queueListReply{Messages: msgs, Total: total}, nil
+	case "queue.summary":
+		return st.Summary(time.Now()), nil
+	case "queue.retry-domain":
+		return map[string]int{"released": st.RetryDomain(req.Domain)}, nil
 	case "queue.show":
 		m, err := st.Get(req.Arg)
 		if err != nil {

@@ -62,20 +62,64 @@ func queueOptions(cfg *config.Config) queue.Options {
 	for _, d := range cfg.Queue.RetrySchedule {
 		sched.Retry = append(sched.Retry, d.Duration)
 	}
-	return queue.Options{Dir: filepath.Join(cfg.DataDir, "queue"), Schedule: sched}
+	return queue.Options{Dir: filepath.Join(cfg.DataDir, "queue"), Schedule: sched,
+		MaxDiskBytes: cfg.Queue.MaxDiskBytes, MinFreeBytes: cfg.Queue.MinFreeDiskBytes}
 }
+
+// queueListReply is the control socket's answer to queue.list.
+type queueListReply struct {
+	Messages []*queue.Message `json:"messages"`
+	Total    int              `json:"total"`
+}
+
+// defaultListLimit is how many messages `queue list` shows unless -limit
+// says otherwise: a queue of a million still answers at once, and
+// `queue summary` gives its shape.
+const defaultListLimit = 1000
 
 func cmdQueue(args []string) error {
 	var cf commonFlags
 	fs := newFlagSet("queue", &cf)
+	limit := fs.Int("limit", defaultListLimit, "list: show at most this many messages, oldest first (0: all)")
+	domainFlag := fs.String("domain", "", "list: only messages to this domain; retry: release every message to it")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
 		return err
 	}
 	if len(pos) == 0 {
-		return &usageError{"queue: want list, show ID, retry ID, delete ID or bounce ID"}
+		return &usageError{"queue: want list, summary, show ID, retry ID|-domain D, delete ID or bounce ID"}
+	}
+	if *limit < 0 {
+		return &usageError{"queue: -limit must not be negative"}
 	}
 	sub := pos[0]
+	dom := ""
+	if *domainFlag != "" {
+		if sub != "list" && sub != "retry" {
+			return &usageError{"queue " + sub + ": -domain applies to list and retry only"}
+		}
+		dom = queue.AddrDomain("x@" + *domainFlag)
+	}
+	if sub == "summary" {
+		if len(pos) != 1 {
+			return &usageError{"queue summary: wrong number of arguments"}
+		}
+		cfg, err := loadConfig(cf.config)
+		if err != nil {
+			return err
+		}
+		return queueSummary(cfg, cf.json)
+	}
+	if sub == "retry" && dom != "" {
+		if len(pos) != 1 {
+			return &usageError{"queue retry: give an ID or -domain, not both"}
+		}
+		cfg, err := loadConfig(cf.config)
+		if err != nil {
+			return err
+		}
+		return queueRetryDomain(cfg, dom, cf.json)
+	}
 	needID := sub != "list"
 	if needID && len(pos) != 2 || !needID && len(pos) != 1 {
 		return &usageError{"queue " + sub + ": wrong number of arguments"}
@@ -92,17 +136,30 @@ func cmdQueue(args []string) error {
 		}
 	}
 	switch sub {
-	case "list", "show":
+	case "list":
+		var ql queueListReply
+		err := callControl(cfg.DataDir, controlRequest{Op: "queue.list", Domain: dom, Limit: *limit}, &ql)
+		if errors.Is(err, errNoServer) {
+			ql, err = listQueueOffline(cfg, queue.ListOptions{Domain: dom, Limit: *limit})
+		}
+		if err != nil {
+			return err
+		}
+		if err := printQueueList(ql.Messages, cf.json); err != nil {
+			return err
+		}
+		if more := ql.Total - len(ql.Messages); more > 0 {
+			fmt.Fprintf(os.Stderr, "stsrelay: %d more message(s) not shown (of %d): use -limit 0 for all, -domain D, or `stsrelay queue summary`\n", more, ql.Total)
+		}
+		return nil
+	case "show":
 		var msgs []*queue.Message
-		err := callControl(cfg.DataDir, controlRequest{Op: "queue." + sub, Arg: id}, &msgs)
+		err := callControl(cfg.DataDir, controlRequest{Op: "queue.show", Arg: id}, &msgs)
 		if errors.Is(err, errNoServer) {
 			msgs, err = readQueueOffline(cfg, id)
 		}
 		if err != nil {
 			return notFoundExit(err)
-		}
-		if sub == "list" {
-			return printQueueList(msgs, cf.json)
 		}
 		return printQueueShow(msgs[0], cf.json)
 	case "retry", "delete", "bounce":
@@ -149,6 +206,98 @@ func readQueueOffline(cfg *config.Config, id string) ([]*queue.Message, error) {
 		return nil, err
 	}
 	return []*queue.Message{m}, nil
+}
+
+func listQueueOffline(cfg *config.Config, o queue.ListOptions) (queueListReply, error) {
+	ro := queueOptions(cfg)
+	ro.ReadOnly = true
+	st, err := queue.Open(ro)
+	if err != nil {
+		return queueListReply{}, err
+	}
+	defer st.Close()
+	msgs, total := st.Select(o)
+	return queueListReply{Messages: msgs, Total: total}, nil
+}
+
+// queueSummary prints the queue's shape: messages by destination and
+// age, like Postfix's qshape.
+func queueSummary(cfg *config.Config, asJSON bool) error {
+	var sum queue.Summary
+	err := callControl(cfg.DataDir, controlRequest{Op: "queue.summary"}, &sum)
+	if errors.Is(err, errNoServer) {
+		ro := queueOptions(cfg)
+		ro.ReadOnly = true
+		st, oerr := queue.Open(ro)
+		if oerr != nil {
+			return oerr
+		}
+		sum = st.Summary(time.Now())
+		st.Close()
+		err = nil
+	}
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		if sum.Domains == nil {
+			sum.Domains = []queue.DomainSummary{}
+		}
+		enc := jsonOut()
+		enc.SetIndent("", "  ")
+		return enc.Encode(sum)
+	}
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 1, ' ', tabwriter.AlignRight)
+	head := "DOMAIN\tT"
+	for _, b := range queue.AgeBuckets {
+		head += fmt.Sprintf("\t%d", int(b.Minutes()))
+	}
+	head += fmt.Sprintf("\t%d+\t", int(queue.AgeBuckets[len(queue.AgeBuckets)-1].Minutes()))
+	fmt.Fprintln(tw, head)
+	row := func(name string, total int, ages []int) {
+		line := termSafe(name) + "\t" + strconv.Itoa(total)
+		for _, n := range ages {
+			line += "\t" + strconv.Itoa(n)
+		}
+		fmt.Fprintln(tw, line+"\t")
+	}
+	row("TOTAL", sum.Total, sum.Ages)
+	for _, d := range sum.Domains {
+		name := d.Domain
+		if !d.HeldUntil.IsZero() {
+			name += " (held)"
+		}
+		row(name, d.Total, d.Ages)
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Println("ages in minutes since arrival")
+	return nil
+}
+
+// queueRetryDomain releases every message to a destination at once.
+func queueRetryDomain(cfg *config.Config, dom string, asJSON bool) error {
+	var res map[string]int
+	err := callControl(cfg.DataDir, controlRequest{Op: "queue.retry-domain", Domain: dom}, &res)
+	if errors.Is(err, errNoServer) {
+		// Offline the schedule is read fresh at the next start; a
+		// released destination simply has its messages due then.
+		st, oerr := queue.Open(queueOptions(cfg))
+		if oerr != nil {
+			return oerr
+		}
+		res = map[string]int{"released": st.RetryDomain(dom)}
+		err = st.Close()
+	}
+	if err != nil {
+		return err
+	}
+	if asJSON {
+		return jsonOut().Encode(map[string]any{"domain": dom, "action": "retry", "released": res["released"]})
+	}
+	fmt.Printf("%s: %d message(s) released\n", dom, res["released"])
+	return nil
 }
 
 func queueActionOffline(cfg *config.Config, sub, id string) error {

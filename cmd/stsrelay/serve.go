@@ -197,6 +197,10 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 			}
 			return 0
 		})
+	met.ObserveQueueDisk(func() metrics.QueueDisk {
+		st := store.Stats()
+		return metrics.QueueDisk{DiskBytes: st.DiskBytes, LiveBytes: st.LiveBytes, Segments: st.Segments, Compactions: st.Compactions}
+	})
 	resolver, err := newResolver(cfg)
 	if err != nil {
 		return err

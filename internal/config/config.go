@@ -99,6 +99,11 @@ type Queue struct {
 	RetrySchedule        []Duration `toml:"retry_schedule"`
 	MaxQueueTime         Duration   `toml:"max_queue_time"`
 	DelayNoticeAfter     Duration   `toml:"delay_notice_after"`
+	// MaxDiskBytes is the queue's high-water mark on disk (0: none);
+	// MinFreeDiskBytes a floor on its file system's free space (0:
+	// none). Beyond either, submission answers 452 4.3.1.
+	MaxDiskBytes     int64 `toml:"max_disk_bytes"`
+	MinFreeDiskBytes int64 `toml:"min_free_disk_bytes"`
 }
 
 // DNS configures the resolver.
@@ -547,6 +552,15 @@ func (c *Config) validate() error {
 	}
 	if q.MaxQueueTime.Duration <= 0 {
 		return keyErr("queue.max_queue_time", "must be positive")
+	}
+	if q.MaxDiskBytes < 0 {
+		return keyErr("queue.max_disk_bytes", "must not be negative (0 means no limit), got %d", q.MaxDiskBytes)
+	}
+	if q.MaxDiskBytes > 0 && q.MaxDiskBytes < 16<<20 {
+		return keyErr("queue.max_disk_bytes", "must be at least 16 MiB (16777216) when set, got %d", q.MaxDiskBytes)
+	}
+	if q.MinFreeDiskBytes < 0 {
+		return keyErr("queue.min_free_disk_bytes", "must not be negative (0 means no floor), got %d", q.MinFreeDiskBytes)
 	}
 	for _, srv := range c.DNS.Servers {
 		if _, _, err := net.SplitHostPort(srv); err != nil {

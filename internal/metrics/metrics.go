@@ -131,6 +131,30 @@ func (m *Metrics) ObserveDNSCache(lookups func() (hits, misses uint64)) {
 	m.Registry.MustRegister(hit, miss)
 }
 
+// QueueDisk is what ObserveQueueDisk reads at scrape time.
+type QueueDisk struct {
+	DiskBytes, LiveBytes int64
+	Segments             int
+	Compactions          uint64
+}
+
+// ObserveQueueDisk exports stsrelay_queue_disk_bytes,
+// stsrelay_queue_live_bytes, stsrelay_queue_segments and
+// stsrelay_queue_compactions_total, read from stats at scrape time
+// (queue.Store.Stats). Call it once.
+func (m *Metrics) ObserveQueueDisk(stats func() QueueDisk) {
+	m.Registry.MustRegister(
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_disk_bytes", Help: "Bytes the queue's log takes on disk."},
+			func() float64 { return float64(stats().DiskBytes) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_live_bytes", Help: "Bytes of the queue's log that queued messages still need."},
+			func() float64 { return float64(stats().LiveBytes) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_segments", Help: "Segment files of the queue's log."},
+			func() float64 { return float64(stats().Segments) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "stsrelay_queue_compactions_total", Help: "Log segments emptied by copying their live messages forward."},
+			func() float64 { return float64(stats().Compactions) }),
+	)
+}
+
 // Serve listens on addr until ctx ends.
 func (m *Metrics) Serve(ctx context.Context, addr string) (net.Addr, error) {
 	ln, err := net.Listen("tcp", addr)
