@@ -236,7 +236,10 @@ write:
 			req.finish(err)
 		}
 		bw.Reset(s.active)
-		terr := s.active.Truncate(start)
+		terr := s.fault("truncate")
+		if terr == nil {
+			terr = s.active.Truncate(start)
+		}
 		if terr == nil {
 			terr = unix.Fdatasync(int(s.active.Fd()))
 		}

@@ -40,7 +40,7 @@ const (
 // Close.
 func (s *Store) compactLoop() {
 	defer s.committer.Done()
-	t := time.NewTicker(compactTick)
+	t := time.NewTicker(s.opts.compactTick)
 	defer t.Stop()
 	lastCkpt := time.Now()
 	ckptRecords := s.records.Load()

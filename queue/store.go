@@ -65,6 +65,8 @@ type Options struct {
 	// ("sync") of a batch; an error it returns fails that step (tests:
 	// ENOSPC in the middle of a write).
 	testFault func(op string) error
+	// compactTick is how often compaction looks at the log (tests).
+	compactTick time.Duration
 }
 
 // Store is the queue. It is safe for concurrent use.
@@ -127,6 +129,9 @@ func Open(opts Options) (*Store, error) {
 	}
 	if opts.MemBodyBytes <= 0 {
 		opts.MemBodyBytes = 64 << 10
+	}
+	if opts.compactTick <= 0 {
+		opts.compactTick = compactTick
 	}
 	if opts.CheckpointInterval <= 0 {
 		opts.CheckpointInterval = 5 * time.Minute
@@ -451,9 +456,9 @@ func (s *Store) rotate() error {
 	s.segs[seq] = seg
 	s.order = append(s.order, seq)
 	s.broken = false
-	s.mu.Unlock()
 	s.active = w
 	s.activeSeg = seg
+	s.mu.Unlock()
 	return nil
 }
 
