@@ -230,6 +230,7 @@ func (s *Store) endCopyLocked(seg *segment, j copyJob, r *pendingRecord) {
 	if e.flags&flagRetryNow != 0 && e.next != 0 {
 		e.next = min(e.next, s.opts.Now().UnixNano())
 		e.flags &^= flagRetryNow
+		e.flags |= flagDueNow
 	}
 	s.schedule(slot)
 }

@@ -40,6 +40,7 @@ const (
 	flagRetryNow                   // make its non-final recipients due when the lease ends
 	flagCopying                    // compaction is copying it forward
 	flagDelayed                    // a delay DSN went out (DelayNotified)
+	flagDueNow                     // an operator retry: recipients not final are due at the next Lease
 )
 
 // entry is one queued message in the index (72 bytes).

@@ -51,6 +51,23 @@ func (s *Store) Lease(now time.Time, n int) []*Message {
 			s.schedule(slot)
 			continue
 		}
+		if e.flags&flagDueNow != 0 {
+			e.flags &^= flagDueNow
+			for i := range m.Rcpts {
+				if !m.Rcpts[i].Status.Final() {
+					m.Rcpts[i].NextAttempt = now
+				}
+			}
+		}
+		if nd := m.NextDue(); nd.IsZero() || nd.After(now) {
+			// The index thought it due but its recipients say otherwise:
+			// believe the recipients (never hand out, and get back, a
+			// message nobody can work on, in a loop).
+			e.flags &^= flagLeased
+			e.next = nextOf(nd)
+			s.schedule(slot)
+			continue
+		}
 		out = append(out, m)
 	}
 	return out
@@ -99,6 +116,7 @@ func (s *Store) RetryDomain(d string) int {
 			return true
 		}
 		e.next = min(e.next, now)
+		e.flags |= flagDueNow
 		return true
 	})
 	heap.Init(domHeap{&s.arena, de})
@@ -114,6 +132,7 @@ func (s *Store) unlease(slot uint32) {
 	if e.flags&flagRetryNow != 0 && e.next != 0 {
 		e.next = min(e.next, s.opts.Now().UnixNano())
 		e.flags &^= flagRetryNow
+		e.flags |= flagDueNow
 	}
 	s.schedule(slot)
 }

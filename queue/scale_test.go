@@ -407,6 +407,10 @@ func TestHoldAndRetryDomain(t *testing.T) {
 		dead = append(dead, commitMsg(t, s, "m", fmt.Sprintf("u%d@dead.test", i)))
 	}
 	live := commitMsg(t, s, "m", "u@live.test")
+	// Half of them failed once and wait an hour.
+	for _, id := range dead[:25] {
+		defer1(t, s, id, "refused", now.Add(time.Hour))
+	}
 	s.HoldDomain("dead.test", now.Add(time.Hour))
 	got := s.Lease(now.Add(time.Minute), 1000)
 	if len(got) != 1 || got[0].ID != live {
@@ -423,8 +427,16 @@ func TestHoldAndRetryDomain(t *testing.T) {
 		t.Fatalf("RetryDomain released %d, want 50", n)
 	}
 	got = s.Lease(time.Now(), 1000)
-	if !reflect.DeepEqual(ids(got), dead) {
+	leased := ids(got)
+	sort.Strings(leased)
+	if !reflect.DeepEqual(leased, dead) {
 		t.Fatalf("after RetryDomain Lease gave %d messages, want the 50 of dead.test", len(got))
+	}
+	for _, m := range got {
+		if m.NextDue().After(time.Now()) {
+			t.Fatalf("%s leased after RetryDomain but its recipients are due at %v", m.ID, m.NextDue())
+		}
+		s.Release(m.ID)
 	}
 	// Select by domain, with a limit and the total.
 	msgs, total := s.Select(ListOptions{Domain: "dead.test", Limit: 10})

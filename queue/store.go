@@ -127,6 +127,13 @@ func Open(opts Options) (*Store, error) {
 	if opts.SegmentBytes <= 0 {
 		opts.SegmentBytes = 64 << 20
 	}
+	if opts.MaxDiskBytes > 0 {
+		// The disk bound is twice the live data plus two segments, and
+		// the active segment is never compacted: segments must be small
+		// beside the high-water mark, or a full queue could not shrink
+		// below it by deliveries alone.
+		opts.SegmentBytes = min(opts.SegmentBytes, max(1<<20, opts.MaxDiskBytes/16))
+	}
 	if opts.MemBodyBytes <= 0 {
 		opts.MemBodyBytes = 64 << 10
 	}
