@@ -133,14 +133,14 @@ func (m *Metrics) ObserveDNSCache(lookups func() (hits, misses uint64)) {
 
 // QueueDisk is what ObserveQueueDisk reads at scrape time.
 type QueueDisk struct {
-	DiskBytes, LiveBytes int64
+	DiskBytes, LiveBytes, MaxDiskBytes int64
 	Segments             int
 	Compactions          uint64
 }
 
 // ObserveQueueDisk exports stsrelay_queue_disk_bytes,
-// stsrelay_queue_live_bytes, stsrelay_queue_segments and
-// stsrelay_queue_compactions_total, read from stats at scrape time
+// stsrelay_queue_live_bytes, stsrelay_queue_max_disk_bytes,
+// stsrelay_queue_segments and stsrelay_queue_compactions_total, read from stats at scrape time
 // (queue.Store.Stats). Call it once.
 func (m *Metrics) ObserveQueueDisk(stats func() QueueDisk) {
 	m.Registry.MustRegister(
@@ -148,6 +148,8 @@ func (m *Metrics) ObserveQueueDisk(stats func() QueueDisk) {
 			func() float64 { return float64(stats().DiskBytes) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_live_bytes", Help: "Bytes of the queue's log that queued messages still need."},
 			func() float64 { return float64(stats().LiveBytes) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_max_disk_bytes", Help: "queue.max_disk_bytes (0: no limit)."},
+			func() float64 { return float64(stats().MaxDiskBytes) }),
 		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_queue_segments", Help: "Segment files of the queue's log."},
 			func() float64 { return float64(stats().Segments) }),
 		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "stsrelay_queue_compactions_total", Help: "Log segments emptied by copying their live messages forward."},
