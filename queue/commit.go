@@ -306,7 +306,9 @@ type Writer struct {
 }
 
 // NewWriter starts a message.
-func (s *Store) NewWriter() *Writer {
+func (s *Store) NewWriter() MessageWriter { return s.newWriter() }
+
+func (s *Store) newWriter() *Writer {
 	b := bufPool.Get().(*[]byte)
 	*b = (*b)[:0]
 	return &Writer{s: s, buf: b, scan: message.NewScanner()}
@@ -448,7 +450,7 @@ func (s *Store) EnqueueReport(from, to string, msg io.Reader) (string, error) {
 
 // Enqueue queues a message the relay makes itself (a DSN, a TLS report).
 func (s *Store) Enqueue(env Envelope, body io.Reader) (string, error) {
-	w := s.NewWriter()
+	w := s.newWriter()
 	if _, err := io.Copy(w, body); err != nil {
 		w.Abort()
 		return "", err

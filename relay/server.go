@@ -41,7 +41,7 @@ type Options struct {
 	// [submission] section.
 	Config *config.Config
 	// Queue is where accepted messages go.
-	Queue *queue.Store
+	Queue queue.Queue
 	// Logger gets one "accepted" line per message; nil means no logs.
 	Logger *zap.Logger
 	// Accepted, when set, is incremented per accepted message
@@ -69,7 +69,7 @@ const byeGrace = 2 * time.Second
 type Server struct {
 	hostname string
 	sub      config.Submission
-	queue    *queue.Store
+	queue    queue.Queue
 	log      *zap.Logger
 	accepted Counter
 

@@ -16,7 +16,7 @@ import (
 )
 
 // handleControl answers the CLI's requests on a running relay.
-func handleControl(req controlRequest, st *queue.Store, eng *delivery.Engine, cache *mtasts.Cache, pending func() any, fc *forecast.Counter) (any, error) {
+func handleControl(req controlRequest, st queue.Queue, eng *delivery.Engine, cache *mtasts.Cache, pending func() any, fc *forecast.Counter) (any, error) {
 	switch req.Op {
 	case "queue.list":
 		msgs, total := st.Select(queue.ListOptions{Domain: req.Domain, Limit: req.Limit})

@@ -311,7 +311,7 @@ func queueActionOffline(cfg *config.Config, sub, id string) error {
 
 // queueAction applies an operator action to the queue; eng may be nil
 // (offline), in which case a bounce builds its DSN with a bare engine.
-func queueAction(st *queue.Store, eng *delivery.Engine, cfg *config.Config, sub, id string) error {
+func queueAction(st queue.Queue, eng *delivery.Engine, cfg *config.Config, sub, id string) error {
 	switch sub {
 	case "retry":
 		return st.Retry(id)

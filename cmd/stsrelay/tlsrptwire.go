@@ -28,7 +28,7 @@ func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "t
 // for delivery (nil when TLS-RPT is off), the reporter (for reloading its
 // DKIM key; nil when off) and a function that flushes the counts at
 // shutdown.
-func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st *queue.Store, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (*tlsrpt.Recorder, *tlsrpt.Reporter, func(), error) {
+func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st queue.Queue, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (*tlsrpt.Recorder, *tlsrpt.Reporter, func(), error) {
 	if !cfg.TLSRPT.Enabled {
 		return nil, nil, func() {}, nil
 	}
