@@ -44,17 +44,31 @@ func (s *Store) compactLoop() {
 	defer t.Stop()
 	lastCkpt := time.Now()
 	ckptRecords := s.records.Load()
+	// After a round that could copy nothing (the oldest segment's live
+	// messages are all being delivered), wait a while before scanning
+	// the index again.
+	var idleUntil time.Time
 	for {
 		select {
 		case <-s.stop:
 			return
 		case <-t.C:
 		}
-		for s.compactOnce() {
-			select {
-			case <-s.stop:
-				return
-			default:
+		if time.Now().After(idleUntil) {
+			progress := false
+			for s.compactOnce() {
+				progress = true
+				select {
+				case <-s.stop:
+					return
+				default:
+				}
+			}
+			s.mu.Lock()
+			stuck := s.needsCompaction() != nil
+			s.mu.Unlock()
+			if !progress && stuck {
+				idleUntil = time.Now().Add(25 * s.opts.compactTick)
 			}
 		}
 		if time.Since(lastCkpt) >= s.opts.CheckpointInterval && s.records.Load() != ckptRecords {

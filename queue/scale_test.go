@@ -497,3 +497,29 @@ func indexBytesPerMessage(t testing.TB, n int) float64 {
 	runtime.KeepAlive(s)
 	return float64(after.HeapAlloc-before.HeapAlloc) / float64(n)
 }
+
+// List's limit keeps the oldest messages, in order, and counts them all.
+func TestSelectLimitKeepsOldest(t *testing.T) {
+	s := openStore(t, t.TempDir())
+	var all []string
+	for i := range 40 {
+		all = append(all, commitMsg(t, s, "m", fmt.Sprintf("u%d@d%d.test", i, i%3)))
+	}
+	// Free slots get reused out of ID order: delete some, add more.
+	for _, id := range all[5:10] {
+		if err := s.Delete(id); err != nil {
+			t.Fatal(err)
+		}
+	}
+	all = append(all[:5], all[10:]...)
+	for i := range 5 {
+		all = append(all, commitMsg(t, s, "m", fmt.Sprintf("v%d@d.test", i)))
+	}
+	msgs, total := s.Select(ListOptions{Limit: 10})
+	if total != 40 || !reflect.DeepEqual(ids(msgs), all[:10]) {
+		t.Fatalf("Select(Limit 10) = %v total %d, want %v total 40", ids(msgs), total, all[:10])
+	}
+	if msgs, total := s.Select(ListOptions{}); total != 40 || !reflect.DeepEqual(ids(msgs), all) {
+		t.Fatalf("Select() = %d messages total %d", len(msgs), total)
+	}
+}

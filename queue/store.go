@@ -7,6 +7,7 @@
 package queue
 
 import (
+	"container/heap"
 	"encoding/binary"
 	"encoding/json"
 	"errors"
@@ -608,6 +609,36 @@ type ListOptions struct {
 	Limit int
 }
 
+// smallest returns the k smallest of slots by less, unordered.
+func smallest(slots []uint32, k int, less func(a, b uint32) bool) []uint32 {
+	h := &slotHeap{less: less}
+	for _, sl := range slots {
+		if len(h.s) < k {
+			heap.Push(h, sl)
+		} else if less(sl, h.s[0]) {
+			h.s[0] = sl
+			heap.Fix(h, 0)
+		}
+	}
+	return h.s
+}
+
+// slotHeap is a max-heap of slots by less.
+type slotHeap struct {
+	s    []uint32
+	less func(a, b uint32) bool
+}
+
+func (h *slotHeap) Len() int           { return len(h.s) }
+func (h *slotHeap) Less(i, j int) bool { return h.less(h.s[j], h.s[i]) }
+func (h *slotHeap) Swap(i, j int)      { h.s[i], h.s[j] = h.s[j], h.s[i] }
+func (h *slotHeap) Push(x any)         { h.s = append(h.s, x.(uint32)) }
+func (h *slotHeap) Pop() any {
+	x := h.s[len(h.s)-1]
+	h.s = h.s[:len(h.s)-1]
+	return x
+}
+
 // List returns all queued messages, oldest first.
 func (s *Store) List() []*Message {
 	out, _ := s.Select(ListOptions{})
@@ -621,6 +652,7 @@ func (s *Store) Select(o ListOptions) ([]*Message, int) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	var slots []uint32
+	total := 0
 	want, known := s.domIdx[o.Domain]
 	multi, hasMulti := s.domIdx[multiDomain]
 	s.arena.each(func(slot uint32, e *entry) bool {
@@ -629,35 +661,43 @@ func (s *Store) Select(o ListOptions) ([]*Message, int) {
 		}
 		return true
 	})
-	sort.Slice(slots, func(i, j int) bool {
-		return string(s.arena.at(slots[i]).id[:]) < string(s.arena.at(slots[j]).id[:])
-	})
+	less := func(a, b uint32) bool { return string(s.arena.at(a).id[:]) < string(s.arena.at(b).id[:]) }
+	if o.Limit > 0 && o.Domain == "" && len(slots) > o.Limit {
+		// The oldest Limit of a large queue: keep a bounded heap instead
+		// of sorting a million IDs under the lock. Every message counts.
+		total = len(slots)
+		slots = smallest(slots, o.Limit, less)
+	}
+	counted := total > 0
+	sort.Slice(slots, func(i, j int) bool { return less(slots[i], slots[j]) })
 	n := len(slots)
 	if o.Limit > 0 {
 		n = min(n, o.Limit)
 	}
 	out := make([]*Message, 0, n)
-	total := 0
 	for _, slot := range slots {
 		e := s.arena.at(slot)
+		var m *Message
 		if o.Domain != "" && hasMulti && e.dom == multi {
-			m, err := s.loadLocked(slot)
-			if err != nil || !m.hasDomain(o.Domain) {
+			// Recipients in several domains: read to see if one is it.
+			var err error
+			if m, err = s.loadLocked(slot); err != nil || !m.hasDomain(o.Domain) {
 				continue
 			}
-			total++
-			if o.Limit == 0 || len(out) < o.Limit {
-				out = append(out, m)
-			}
-			continue
 		}
-		total++
+		if !counted {
+			total++
+		}
 		if o.Limit > 0 && len(out) >= o.Limit {
 			continue
 		}
-		if m, err := s.loadLocked(slot); err == nil {
-			out = append(out, m)
+		if m == nil {
+			var err error
+			if m, err = s.loadLocked(slot); err != nil {
+				continue
+			}
 		}
+		out = append(out, m)
 	}
 	return out, total
 }
