@@ -16,6 +16,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/stsrelay/stsrelay/delivery/policy"
+	"github.com/stsrelay/stsrelay/internal/dane"
 	"github.com/stsrelay/stsrelay/internal/domain"
 	"github.com/stsrelay/stsrelay/internal/message"
 	"github.com/stsrelay/stsrelay/internal/smtpclient"
@@ -40,6 +41,9 @@ type attempt struct {
 	stsMode      string
 	stsID        string
 	tlsrptResult string
+	// dane is what DANE made of the host tried last (policy.DANEResult):
+	// "", authenticated, tls-required or failed.
+	dane string
 	// counted is false for sessions TLS-RPT does not count (report mail,
 	// TLS-Required: No): their lines carry no tlsrpt_result.
 	counted bool
@@ -174,11 +178,16 @@ func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy
 		var hosts []Host
 		var err error
 		if a.rt != nil {
+			// A fixed next hop is the operator's choice, authenticated
+			// by the Web PKI (and MTA-STS, RFC 8461 §3.4); DANE is for
+			// MX hosts (RFC 7672 §2.2.1).
 			hosts, err = a.rt.hosts(ctx, e.o.Resolver, e.wantV6)
 		} else {
-			hosts, err = route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6)
+			hosts, err = route(ctx, e.o.Resolver, j.domain, e.cfg.Hostname, e.wantV6, e.dane)
 		}
-		if err != nil && ctx.Err() != nil {
+		if ctx.Err() != nil {
+			// Shutdown: a lookup it cut short (a TLSA lookup among them)
+			// is no failure of the domain's.
 			e.abandon(j)
 			return nil, false
 		}
@@ -245,7 +254,8 @@ func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy
 	// tlsrpt_result describes the session that carries the message, as
 	// CheckConn classified it when the session was set up (connect
 	// recorded it then; a parked session is not counted again).
-	a.tlsrptResult = string(policy.CheckConn(pin, sess.host, sess.state).Result)
+	v := policy.CheckConn(pin, sess.host, sess.dane, sess.state)
+	a.tlsrptResult, a.dane = string(v.Result), string(v.DANE)
 
 	// Extensions the message needs, decided by its content at submission
 	// (RFC 6531 §3.2, RFC 6152 §3), not by what the client asked for.
@@ -409,8 +419,8 @@ func (e *Engine) sessionFits(s *session, stsID string, pin policy.Policy) bool {
 		// so the MX choice follows the new policy.
 		return false
 	}
-	return policy.CheckMX(pin, s.host).Action == policy.Use &&
-		policy.CheckConn(pin, s.host, s.state).Action == policy.Use
+	return policy.CheckMX(pin, s.host, s.dane).Action == policy.Use &&
+		policy.CheckConn(pin, s.host, s.dane, s.state).Action == policy.Use
 }
 
 // connect walks the hosts in preference order and returns the first
@@ -421,24 +431,31 @@ func (e *Engine) sessionFits(s *session, stsID string, pin policy.Policy) bool {
 func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin policy.Policy, a *attempt) (*session, *sessionError) {
 	var lastErr *sessionError
 	refuse := func(v policy.Verdict) {
-		a.tlsrptResult = string(v.Result)
+		a.tlsrptResult, a.dane = string(v.Result), string(v.DANE)
 		lastErr = &sessionError{Stage: "policy", Code: v.Code, Enhanced: v.Enhanced, Msg: v.Reason, Permanent: v.Permanent}
 	}
 	for _, h := range hosts {
 		if len(h.IPs) == 0 {
 			continue
 		}
-		if v := policy.CheckMX(pin, h.Name); v.Action != policy.Use {
+		a.dane = ""
+		if v := policy.CheckMX(pin, h.Name, h.DANE); v.Action != policy.Use {
 			// Never contacted.
 			a.mx, a.ip = h.Name, ""
-			e.record(domain, pin, v, h.Name, "", "", nil)
+			e.record(domain, pin, h.DANE, v, h.Name, "", "", nil)
 			refuse(v)
 			continue
+		}
+		// RFC 7672 §3: a host with usable TLSA records is authenticated
+		// by them, in the handshake.
+		var byDANE policy.DANE
+		if pin.DANEStatus(h.DANE) == policy.DANEUsable {
+			byDANE = h.DANE
 		}
 		for _, ip := range h.IPs {
 			a.mx, a.ip = h.Name, ip.String()
 			// security = "none": no STARTTLS at all.
-			s, err := e.dialHost(ctx, h.Name, ip, !pin.STARTTLS(), a.rt)
+			s, err := e.dialHost(ctx, h.Name, ip, !pin.STARTTLS(h.DANE), a.rt, byDANE)
 			if err != nil {
 				se := asSessionError(err)
 				if se.TLS == nil {
@@ -446,27 +463,28 @@ func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin p
 					continue
 				}
 				st := *se.TLS
-				v := policy.CheckConn(pin, h.Name, st)
+				v := policy.CheckConn(pin, h.Name, h.DANE, st)
 				if v.Action != policy.Fallback {
-					e.record(domain, pin, v, h.Name, ip.String(), "", &st)
+					e.record(domain, pin, h.DANE, v, h.Name, ip.String(), "", &st)
 					refuse(v)
 					continue
 				}
 				// Opportunistic: as a sender without a policy would,
 				// fall back to plaintext on a new connection.
 				st.Fallback = true
-				s, err = e.dialHost(ctx, h.Name, ip, true, a.rt)
+				s, err = e.dialHost(ctx, h.Name, ip, true, a.rt, policy.DANE{})
 				if err != nil {
 					// The failed negotiation is the session's result.
-					e.record(domain, pin, policy.CheckConn(pin, h.Name, st), h.Name, ip.String(), "", &st)
+					e.record(domain, pin, h.DANE, policy.CheckConn(pin, h.Name, h.DANE, st), h.Name, ip.String(), "", &st)
 					lastErr = asSessionError(err)
 					continue
 				}
 				s.state = st
 			}
 			s.policyID = a.stsID
-			v := policy.CheckConn(pin, h.Name, s.state)
-			e.record(domain, pin, v, h.Name, ip.String(), s.helo, &s.state)
+			s.dane = h.DANE
+			v := policy.CheckConn(pin, h.Name, h.DANE, s.state)
+			e.record(domain, pin, h.DANE, v, h.Name, ip.String(), s.helo, &s.state)
 			if v.Action != policy.Use {
 				s.close()
 				refuse(v)
@@ -507,7 +525,9 @@ func (e *Engine) authenticate(s *session, r *Route) *sessionError {
 	return nil
 }
 
-func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext bool, r *Route) (*session, error) {
+// dialHost sets up a session to host at ip; d, when usable, is the
+// host's DANE to authenticate it with.
+func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext bool, r *Route, d policy.DANE) (*session, error) {
 	port := e.cfg.Delivery.Port
 	if r != nil {
 		port = r.Port
@@ -522,6 +542,7 @@ func (e *Engine) dialHost(ctx context.Context, host string, ip net.IP, plaintext
 		Now:            e.now,
 		TLSSessions:    e.tlsSessions,
 		Plaintext:      plaintext,
+		DANE:           d,
 		Track:          e.conns.track,
 	}
 	for _, l := range e.localIPs {
@@ -542,15 +563,17 @@ func asSessionError(err error) *sessionError {
 }
 
 // record counts one TLS-RPT session, exactly as the verdict says, in the
-// metric and the recorder: the log line carries the same result. st is
-// the session's TLS state (nil for a host never contacted), for the
-// enforce forecast.
-func (e *Engine) record(domain string, pin policy.Policy, v policy.Verdict, mx, ip, helo string, st *policy.ConnState) {
+// metric and the recorder: the log line carries the same result. d is
+// the host's DANE; st is the session's TLS state (nil for a host never
+// contacted), for the enforce forecast.
+func (e *Engine) record(domain string, pin policy.Policy, d policy.DANE, v policy.Verdict, mx, ip, helo string, st *policy.ConnState) {
 	if !v.Count {
 		return
 	}
-	if e.o.Forecast != nil {
-		if fs, ok := forecastSession(pin, mx, st); ok {
+	// A session DANE decided is not MTA-STS's to forecast: switching the
+	// policy to enforce would change nothing for it.
+	if e.o.Forecast != nil && v.PolicyType != tlsrpt.PolicyTypeTLSA {
+		if fs, ok := forecastSession(pin, mx, d, st); ok {
 			fs.Time, fs.Domain = e.now(), domain
 			e.o.Forecast.Record(fs)
 		}
@@ -579,9 +602,19 @@ func (e *Engine) record(domain string, pin policy.Policy, v policy.Verdict, mx, 
 	if ip != "" {
 		sess.SendingIP = e.sourceIP(net.ParseIP(ip))
 	}
-	if v.PolicyType == tlsrpt.PolicyTypeSTS && pin.STS != nil {
+	switch {
+	case v.PolicyType == tlsrpt.PolicyTypeSTS && pin.STS != nil:
 		sess.PolicyString = pin.STS.Lines
 		sess.MXPatterns = pin.STS.MX
+	case v.PolicyType == tlsrpt.PolicyTypeTLSA:
+		// RFC 8460 §3 (checklist RPT-3-a): for DANE the policy domain
+		// is the TLSA base domain, the policy-string the records
+		// (§4.4: "3 1 1 <hex>" per RR).
+		sess.PolicyDomain = d.Base
+		if sess.PolicyDomain == "" {
+			sess.PolicyDomain = mx // dane-required: no records, the host
+		}
+		sess.PolicyString = dane.PolicyStrings(d.Records)
 	}
 	e.o.TLSRPT.Record(sess)
 }
@@ -765,6 +798,7 @@ func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a 
 		zap.String("sts_policy_id", a.stsID),
 		zap.String("tlsrpt_result", a.tlsrptResult),
 		zap.String("route", a.route),
+		zap.String("dane", a.dane),
 	)
 }
 

@@ -53,7 +53,7 @@ type Counters interface {
 // Options wire an Engine.
 type Options struct {
 	Config   *config.Config
-	Store    *queue.Store
+	Store    queue.Queue
 	Resolver Resolver
 	// Policies is nil when MTA-STS is off.
 	Policies PolicySource
@@ -74,7 +74,7 @@ type Options struct {
 type Engine struct {
 	o        Options
 	cfg      *config.Config
-	store    *queue.Store
+	store    queue.Queue
 	log      *zap.Logger
 	now      func() time.Time
 	sched    queue.Schedule
@@ -102,6 +102,9 @@ type Engine struct {
 	// routing is the [[route]] / [[tls_policy]] tables in force
 	// (SetRouting swaps them on reload).
 	routing atomic.Pointer[Routing]
+	// dane: MX hosts are looked up for TLSA records (RFC 7672):
+	// dane.enabled, and a resolver whose AD bit is trusted.
+	dane bool
 }
 
 type domainQueue struct {
@@ -173,6 +176,17 @@ func New(o Options) *Engine {
 	}
 	for _, a := range o.Config.Delivery.LocalAddresses {
 		e.localIPs = append(e.localIPs, net.ParseIP(a))
+	}
+	// DANE needs answers known to be DNSSEC-secure, which only a
+	// resolver trusted to validate gives (RFC 7672 §2.1, RFC 6840 §5.8).
+	trusted := o.Resolver != nil && o.Resolver.TrustsAD()
+	e.dane = o.Config.DANE.Enabled && trusted
+	switch {
+	case e.dane:
+		e.log.Info("dane", zap.Bool("enabled", true))
+	case o.Config.DANE.Enabled:
+		e.log.Info("dane", zap.Bool("enabled", false), zap.String("reason",
+			"the resolver's AD bit is not trusted (dns.trust_ad = "+o.Config.DNS.TrustAD+"): run a validating resolver on loopback"))
 	}
 	rt, err := NewRouting(o.Config.Routes, o.Config.TLSPolicies, o.Config.Delivery.Port)
 	if err != nil {

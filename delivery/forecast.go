@@ -16,14 +16,15 @@ type ForecastRecorder interface {
 
 // forecastSession says what enforce made, or would have made, of a
 // counted session of a domain whose policy is in testing or enforce mode;
-// ok is false for other domains. The decision (policy.CheckMX, then
+// ok is false for other domains. d is the host's DANE (TLSA records, all
+// unusable, still demand TLS under either mode). The decision (policy.CheckMX, then
 // policy.CheckConn on the session's TLS state st; st is nil for a host
 // never contacted) is taken with the same policy in mode enforce: for a
 // domain in enforce that is the decision delivery took, for one in
 // testing the one it would take, so the forecast and enforce itself
 // cannot disagree. REQUIRETLS is left out: it refuses in any mode, and is
 // not what switching to enforce changes.
-func forecastSession(pin policy.Policy, mx string, st *policy.ConnState) (s forecast.Session, ok bool) {
+func forecastSession(pin policy.Policy, mx string, d policy.DANE, st *policy.ConnState) (s forecast.Session, ok bool) {
 	if pin.STS == nil || (pin.TLSRequiredNo && !pin.RequireTLS) {
 		return s, false
 	}
@@ -40,9 +41,9 @@ func forecastSession(pin policy.Policy, mx string, st *policy.ConnState) (s fore
 	sts.Mode = mtasts.ModeEnforce
 	ep := pin
 	ep.STS, ep.RequireTLS, ep.TLSRequiredNo = &sts, false, false
-	ev := policy.CheckMX(ep, mx)
+	ev := policy.CheckMX(ep, mx, d)
 	if ev.Action == policy.Use && st != nil {
-		ev = policy.CheckConn(ep, mx, *st)
+		ev = policy.CheckConn(ep, mx, d, *st)
 	}
 	if ev.Action != policy.Use {
 		s.Refused, s.Reason = true, forecastReason(ev)

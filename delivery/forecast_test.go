@@ -42,7 +42,7 @@ func TestForecastSession(t *testing.T) {
 		{"mode none", policy.Policy{STS: mk("none")}, "mx1.ex.test", good, false, "", ""},
 		{"tls-required no", policy.Policy{STS: mk("enforce"), TLSRequiredNo: true}, "mx1.ex.test", plain, false, "", ""},
 	} {
-		s, ok := forecastSession(tc.pin, tc.mx, tc.st)
+		s, ok := forecastSession(tc.pin, tc.mx, policy.DANE{}, tc.st)
 		if ok != tc.ok || s.Mode != tc.mode || s.Refused != (tc.reason != "") || s.Reason != tc.reason {
 			t.Errorf("%s: got ok=%v %+v, want ok=%v mode=%s reason=%q", tc.name, ok, s, tc.ok, tc.mode, tc.reason)
 		}

@@ -8,6 +8,7 @@ import (
 	"strings"
 	"sync"
 
+	"github.com/stsrelay/stsrelay/delivery/policy"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 
 	dom "github.com/stsrelay/stsrelay/internal/domain"
@@ -31,6 +32,9 @@ type Host struct {
 	Err error
 	// Implicit is set for the domain used as its own MX (RFC 5321 §5.1).
 	Implicit bool
+	// DANE is what TLSA discovery found for the host (RFC 7672 §2.2):
+	// the zero value (no DANE) when it is off or does not apply.
+	DANE policy.DANE
 }
 
 // routeError is a failure to find where mail for a domain goes.
@@ -42,16 +46,24 @@ type routeError struct {
 
 func (e *routeError) Error() string { return e.Msg }
 
-// Resolver is the part of the DNS client delivery needs.
+// Resolver is the part of the DNS client (a *dnsclient.Resolver)
+// delivery needs: MX and address lookups that say whether their answers
+// are DNSSEC-secure, and TLSA lookups, for DANE (RFC 7672 §2.2).
 type Resolver interface {
-	LookupMX(ctx context.Context, domain string) ([]dnsclient.MX, error)
+	LookupMXSecure(ctx context.Context, domain string) ([]dnsclient.MX, bool, error)
 	LookupIP(ctx context.Context, host string, wantV6 bool) ([]net.IP, error)
+	LookupIPSecure(ctx context.Context, host string, wantV6 bool) ([]net.IP, bool, string, error)
+	LookupTLSA(ctx context.Context, host string) (dnsclient.TLSAResult, error)
+	// TrustsAD reports whether any answer can be secure at all
+	// (dns.trust_ad).
+	TrustsAD() bool
 }
 
 // route finds the hosts to try for domain, in order, with their
 // addresses (RFC 5321 §5.1, RFC 7505), so that the order and the failure
-// classes are decided in one place.
-func route(ctx context.Context, r Resolver, domain, self string, wantV6 bool) ([]Host, error) {
+// classes are decided in one place. With dane, it also finds each host's
+// TLSA records where DANE applies (discoverDANE).
+func route(ctx context.Context, r Resolver, domain, self string, wantV6, dane bool) ([]Host, error) {
 	// RFC 5321 §4.1.3: an address literal names the host itself; no DNS.
 	if strings.HasPrefix(domain, "[") && strings.HasSuffix(domain, "]") {
 		lit := strings.TrimPrefix(strings.TrimPrefix(domain[1:len(domain)-1], "IPv6:"), "ipv6:")
@@ -65,14 +77,17 @@ func route(ctx context.Context, r Resolver, domain, self string, wantV6 bool) ([
 		// Not a name DNS can hold: no lookup, no days of retries.
 		return nil, &routeError{Permanent: true, Enhanced: "5.1.2", Msg: fmt.Sprintf("bad destination domain: %v", err)}
 	}
-	mxs, err := r.LookupMX(ctx, domain)
+	// RFC 7672 §2.2.1: DANE only for MX hosts from a secure MX RRset
+	// (or, for an implicit MX, a secure denial of MX records, §2.2.2).
+	mxs, mxSecure, err := r.LookupMXSecure(ctx, domain)
+	tlsa := dane && mxSecure
 	switch {
 	case err == nil:
 	case errors.Is(err, dnsclient.ErrNoData):
 		// RFC 5321 §5.1: no MX records → the domain itself is the
 		// implicit MX, with preference 0.
 		mxs = []dnsclient.MX{{Host: strings.TrimSuffix(strings.ToLower(domain), "."), Pref: 0}}
-		hosts, err := resolveHosts(ctx, r, mxs, self, wantV6)
+		hosts, err := resolveHosts(ctx, r, mxs, self, wantV6, tlsa)
 		for i := range hosts {
 			hosts[i].Implicit = true
 		}
@@ -101,14 +116,16 @@ func route(ctx context.Context, r Resolver, domain, self string, wantV6 bool) ([
 	if len(real) == 0 {
 		return nil, &routeError{Permanent: true, Enhanced: "5.1.10", Msg: fmt.Sprintf("domain %s publishes a null MX: it accepts no mail (RFC 7505)", domain)}
 	}
-	return resolveHosts(ctx, r, real, self, wantV6)
+	return resolveHosts(ctx, r, real, self, wantV6, tlsa)
 }
 
 // resolveHosts resolves the addresses of the MX hosts, in parallel, and
 // classifies the outcome: none resolvable and all NXDOMAIN → permanent
 // (RFC 5321 §5.1: MX records present but none usable); any temporary
-// failure → temporary.
-func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self string, wantV6 bool) ([]Host, error) {
+// failure → temporary. With tlsa (DANE on, the MX RRset secure), a host
+// whose address records are secure gets its TLSA records looked up too,
+// in the same goroutine.
+func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self string, wantV6, tlsa bool) ([]Host, error) {
 	self = strings.ToLower(strings.TrimSuffix(self, "."))
 	hosts := make([]Host, 0, len(mxs))
 	for _, mx := range mxs {
@@ -130,7 +147,10 @@ func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self stri
 		wg.Add(1)
 		go func(h *Host) {
 			defer wg.Done()
-			ips, err := r.LookupIP(ctx, h.Name, wantV6)
+			ips, secure, name, err := r.LookupIPSecure(ctx, h.Name, wantV6)
+			if tlsa && secure && len(ips) > 0 {
+				h.DANE = discoverDANE(ctx, r, h.Name, name)
+			}
 			if len(ips) > maxIPsPerHost {
 				ips = ips[:maxIPsPerHost]
 			}

@@ -73,7 +73,7 @@ func TestRoute(t *testing.T) {
 	}
 	for _, tc := range tests {
 		t.Run(tc.name, func(t *testing.T) {
-			hosts, err := route(ctx, r, tc.domain, "relay.self.test", false)
+			hosts, err := route(ctx, r, tc.domain, "relay.self.test", false, false)
 			if tc.enhanced != "" {
 				var re *routeError
 				if !errors.As(err, &re) {
@@ -118,7 +118,7 @@ func TestRouteRandomizesEqualPreferences(t *testing.T) {
 	first := map[string]int{}
 	const n = 60
 	for range n {
-		hosts, err := route(context.Background(), r, "eq.test", "relay.test", false)
+		hosts, err := route(context.Background(), r, "eq.test", "relay.test", false, false)
 		if err != nil {
 			t.Fatal(err)
 		}
@@ -143,7 +143,7 @@ func TestRouteBoundsHosts(t *testing.T) {
 		w.DNS.SetA(h, "192.0.2.1", "192.0.2.2", "192.0.2.3")
 	}
 	w.DNS.SetMX("many.test", mxs...)
-	hosts, err := route(context.Background(), r, "many.test", "relay.test", false)
+	hosts, err := route(context.Background(), r, "many.test", "relay.test", false, false)
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -37,6 +37,10 @@ type ProbeResult struct {
 	CertNotAfter time.Time `json:"cert_not_after,omitzero"`
 	CertDaysLeft *int      `json:"cert_days_left,omitempty"`
 	Error        string    `json:"error,omitempty"`
+	// Chain is the certificate chain the server presented, leaf first
+	// (tls.ConnectionState.PeerCertificates), for checks such as DANE
+	// TLSA matching; nil without a TLS session. Not in the JSON.
+	Chain []*x509.Certificate `json:"-"`
 }
 
 // Probe connects to ip as the relay would for MX host, does STARTTLS
@@ -76,6 +80,9 @@ func Probe(ctx context.Context, host string, ip net.IP, o ProbeOptions) ProbeRes
 	if !res.CertVerified {
 		rt, _ := policy.Classify(s.state)
 		res.ResultType, res.CertError = string(rt), s.state.CertError.Error()
+	}
+	if st, ok := s.c.ConnectionState(); ok {
+		res.Chain = st.PeerCertificates
 	}
 	if s.leaf != nil {
 		res.CertNames = s.leaf.DNSNames

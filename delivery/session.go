@@ -12,6 +12,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/delivery/policy"
+	"github.com/stsrelay/stsrelay/internal/dane"
 	"github.com/stsrelay/stsrelay/internal/smtpclient"
 )
 
@@ -31,6 +32,10 @@ type session struct {
 	lastUsed time.Time
 	// state is what the set-up learnt about TLS, for policy.CheckConn.
 	state policy.ConnState
+	// dane is what TLSA discovery had found for the host when the
+	// session was set up (RFC 7672 §2.2), for policy.CheckConn: reuse
+	// judges the session under it.
+	dane policy.DANE
 	// policyID is the MTA-STS policy id in force when the session was
 	// set up; reuse re-checks the policy.
 	policyID string
@@ -95,6 +100,9 @@ type dialOptions struct {
 	// Plaintext skips STARTTLS even if offered (the fallback after a
 	// failed handshake when no policy demands TLS).
 	Plaintext bool
+	// DANE, when its Status is DANEUsable, authenticates the server by
+	// its TLSA records instead of the Web PKI (RFC 7672 §3).
+	DANE policy.DANE
 	// Track, when set, wraps the new connection (the engine keeps it, to
 	// close it at the shutdown deadline).
 	Track func(net.Conn) net.Conn
@@ -106,6 +114,10 @@ type dialOptions struct {
 // STARTTLS or a failed handshake is returned as a sessionError with its
 // TLS state; the caller decides (policy.CheckConn) whether to retry in
 // plaintext.
+//
+// With usable DANE records (o.DANE), the handshake itself checks the
+// chain against them (dane.Config, RFC 7672 §3) and fails when none
+// matches; the Web PKI check still runs, for the log's tls_verified.
 //
 // A resumed TLS session is checked exactly as a full one: Go keeps the
 // server's chain with the session, verifyCert runs on it, and a server
@@ -158,8 +170,15 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 		// SNI is the MX host name (RFC 8461 §7.1 MUST). Verification is
 		// ours (verifyCert) so that failures can be classified and, when
 		// no policy demands it, delivery can go on over unverified TLS.
-		st, err := c.StartTLS(&tls.Config{ServerName: host, InsecureSkipVerify: true, MinVersion: tls.VersionTLS12,
-			ClientSessionCache: o.TLSSessions})
+		cfg := &tls.Config{ServerName: host, InsecureSkipVerify: true, MinVersion: tls.VersionTLS12,
+			ClientSessionCache: o.TLSSessions}
+		byDANE := o.DANE.Status == policy.DANEUsable
+		if byDANE {
+			// RFC 7672 §8.1: SNI is the TLSA base domain. A resumed
+			// session is checked against the records too.
+			cfg = dane.Config(cfg, o.DANE.Base, o.DANE.Records, daneNames(o.DANE.Base, host), o.Now)
+		}
+		st, err := c.StartTLS(cfg)
 		if err != nil {
 			var re *smtpclient.ReplyError
 			var pe *smtpclient.ProtocolError
@@ -185,6 +204,7 @@ func dial(ctx context.Context, host, ip string, o dialOptions) (*session, error)
 		s.version = st.Version
 		s.resumed = st.DidResume
 		s.state.TLS = true
+		s.state.DANE = byDANE
 		s.state.CertError = verifyCert(st, host, o.Roots, o.Now())
 		if len(st.PeerCertificates) > 0 {
 			s.leaf = st.PeerCertificates[0]

@@ -29,8 +29,11 @@ type checkReport struct {
 	MXError  string               `json:"mx_error,omitempty"`
 	Patterns []checkPattern       `json:"patterns,omitempty"`
 	TLSRPT   checkTLSRPT          `json:"tls_rpt"`
-	Problems []string             `json:"problems"`
-	Advice   []string             `json:"advice"`
+	// DNSSEC is whether DNSSEC can be judged and the MX RRset is
+	// secure; each MX's DANE findings are in its "dane" object.
+	DNSSEC   checkDNSSEC `json:"dnssec"`
+	Problems []string    `json:"problems"`
+	Advice   []string    `json:"advice"`
 	// Forecast is the relay's enforce forecast for the domain, with
 	// -config, when the relay counted sessions to it.
 	Forecast *forecast.Summary `json:"forecast,omitempty"`
@@ -43,6 +46,8 @@ type checkMX struct {
 	MatchesPolicy *bool                  `json:"matches_policy,omitempty"`
 	Addresses     []delivery.ProbeResult `json:"addresses"`
 	Error         string                 `json:"error,omitempty"`
+	// DANE is the TLSA assessment of the host (see checkDANE).
+	DANE checkDANE `json:"dane"`
 }
 
 type checkPattern struct {
@@ -109,7 +114,8 @@ func cmdCheck(args []string) error {
 
 // runCheck gathers the findings: the MTA-STS record and policy, the MX
 // hosts and how they align with the policy's patterns, each MX address's
-// STARTTLS and certificate, and the TLS-RPT record.
+// STARTTLS and certificate, DNSSEC and each MX's DANE TLSA records (see
+// checkdane.go), and the TLS-RPT record.
 func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots, extra *x509.CertPool, domain string) *checkReport {
 	rep := &checkReport{Domain: domain, MX: []checkMX{}, Problems: []string{}, Advice: []string{}}
 	fetcher := &mtasts.Fetcher{HTTPSPort: cfg.MTASTS.HTTPSPort, Timeout: cfg.MTASTS.FetchTimeout.Duration,
@@ -123,23 +129,27 @@ func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, 
 	}
 
 	// MX hosts, in preference order, each address probed.
-	mxs, err := res.LookupMX(ctx, domain)
+	mxs, mxSecure, err := res.LookupMXSecure(ctx, domain)
+	rep.DNSSEC = checkDNSSEC{ADTrusted: res.TrustsAD(), Servers: res.Servers(), MXSecure: mxSecure}
 	switch {
 	case errors.Is(err, dnsclient.ErrNoData):
 		mxs = []dnsclient.MX{{Host: domain}}
 		rep.Advice = append(rep.Advice, "no MX records: senders use the domain itself (implicit MX, RFC 5321 §5.1)")
 	case err != nil:
 		rep.MXError = err.Error()
+		rep.DNSSEC.MXSecure = false
 		rep.Problems = append(rep.Problems, "MX lookup failed: "+err.Error())
 	}
 	if len(mxs) == 1 && mxs[0].Host == "." {
 		rep.Advice = append(rep.Advice, "null MX (RFC 7505): the domain accepts no mail")
 		mxs = nil
 	}
+	now := time.Now()
 	var wg sync.WaitGroup
 	rep.MX = make([]checkMX, len(mxs))
 	for i, mx := range mxs {
-		rep.MX[i] = checkMX{Host: mx.Host, Pref: mx.Pref, Addresses: []delivery.ProbeResult{}}
+		rep.MX[i] = checkMX{Host: mx.Host, Pref: mx.Pref, Addresses: []delivery.ProbeResult{},
+			DANE: checkDANE{Records: []checkTLSA{}, Certificates: []checkDANECert{}}}
 		if policy != nil && policy.Mode != mtasts.ModeNone {
 			m := policy.Matches(mx.Host)
 			rep.MX[i].MatchesPolicy = &m
@@ -147,7 +157,12 @@ func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, 
 		wg.Add(1)
 		go func(c *checkMX) {
 			defer wg.Done()
-			ips, err := res.LookupIP(ctx, c.Host, false)
+			ips, secure, name, err := res.LookupIPSecure(ctx, c.Host, false)
+			// DANE is assessed even when the addresses are missing: a
+			// TLSA lookup that fails in a signed zone is worth knowing.
+			defer func() {
+				c.DANE = assessDANE(ctx, res, c.Host, rep.DNSSEC.ADTrusted, rep.DNSSEC.MXSecure, secure, name, c.Addresses, now)
+			}()
 			if err != nil {
 				c.Error = err.Error()
 				return
@@ -163,7 +178,8 @@ func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, 
 		}(&rep.MX[i])
 	}
 	wg.Wait()
-	for _, mx := range rep.MX {
+	for i := range rep.MX {
+		mx := &rep.MX[i]
 		if mx.Error != "" {
 			rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s: address lookup failed: %s", mx.Host, mx.Error))
 		}
@@ -176,6 +192,10 @@ func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, 
 				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: cannot connect: %s", mx.Host, a.IP, a.Error))
 			case a.ResultType == string(tlsrpt.ResultSTARTTLSNotSupported):
 				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: no STARTTLS", mx.Host, a.IP))
+			case !a.CertVerified && mx.MatchesPolicy == nil && mx.DANE.authenticates(a.IP):
+				// No MTA-STS policy asks for WebPKI: DANE senders
+				// authenticate the server, the others use TLS anyway.
+				rep.Advice = append(rep.Advice, fmt.Sprintf("MX %s [%s]: certificate not valid for %s under WebPKI (%s), but DANE-authenticated", mx.Host, a.IP, mx.Host, a.ResultType))
 			case !a.CertVerified:
 				msg := a.CertError
 				if msg == "" {
@@ -186,6 +206,7 @@ func runCheck(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, 
 				rep.Advice = append(rep.Advice, fmt.Sprintf("MX %s [%s]: certificate expires in %d day(s)", mx.Host, a.IP, *a.CertDaysLeft))
 			}
 		}
+		daneFindings(rep, mx)
 	}
 	if policy != nil && policy.Mode != mtasts.ModeNone {
 		for _, p := range policy.MX {
@@ -273,7 +294,7 @@ func printCheck(r *checkReport) {
 	for _, mx := range r.MX {
 		ok := mx.Error == "" && (mx.MatchesPolicy == nil || *mx.MatchesPolicy)
 		for _, a := range mx.Addresses {
-			ok = ok && a.Connected && a.CertVerified
+			ok = ok && a.Connected && (a.CertVerified || mx.MatchesPolicy == nil && mx.DANE.authenticates(a.IP))
 		}
 		match := ""
 		if mx.MatchesPolicy != nil {
@@ -291,6 +312,8 @@ func printCheck(r *checkReport) {
 				fmt.Printf("       %s: no STARTTLS\n", a.IP)
 			case a.CertVerified:
 				fmt.Printf("       %s: STARTTLS %s, certificate valid, %d day(s) left\n", a.IP, a.TLSVersion, deref(a.CertDaysLeft))
+			case mx.DANE.authenticates(a.IP):
+				fmt.Printf("       %s: STARTTLS %s, certificate not WebPKI-valid (%s), DANE-authenticated\n", a.IP, a.TLSVersion, a.ResultType)
 			default:
 				fmt.Printf("       %s: STARTTLS %s, certificate INVALID (%s): %s\n", a.IP, a.TLSVersion, a.ResultType, a.CertError+a.Error)
 			}
@@ -308,6 +331,7 @@ func printCheck(r *checkReport) {
 	} else {
 		fmt.Printf("%s\n", tr.Error)
 	}
+	printCheckDANE(r)
 	if len(r.Problems) > 0 {
 		fmt.Printf("\nProblems:\n")
 		for _, p := range r.Problems {

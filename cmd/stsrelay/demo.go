@@ -1,10 +1,14 @@
 package main
 
-// `stsrelay demo`: MTA-STS and TLS-RPT at work in one command, on
+// `stsrelay demo`: MTA-STS, DANE and TLS-RPT at work in one command, on
 // loopback, without root or Internet access. A small world from
 // internal/testworld (DNS server, demo CA, MX hosts, policy hosts, a
 // TLS-RPT receiver) and a real relay (serve, in this process, on a
 // generated configuration) with one message per kind of destination.
+//
+// The world's DNS server sets the AD bit on dane.demo's names, as a
+// validating resolver would for a DNSSEC-signed zone; it is on loopback,
+// which is what dns.trust_ad = "loopback" trusts.
 
 import (
 	"bufio"
@@ -26,10 +30,12 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+	"github.com/miekg/dns"
 	"github.com/pelletier/go-toml/v2"
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/dane"
 	"github.com/stsrelay/stsrelay/internal/logging"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
@@ -61,6 +67,17 @@ type demoStep struct {
 	Delivery map[string]any `json:"delivery,omitempty"`
 	// Report is the TLS-RPT report the domain received (decoded JSON).
 	Report json.RawMessage `json:"tlsrpt_report,omitempty"`
+	// reportDomain is the policy domain the report is for, when it is
+	// not Domain: for DANE the TLSA base domain (RFC 8460 §3).
+	reportDomain string
+}
+
+// policyDomain is the TLS-RPT policy domain of the step's sessions.
+func (s *demoStep) policyDomain() string {
+	if s.reportDomain != "" {
+		return s.reportDomain
+	}
+	return s.Domain
 }
 
 // demoResult is the -json output.
@@ -197,6 +214,30 @@ func buildDemoWorld(dir string) (*demoWorld, error) {
 		return nil, err
 	}
 	w.DNS.SetA("mx.plain.demo", plain.IP())
+
+	// dane.demo: DNSSEC-signed (AD on its MX, address and TLSA answers),
+	// and a TLSA 3 1 1 record (DANE-EE, SPKI, SHA-256) for its MX's
+	// self-signed certificate: DANE authenticates what the Web PKI
+	// cannot (RFC 7672 §3.1.1). TLS-RPT for DANE goes to the TLSA base
+	// domain, mx.dane.demo (RFC 8460 §3).
+	dcert, err := w.CA.IssueCert(testworld.CertSelfSigned, "mx.dane.demo")
+	if err != nil {
+		return nil, err
+	}
+	dm, err := w.StartMX(testworld.MXOptions{Hostname: "mx.dane.demo", Cert: dcert})
+	if err != nil {
+		return nil, err
+	}
+	dw.mx["mx.dane.demo"] = dm
+	w.DNS.SetMX("dane.demo", testworld.MX{Pref: 10, Host: "mx.dane.demo"})
+	w.DNS.SetA("mx.dane.demo", dm.IP())
+	rec := dane.Record(3, 1, 1, dcert.Leaf)
+	rec.Hdr = dns.RR_Header{Name: "_25._tcp.mx.dane.demo.", Rrtype: dns.TypeTLSA, Class: dns.ClassINET, Ttl: testworld.DefaultTTL}
+	w.DNS.AddRR(rec)
+	for _, n := range []string{"dane.demo", "mx.dane.demo", "_25._tcp.mx.dane.demo"} {
+		w.DNS.SetAD(n, true)
+	}
+	w.DNS.SetTXT("_smtp._tls.mx.dane.demo", []string{"v=TLSRPTv1; rua=" + rua})
 	ok = true
 	return dw, nil
 }
@@ -273,7 +314,7 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 	}
 	say := func(format string, a ...any) { fmt.Fprintf(out, format+"\n", a...) }
 
-	say("stsrelay demo: a loopback world with a DNS server, a demo CA, four destination domains and a TLS-RPT receiver.")
+	say("stsrelay demo: a loopback world with a DNS server, a demo CA, five destination domains and a TLS-RPT receiver.")
 	dw, err := buildDemoWorld(filepath.Join(dir, "world"))
 	if err != nil {
 		return nil, fmt.Errorf("demo: building the world: %w", err)
@@ -328,6 +369,8 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 		{Domain: "spoofed.demo", Setup: "MTA-STS enforce; DNS now points mx.spoofed.demo at an impostor with a self-signed certificate", Expected: "refused"},
 		{Domain: "rollout.demo", Setup: "MTA-STS testing; its MX's certificate has expired", Expected: "delivered-recorded-failure"},
 		{Domain: "plain.demo", Setup: "no MTA-STS policy; its MX has a self-signed certificate", Expected: "delivered-opportunistic"},
+		{Domain: "dane.demo", Setup: "DNSSEC-signed, with a TLSA 3 1 1 record at _25._tcp.mx.dane.demo for its MX's self-signed certificate",
+			Expected: "delivered-dane-authenticated", reportDomain: "mx.dane.demo"},
 	}
 	tlsCfg := &tls.Config{ServerName: "relay.demo", RootCAs: dw.w.CA.Pool()}
 	for _, s := range steps {
@@ -367,7 +410,7 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	for _, s := range steps {
-		js, ok := reports[s.Domain]
+		js, ok := reports[s.policyDomain()]
 		if !ok {
 			s.OK = false
 			s.Details = append(s.Details, "no TLS-RPT report arrived")
@@ -407,7 +450,7 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 		}
 		var buf bytes.Buffer
 		_ = json.Indent(&buf, s.Report, "      ", "  ")
-		say("\nTLS-RPT report received for %s:\n      %s", s.Domain, buf.String())
+		say("\nTLS-RPT report received for %s:\n      %s", s.policyDomain(), buf.String())
 	}
 	say("\ndelivery log lines:")
 	for _, l := range logf.rawLines(func(m map[string]any) bool { return m["msg"] == "delivery" }) {
@@ -479,6 +522,10 @@ func judgeDemoStep(s *demoStep, dw *demoWorld, cfg *config.Config) {
 	case result == "delivered" && mode == "testing" && rr != "":
 		s.Outcome = "delivered-recorded-failure"
 		s.Details = append(s.Details, fmt.Sprintf("delivered to %s over %s under testing; recorded as %s for TLS-RPT", str("mx"), tlsv, rr))
+	case result == "delivered" && str("dane") == "authenticated" && rr == "":
+		s.Outcome = "delivered-dane-authenticated"
+		s.Details = append(s.Details, fmt.Sprintf("delivered to %s over %s, its certificate authenticated by the domain's TLSA record (DANE-EE), though the Web PKI would refuse it (tls_verified %v)",
+			str("mx"), tlsv, verified))
 	case result == "delivered" && mode == "":
 		s.Outcome = "delivered-opportunistic"
 		v := "not verified, which no policy asks for"
@@ -511,7 +558,8 @@ func jsonNum(v any) string {
 }
 
 // reportAgrees checks a domain's TLS-RPT report against the outcome:
-// a success for good.demo and plain.demo, a failure for the others.
+// a success for good.demo and plain.demo, a success under policy-type
+// tlsa for dane.demo, a failure for the others.
 func reportAgrees(s *demoStep, js json.RawMessage) bool {
 	var r struct {
 		Policies []struct {
@@ -535,6 +583,8 @@ func reportAgrees(s *demoStep, js json.RawMessage) bool {
 	switch s.Domain {
 	case "good.demo", "plain.demo":
 		return succ > 0 && fail == 0
+	case "dane.demo":
+		return succ > 0 && fail == 0 && r.Policies[0].Policy.PolicyType == "tlsa"
 	default:
 		return fail > 0
 	}

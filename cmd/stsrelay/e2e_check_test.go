@@ -24,6 +24,13 @@ func checkWorld(t *testing.T, mxCert testworld.CertKind) (*testworld.World, stri
 	w.DNS.SetTXT("_smtp._tls.ex.test", []string{"v=TLSRPTv1; rua=mailto:tlsrpt@ex.test"})
 	pol := w.PolicyHost("ex.test", testworld.CertValid)
 	pol.SetPolicy("version: STSv1\nmode: enforce\nmx: mx1.ex.test\nmx: *.backup.ex.test\nmax_age: 604800\n")
+	return w, writeCheckConfig(t, w)
+}
+
+// writeCheckConfig writes the test configuration for w to a file, for
+// `check -config`.
+func writeCheckConfig(t *testing.T, w *testworld.World) string {
+	t.Helper()
 	cfg := testConfig(t, w)
 	data, err := toml.Marshal(cfg)
 	if err != nil {
@@ -33,7 +40,7 @@ func checkWorld(t *testing.T, mxCert testworld.CertKind) (*testworld.World, stri
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	return w, path
+	return path
 }
 
 func runCheckCLI(t *testing.T, cfgPath string, args ...string) (string, int) {

@@ -72,6 +72,7 @@ func TestE2EDemo(t *testing.T) {
 		"spoofed.demo": "refused",
 		"rollout.demo": "delivered-recorded-failure",
 		"plain.demo":   "delivered-opportunistic",
+		"dane.demo":    "delivered-dane-authenticated",
 	}
 	for _, s := range res.Steps {
 		if w, ok := want[s.Domain]; !ok || s.Outcome != w || !s.OK {
@@ -88,8 +89,35 @@ func TestE2EDemo(t *testing.T) {
 	if len(want) != 0 {
 		t.Errorf("steps missing: %v", want)
 	}
-	if len(res.LogLines) < 4 {
-		t.Errorf("%d delivery log lines, want 4", len(res.LogLines))
+	if len(res.LogLines) < 5 {
+		t.Errorf("%d delivery log lines, want 5", len(res.LogLines))
+	}
+	// dane.demo: DANE authenticated the self-signed certificate of its MX
+	// (RFC 7672 §3.1.1), and the TLSA base domain got a tlsa report with
+	// the record as policy-string (RFC 8460 §3, §4.4).
+	for _, s := range res.Steps {
+		if s.Domain != "dane.demo" {
+			continue
+		}
+		if s.Delivery["dane"] != "authenticated" || s.Delivery["tls_verified"] != false {
+			t.Errorf("dane.demo delivery line %v: want dane authenticated, tls_verified false", s.Delivery)
+		}
+		var rep struct {
+			Policies []struct {
+				Policy struct {
+					Type   string   `json:"policy-type"`
+					String []string `json:"policy-string"`
+					Domain string   `json:"policy-domain"`
+				} `json:"policy"`
+			} `json:"policies"`
+		}
+		if err := json.Unmarshal(s.Report, &rep); err != nil || len(rep.Policies) != 1 {
+			t.Fatalf("dane.demo report: %v\n%s", err, s.Report)
+		}
+		p := rep.Policies[0].Policy
+		if p.Type != "tlsa" || p.Domain != "mx.dane.demo" || len(p.String) != 1 || !strings.HasPrefix(p.String[0], "3 1 1 ") {
+			t.Errorf("dane.demo report policy %+v, want tlsa for mx.dane.demo with one 3 1 1 record", p)
+		}
 	}
 	for _, l := range res.LogLines {
 		var m map[string]any
@@ -122,13 +150,14 @@ func TestE2EDemo(t *testing.T) {
 	}
 }
 
-// TestE2EDemoText: the narration names the four outcomes and ends well.
+// TestE2EDemoText: the narration names the five outcomes and ends well.
 func TestE2EDemoText(t *testing.T) {
 	out, errOut, code, _ := runDemoBinary(t)
 	if code != 0 {
 		t.Fatalf("demo exit %d\n%s\n%s", code, out, errOut)
 	}
 	for _, s := range []string{"[OK ] good.demo", "[OK ] spoofed.demo", "[OK ] rollout.demo", "[OK ] plain.demo",
+		"[OK ] dane.demo", "authenticated by the domain's TLSA record", `"policy-type": "tlsa"`, `"dane":"authenticated"`,
 		"was sent nothing", "still in the queue", `"result-type": "certificate-not-trusted"`, `"msg":"delivery"`,
 		"all steps behaved as expected"} {
 		if !strings.Contains(out, s) {

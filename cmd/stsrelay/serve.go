@@ -143,6 +143,9 @@ func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
 		Timeout:      cfg.DNS.Timeout.Duration,
 		CacheEntries: cfg.DNS.CacheEntries,
 		CacheMaxTTL:  cfg.DNS.CacheMaxTTL.Duration,
+		// The AD bit of answers counts only from a resolver trusted to
+		// validate (RFC 6840 §5.8); DANE (RFC 7672) depends on it.
+		TrustAD: cfg.DNS.TrustAD,
 	})
 	if err != nil {
 		return nil, fmt.Errorf("dns: %w", err)
@@ -199,7 +202,8 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 		})
 	met.ObserveQueueDisk(func() metrics.QueueDisk {
 		st := store.Stats()
-		return metrics.QueueDisk{DiskBytes: st.DiskBytes, LiveBytes: st.LiveBytes, Segments: st.Segments, Compactions: st.Compactions}
+		return metrics.QueueDisk{DiskBytes: st.DiskBytes, LiveBytes: st.LiveBytes, MaxDiskBytes: cfg.Queue.MaxDiskBytes,
+			Segments: st.Segments, Compactions: st.Compactions}
 	})
 	resolver, err := newResolver(cfg)
 	if err != nil {

@@ -109,7 +109,7 @@ func TestCheckConnMatrix(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			v := CheckConn(c.p, c.mx, c.c)
+			v := CheckConn(c.p, c.mx, DANE{}, c.c)
 			got := want{v.Action, v.Result, v.ReasonCode, v.PolicyType, v.Count, v.Code, v.Enhanced}
 			w := c.want
 			if w.reason == "" && w.result != "" && got.reason != "" {
@@ -152,7 +152,7 @@ func TestCheckMX(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			v := CheckMX(c.p, c.mx)
+			v := CheckMX(c.p, c.mx, DANE{})
 			if v.Action != c.action || v.Code != c.code || v.Count != c.count {
 				t.Errorf("got action %v code %d count %v, want %v %d %v", v.Action, v.Code, v.Count, c.action, c.code, c.count)
 			}
@@ -167,9 +167,9 @@ func TestCheckMX(t *testing.T) {
 // address their error text holds: they aggregate into one row.
 func TestReasonCodesAreStable(t *testing.T) {
 	p := Policy{STS: sts(t, "testing")}
-	a := CheckConn(p, "mx1.example.org", ConnState{STARTTLSOffered: true, TLS: true, CertError: errExpired})
+	a := CheckConn(p, "mx1.example.org", DANE{}, ConnState{STARTTLSOffered: true, TLS: true, CertError: errExpired})
 	later := x509.CertificateInvalidError{Reason: x509.Expired, Detail: "current time " + time.Now().Format(time.RFC3339) + " is after …"}
-	b := CheckConn(p, "mx1.example.org", ConnState{STARTTLSOffered: true, TLS: true, CertError: later})
+	b := CheckConn(p, "mx1.example.org", DANE{}, ConnState{STARTTLSOffered: true, TLS: true, CertError: later})
 	if a.ReasonCode != b.ReasonCode || a.Result != b.Result {
 		t.Errorf("%q/%q vs %q/%q", a.Result, a.ReasonCode, b.Result, b.ReasonCode)
 	}
@@ -208,7 +208,6 @@ func TestOverrideMatrix(t *testing.T) {
 		{"verify on no policy refuses an untrusted certificate", Policy{Override: SecurityVerify}, listed, untrusted, want{NextMX, NT, N, true}, false, false, true},
 		{"verify on no policy refuses plaintext", Policy{Override: SecurityVerify}, listed, plaintext, want{NextMX, tlsrpt.ResultSTARTTLSNotSupported, N, true}, false, false, true},
 		{"verify on no policy: no plaintext fallback", Policy{Override: SecurityVerify}, listed, handshake, want{NextMX, tlsrpt.ResultValidationFailure, N, true}, false, false, true},
-		{"dane is verify until DANE lands", Policy{Override: SecurityDANE}, listed, untrusted, want{NextMX, NT, N, true}, false, false, true},
 		{"verify on testing: unverified refused", Policy{STS: testing_, Override: SecurityVerify}, listed, untrusted, want{NextMX, NT, S, true}, false, false, true},
 		{"encrypt on no policy: untrusted goes", Policy{Override: SecurityEncrypt}, listed, untrusted, want{Use, "", N, true}, false, false, true},
 		{"encrypt on no policy refuses plaintext", Policy{Override: SecurityEncrypt}, listed, plaintext, want{NextMX, tlsrpt.ResultSTARTTLSNotSupported, N, true}, false, false, true},
@@ -227,18 +226,18 @@ func TestOverrideMatrix(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			if mv := CheckMX(c.p, c.mx); mv.Action != Use {
+			if mv := CheckMX(c.p, c.mx, DANE{}); mv.Action != Use {
 				if c.want.action != NextMX {
 					t.Fatalf("CheckMX refused: %+v", mv)
 				}
 				return
 			}
-			v := CheckConn(c.p, c.mx, c.c)
+			v := CheckConn(c.p, c.mx, DANE{}, c.c)
 			got := want{v.Action, v.Result, v.PolicyType, v.Count}
 			if got != c.want {
 				t.Errorf("CheckConn\n got %+v\nwant %+v", got, c.want)
 			}
-			if got := [3]bool{c.p.Weakens(), c.p.OverrideIgnored(), c.p.STARTTLS()}; got != [3]bool{c.weakens, c.ignored, c.starttls} {
+			if got := [3]bool{c.p.Weakens(), c.p.OverrideIgnored(), c.p.STARTTLS(DANE{})}; got != [3]bool{c.weakens, c.ignored, c.starttls} {
 				t.Errorf("Weakens/OverrideIgnored/STARTTLS = %v, want %v", got, [3]bool{c.weakens, c.ignored, c.starttls})
 			}
 			if v.Action == NextMX && v.Reason == "" {
@@ -247,7 +246,7 @@ func TestOverrideMatrix(t *testing.T) {
 		})
 	}
 	// An enforce policy's MX list stands unless override_policy.
-	if v := CheckMX(Policy{STS: enforce, Override: SecurityMay}, unlisted); v.Action != NextMX {
+	if v := CheckMX(Policy{STS: enforce, Override: SecurityMay}, unlisted, DANE{}); v.Action != NextMX {
 		t.Errorf("may on enforce let an unlisted MX through: %+v", v)
 	}
 }

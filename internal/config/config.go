@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"github.com/pelletier/go-toml/v2"
+
+	"github.com/stsrelay/stsrelay/internal/dnsclient"
 )
 
 // Duration is a time.Duration written in TOML as a Go duration string
@@ -49,6 +51,8 @@ type Config struct {
 	TLS        TLS        `toml:"tls"`
 	MTASTS     MTASTS     `toml:"mtasts"`
 	TLSRPT     TLSRPT     `toml:"tlsrpt"`
+	DANE       DANE       `toml:"dane"`
+	Cluster    Cluster    `toml:"cluster"`
 	Log        Log        `toml:"log"`
 	Metrics    Metrics    `toml:"metrics"`
 	// Routes send chosen domains to a fixed next hop instead of their
@@ -115,6 +119,11 @@ type DNS struct {
 	CacheMaxTTL Duration `toml:"cache_max_ttl"`
 	// CacheEntries bounds the answer cache (LRU); 0 disables it.
 	CacheEntries int `toml:"cache_entries"`
+	// TrustAD says when the AD bit of answers is believed, which DANE
+	// needs (RFC 6840 §5.8): "loopback" (only when every server is on a
+	// loopback address: a validating resolver on this host), "always" or
+	// "never" (dnsclient.ParseTrustAD).
+	TrustAD string `toml:"trust_ad"`
 }
 
 // Delivery configures outbound SMTP sessions.
@@ -165,6 +174,31 @@ type TLSRPT struct {
 	// addresses; off by default, since a domain's DNS chooses the rua.
 	AllowPrivateRUA bool `toml:"allow_private_rua"`
 }
+
+// DANE configures DANE for SMTP (RFC 7672).
+type DANE struct {
+	// Enabled authenticates MX hosts by their DNSSEC-signed TLSA records.
+	// It takes effect only where dns.trust_ad trusts the resolver.
+	Enabled bool `toml:"enabled"`
+}
+
+// Cluster configures fleet mode: several relays sharing one queue, one
+// MTA-STS cache and one TLS-RPT reporter on NATS JetStream. An empty
+// NATSURLs means standalone.
+type Cluster struct {
+	NATSURLs        []string `toml:"nats_urls"`
+	CredentialsFile string   `toml:"credentials_file"`
+	// NodeName names this relay in the fleet (default: hostname).
+	NodeName string `toml:"node_name"`
+	// Replicas is how many NATS servers store each message (a 250 waits
+	// for a quorum of them).
+	Replicas int `toml:"replicas"`
+	// StreamPrefix names the fleet's streams, buckets and subjects.
+	StreamPrefix string `toml:"stream_prefix"`
+}
+
+// Enabled reports whether fleet mode is on.
+func (c Cluster) Enabled() bool { return len(c.NATSURLs) > 0 }
 
 // Log configures the zap logger.
 type Log struct {
@@ -242,7 +276,8 @@ func Default() *Config {
 			MaxQueueTime:     Duration{120 * time.Hour},
 			DelayNoticeAfter: Duration{4 * time.Hour},
 		},
-		DNS: DNS{Timeout: Duration{5 * time.Second}, CacheMaxTTL: Duration{time.Hour}, CacheEntries: 100000},
+		DNS: DNS{Timeout: Duration{5 * time.Second}, CacheMaxTTL: Duration{time.Hour}, CacheEntries: 100000,
+			TrustAD: dnsclient.TrustADLoopback},
 		Delivery: Delivery{
 			Port:                  25,
 			ConnectTimeout:        Duration{30 * time.Second},
@@ -266,7 +301,9 @@ func Default() *Config {
 			From:             "tlsrpt-noreply@example.net",
 			Interval:         Duration{24 * time.Hour},
 		},
-		Log: Log{Level: "info", Format: "json", Output: "stderr"},
+		DANE:    DANE{Enabled: true},
+		Cluster: Cluster{Replicas: 3, StreamPrefix: "stsrelay"},
+		Log:     Log{Level: "info", Format: "json", Output: "stderr"},
 	}
 }
 
@@ -576,6 +613,11 @@ func (c *Config) validate() error {
 	if c.DNS.CacheEntries < 0 {
 		return keyErr("dns.cache_entries", "must not be negative (0 disables the cache), got %d", c.DNS.CacheEntries)
 	}
+	trust, err := dnsclient.ParseTrustAD(c.DNS.TrustAD)
+	if err != nil {
+		return keyErr("dns.trust_ad", "must be %q, %q or %q, got %q", dnsclient.TrustADLoopback, dnsclient.TrustADAlways, dnsclient.TrustADNever, c.DNS.TrustAD)
+	}
+	c.DNS.TrustAD = trust
 	d := &c.Delivery
 	if d.Port <= 0 || d.Port > 65535 {
 		return keyErr("delivery.port", "must be 1-65535, got %d", d.Port)
@@ -632,7 +674,40 @@ func (c *Config) validate() error {
 			return keyErr("metrics.listen", "%v", err)
 		}
 	}
+	if err := c.validateCluster(); err != nil {
+		return err
+	}
 	return c.validateRouting()
+}
+
+// validateCluster checks [cluster].
+func (c *Config) validateCluster() error {
+	cl := &c.Cluster
+	for _, u := range cl.NATSURLs {
+		if !strings.Contains(u, "://") {
+			return keyErr("cluster.nats_urls", "want URLs such as nats://host:4222, got %q", u)
+		}
+	}
+	if cl.Replicas < 1 || cl.Replicas > 5 {
+		return keyErr("cluster.replicas", "must be 1 to 5 (JetStream's limit), got %d", cl.Replicas)
+	}
+	if cl.StreamPrefix == "" {
+		return keyErr("cluster.stream_prefix", "must not be empty")
+	}
+	for _, r := range cl.StreamPrefix {
+		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-') {
+			return keyErr("cluster.stream_prefix", "may hold letters, digits, '-' and '_' only, got %q", cl.StreamPrefix)
+		}
+	}
+	if cl.CredentialsFile != "" {
+		if _, err := os.Stat(cl.CredentialsFile); err != nil {
+			return keyErr("cluster.credentials_file", "%v", err)
+		}
+	}
+	if cl.NodeName == "" {
+		cl.NodeName = c.Hostname
+	}
+	return nil
 }
 
 // validateRouting checks [[route]] and [[tls_policy]]: each domain named

@@ -89,6 +89,8 @@ func TestLoadErrorsNameFileKeyAndLine(t *testing.T) {
 		{"unknown log format", "[log]\nformat = \"xml\"\n", "log.format", 2, `"xml"`},
 		{"empty log output", "[log]\noutput = \"\"\n", "log.output", 2, ""},
 		{"DNS server without port", "[dns]\nservers = [\"192.0.2.53\"]\n", "dns.servers", 2, "192.0.2.53"},
+		{"unknown trust_ad mode", "[dns]\ntimeout = \"5s\"\ntrust_ad = \"sometimes\"\n", "dns.trust_ad", 3, `"sometimes"`},
+		{"dane.enabled not a boolean", "[dane]\nenabled = \"yes\"\n", "dane.enabled", 2, ""},
 		{"zero workers", "[queue]\nworkers = 0\n", "queue.workers", 2, ""},
 		{"empty retry schedule", "[queue]\nretry_schedule = []\n", "queue.retry_schedule", 2, ""},
 		{"zero retry interval", "[queue]\nretry_schedule = [\"5m\", \"0s\"]\n", "queue.retry_schedule", 2, ""},
@@ -194,6 +196,8 @@ func TestDefaults(t *testing.T) {
 		{"queue.delay_notice_after", cfg.Queue.DelayNoticeAfter, d("4h")},
 		{"dns.servers", len(cfg.DNS.Servers), 0},
 		{"dns.timeout", cfg.DNS.Timeout, d("5s")},
+		{"dns.trust_ad", cfg.DNS.TrustAD, "loopback"},
+		{"dane.enabled", cfg.DANE.Enabled, true},
 		{"delivery.port", cfg.Delivery.Port, 25},
 		{"delivery.connect_timeout", cfg.Delivery.ConnectTimeout, d("30s")},
 		{"delivery.command_timeout", cfg.Delivery.CommandTimeout, d("5m")},
@@ -454,5 +458,17 @@ username = "b"
 				t.Fatalf("keyLine(%q) = %d, want %d", tt.key, got, tt.want)
 			}
 		})
+	}
+}
+
+// dns.trust_ad is read as dnsclient.ParseTrustAD reads it: any case, in
+// canonical form after Load; [dane] enabled can be turned off.
+func TestTrustADAndDANE(t *testing.T) {
+	cfg, err := Load(writeConfig(t, "[dns]\ntrust_ad = \"Always\"\n\n[dane]\nenabled = false\n"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if cfg.DNS.TrustAD != "always" || cfg.DANE.Enabled {
+		t.Errorf("trust_ad %q, dane.enabled %v; want always, false", cfg.DNS.TrustAD, cfg.DANE.Enabled)
 	}
 }

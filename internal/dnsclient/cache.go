@@ -45,15 +45,19 @@ type entry struct {
 	ans *Answer // nil when err is set; its TTL and Expires are not set
 	// txt holds the character-strings of ans's TXT records, made once so
 	// that a cached TXT lookup allocates nothing.
-	txt     [][]string
-	err     error
+	txt [][]string
+	err error
+	// secure is whether the outcome is DNSSEC-secure: ans.Secure for an
+	// answer, whether the denial was for NXDOMAIN or NODATA, false for a
+	// failure. It is kept apart from ans so that a cached denial keeps it.
+	secure  bool
 	expires time.Time
 
 	prev, next *entry // LRU list; guarded by cache.mu
 }
 
-func newEntry(k cacheKey, ans *Answer, err error, ttl time.Duration, now time.Time) *entry {
-	e := &entry{key: k, ans: ans, err: err, expires: now.Add(ttl)}
+func newEntry(k cacheKey, ans *Answer, secure bool, err error, ttl time.Duration, now time.Time) *entry {
+	e := &entry{key: k, ans: ans, err: err, secure: secure, expires: now.Add(ttl)}
 	if ans != nil && k.qtype == dns.TypeTXT {
 		e.txt = make([][]string, 0, len(ans.RRs))
 		for _, rr := range ans.RRs {
@@ -200,9 +204,9 @@ func contextError(k cacheKey, err error) error {
 // fly runs the lookup of flight f and caches its outcome, unless every
 // caller gave up on it (then the outcome is only the cancellation).
 func (r *Resolver) fly(ctx context.Context, k cacheKey, f *flight) {
-	ans, ttl, err := r.lookup(ctx, dns.Fqdn(k.name), k.qtype)
+	ans, ttl, secure, err := r.lookup(ctx, dns.Fqdn(k.name), k.qtype)
 	now := r.now()
-	e := newEntry(k, ans, err, min(ttl, r.maxTTL), now)
+	e := newEntry(k, ans, secure, err, min(ttl, r.maxTTL), now)
 	c := r.cache
 	c.mu.Lock()
 	if c.flights[k] == f {

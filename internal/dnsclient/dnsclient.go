@@ -12,6 +12,14 @@
 // lookups of one question send one query. Lookups report how long their
 // answer stays valid (Answer.TTL, TXTAnswer.TTL), so that a caller can act
 // when a record's TTL runs out (RFC 8461 §3.1).
+//
+// For DANE (RFC 7672) a lookup also says whether its answer is
+// DNSSEC-secure. The client does not validate: it sets the DO and AD bits
+// in its queries (RFC 3225, RFC 6840 §5.7) and believes the AD bit of the
+// answer (Answer.Authentic) only from servers it may trust (RFC 6840 §5.8:
+// a stub resolver must know the path to its validating resolver is safe).
+// Options.TrustAD says which: by default only when every server is on a
+// loopback address. Answer.Secure is the AD bit so judged.
 package dnsclient
 
 import (
@@ -54,10 +62,66 @@ func IsNotFound(err error) bool {
 // IsTemporary reports whether err is a temporary DNS failure.
 func IsTemporary(err error) bool { return errors.Is(err, ErrTemporary) }
 
+// Values of Options.TrustAD (config dns.trust_ad): when the AD bit of an
+// answer is believed, making it Secure.
+const (
+	// TrustADLoopback believes the AD bit only when every server queried
+	// is on a loopback address (127.0.0.0/8 or ::1), where no one on the
+	// network can forge or strip it: a validating resolver on this host.
+	// It is the default.
+	TrustADLoopback = "loopback"
+	// TrustADAlways believes the AD bit from any server: for a validating
+	// resolver reached over a network path the operator trusts.
+	TrustADAlways = "always"
+	// TrustADNever never believes it: no answer is Secure, DANE is off.
+	TrustADNever = "never"
+)
+
+// ParseTrustAD checks a dns.trust_ad value and returns it in canonical
+// form: "" is TrustADLoopback, and case does not matter.
+func ParseTrustAD(s string) (string, error) {
+	switch v := strings.ToLower(s); v {
+	case "":
+		return TrustADLoopback, nil
+	case TrustADLoopback, TrustADAlways, TrustADNever:
+		return v, nil
+	}
+	return "", fmt.Errorf("dns trust_ad must be %q, %q or %q, got %q", TrustADLoopback, TrustADAlways, TrustADNever, s)
+}
+
+// trusts reports whether the AD bit of answers from servers ("host:port")
+// is believed under mode (a value ParseTrustAD returned). In loopback mode
+// every server must be an IP literal on a loopback address; a host name
+// (even "localhost") or an empty list is not trusted.
+func trusts(servers []string, mode string) bool {
+	switch mode {
+	case TrustADAlways:
+		return true
+	case TrustADLoopback:
+	default:
+		return false
+	}
+	if len(servers) == 0 {
+		return false
+	}
+	for _, s := range servers {
+		host, _, err := net.SplitHostPort(s)
+		if err != nil {
+			host = strings.TrimSuffix(strings.TrimPrefix(s, "["), "]")
+		}
+		ip := net.ParseIP(host)
+		if ip == nil || !ip.IsLoopback() {
+			return false
+		}
+	}
+	return true
+}
+
 // Resolver sends queries to a list of recursive servers, in order, and
 // keeps their answers in its cache. It is safe for concurrent use.
 type Resolver struct {
 	servers []string
+	trustAD bool // the AD bit of answers is believed: see Options.TrustAD
 	timeout time.Duration
 	maxTTL  time.Duration
 	now     func() time.Time
@@ -79,6 +143,11 @@ type Options struct {
 	CacheMaxTTL time.Duration
 	// Now is the clock TTLs are measured with; nil means time.Now.
 	Now func() time.Time
+	// TrustAD says when the AD bit of answers is believed (config
+	// dns.trust_ad): TrustADLoopback (the default when empty), only when
+	// every server, configured or from resolv.conf, is a loopback address;
+	// TrustADAlways; or TrustADNever. Other values are an error.
+	TrustAD string
 }
 
 // New returns a resolver for servers ("host:port") without a cache; with
@@ -102,8 +171,13 @@ func NewWithOptions(opts Options) (*Resolver, error) {
 	if opts.CacheEntries < 0 {
 		return nil, fmt.Errorf("dns cache entries must not be negative, got %d", opts.CacheEntries)
 	}
+	mode, err := ParseTrustAD(opts.TrustAD)
+	if err != nil {
+		return nil, err
+	}
 	r := &Resolver{
 		servers: servers,
+		trustAD: trusts(servers, mode),
 		timeout: opts.Timeout,
 		maxTTL:  opts.CacheMaxTTL,
 		now:     opts.Now,
@@ -144,6 +218,10 @@ func systemServers(path string) ([]string, error) {
 // Servers returns the servers queried, in order.
 func (r *Resolver) Servers() []string { return append([]string(nil), r.servers...) }
 
+// TrustsAD reports whether this resolver believes the AD bit of its
+// servers' answers (Options.TrustAD): when false, no answer is Secure.
+func (r *Resolver) TrustsAD() bool { return r.trustAD }
+
 // Answer is the outcome of one lookup after CNAMEs were followed.
 type Answer struct {
 	// Name is the owner of the records in RRs: the queried name, or the
@@ -152,8 +230,13 @@ type Answer struct {
 	// RRs holds the records of the type asked. They are shared with the
 	// cache and other callers: do not modify them.
 	RRs []dns.RR
-	// Authentic is the AD bit of the final response.
+	// Authentic is the AD bit of the final response, whether or not the
+	// server is trusted to set it.
 	Authentic bool
+	// Secure says the answer is DNSSEC-secure: the resolver trusts the AD
+	// bit (Resolver.TrustsAD) and every response the lookup used had it
+	// set, those that led through a CNAME chain included.
+	Secure bool
 	// TTL is how long the answer stays valid from the lookup on: the
 	// smallest TTL of the records used, the CNAMEs of the chain included,
 	// capped by Options.CacheMaxTTL, less the time it has spent in the
@@ -183,29 +266,36 @@ func (r *Resolver) Lookup(ctx context.Context, name string, qtype uint16) (*Answ
 // lookup is Lookup without the cache. It also returns how long its
 // outcome may be cached, before the cap: the smallest TTL of the records
 // used for an answer, the RFC 2308 TTL for a negative one, failureTTL for
-// a failure.
-func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16) (*Answer, time.Duration, error) {
+// a failure; and whether the outcome is DNSSEC-secure: for an answer its
+// Secure, for NXDOMAIN or NODATA whether the denial is (every response
+// used had the AD bit, and the resolver trusts it), for a failure false.
+func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16) (*Answer, time.Duration, bool, error) {
 	seen := map[string]bool{}
 	// chain is the smallest TTL, in seconds, of the CNAMEs followed so far.
 	chain := uint32(math.MaxUint32)
+	// secure is whether every response so far carried a trusted AD bit:
+	// a CNAME chain spread over several responses is only as secure as
+	// its least secure link.
+	secure := r.trustAD
 	for range maxCNAMEChain + 1 {
 		// A name asked again was reached through a CNAME, and the walk
 		// below already checked it against the chain for a loop.
 		seen[name] = true
 		msg, err := r.exchange(ctx, name, qtype)
 		if err != nil {
-			return nil, failureTTL, err
+			return nil, failureTTL, false, err
 		}
+		secure = secure && msg.AuthenticatedData
 		switch msg.Rcode {
 		case dns.RcodeSuccess:
 		case dns.RcodeNameError:
 			// An NXDOMAIN at the end of a CNAME chain still means the
 			// target does not exist.
-			return nil, negativeTTL(msg, chain), fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNotFound)
+			return nil, negativeTTL(msg, chain), secure, fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNotFound)
 		default:
-			return nil, failureTTL, fmt.Errorf("%s %s: server answered %s: %w", name, dns.TypeToString[qtype], dns.RcodeToString[msg.Rcode], ErrTemporary)
+			return nil, failureTTL, false, fmt.Errorf("%s %s: server answered %s: %w", name, dns.TypeToString[qtype], dns.RcodeToString[msg.Rcode], ErrTemporary)
 		}
-		ans := &Answer{Name: name, Authentic: msg.AuthenticatedData}
+		ans := &Answer{Name: name, Authentic: msg.AuthenticatedData, Secure: secure}
 		// Walk the answer section: the server may have put the whole
 		// CNAME chain and the target's records in one response.
 		cur := name
@@ -219,7 +309,7 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16) (*Answ
 				if c, ok := rr.(*dns.CNAME); ok && qtype != dns.TypeCNAME {
 					next := strings.ToLower(dns.Fqdn(c.Target))
 					if seen[next] {
-						return nil, failureTTL, fmt.Errorf("%s %s: CNAME loop: %w", name, dns.TypeToString[qtype], ErrTemporary)
+						return nil, failureTTL, false, fmt.Errorf("%s %s: CNAME loop: %w", name, dns.TypeToString[qtype], ErrTemporary)
 					}
 					seen[next] = true
 					chain = min(chain, ttlOf(h.Ttl))
@@ -240,7 +330,7 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16) (*Answ
 		}
 		if len(ans.RRs) > 0 {
 			ans.Name = cur
-			return ans, time.Duration(ttl) * time.Second, nil
+			return ans, time.Duration(ttl) * time.Second, secure, nil
 		}
 		if cur != name {
 			// The chain continued to a name whose records were not in
@@ -248,19 +338,23 @@ func (r *Resolver) lookup(ctx context.Context, name string, qtype uint16) (*Answ
 			name = cur
 			continue
 		}
-		return nil, negativeTTL(msg, chain), fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNoData)
+		return nil, negativeTTL(msg, chain), secure, fmt.Errorf("%s %s: %w", name, dns.TypeToString[qtype], ErrNoData)
 	}
-	return nil, failureTTL, fmt.Errorf("%s %s: CNAME chain longer than %d: %w", name, dns.TypeToString[qtype], maxCNAMEChain, ErrTemporary)
+	return nil, failureTTL, false, fmt.Errorf("%s %s: CNAME chain longer than %d: %w", name, dns.TypeToString[qtype], maxCNAMEChain, ErrTemporary)
 }
 
 // exchange asks each server in turn, over UDP and then TCP when the
 // answer was truncated; the first server that answers (with any rcode but
-// SERVFAIL/REFUSED) wins.
+// SERVFAIL/REFUSED) wins. The query sets the EDNS0 DO bit (RFC 3225: a
+// validating resolver then returns what it validated, and sets AD on it)
+// and the AD bit (RFC 6840 §5.7: the client understands AD); CD stays
+// clear, so that the server validates and answers SERVFAIL when the data
+// is bogus. DNSSEC records make answers larger, hence the TCP retry.
 func (r *Resolver) exchange(ctx context.Context, name string, qtype uint16) (*dns.Msg, error) {
 	q := new(dns.Msg)
 	q.SetQuestion(name, qtype)
 	q.RecursionDesired = true
-	q.SetEdns0(1232, false)
+	q.SetEdns0(1232, true)
 	q.AuthenticatedData = true
 	var lastErr error
 	for _, server := range r.servers {
@@ -363,12 +457,22 @@ type MX struct {
 // records (not of any CNAME target), lower-cased, without trailing dot;
 // a null MX (RFC 7505) shows as Host ".".
 func (r *Resolver) LookupMX(ctx context.Context, domain string) ([]MX, error) {
+	mxs, _, err := r.LookupMXSecure(ctx, domain)
+	return mxs, err
+}
+
+// LookupMXSecure is LookupMX that also reports whether the MX RRset is
+// DNSSEC-secure (Answer.Secure: the CNAMEs leading to it included), as
+// RFC 7672 §2.2.1 needs. With an error wrapping ErrNotFound or ErrNoData
+// the bool says whether that denial was secure; with any other error it
+// is false.
+func (r *Resolver) LookupMXSecure(ctx context.Context, domain string) ([]MX, bool, error) {
 	e, _, err := r.resolve(ctx, domain, dns.TypeMX, false)
 	if err != nil {
-		return nil, err
+		return nil, false, err
 	}
 	if e.err != nil {
-		return nil, e.err
+		return nil, e.secure, e.err
 	}
 	out := make([]MX, 0, len(e.ans.RRs))
 	for _, rr := range e.ans.RRs {
@@ -384,7 +488,7 @@ func (r *Resolver) LookupMX(ctx context.Context, domain string) ([]MX, error) {
 	}
 	rand.Shuffle(len(out), func(i, j int) { out[i], out[j] = out[j], out[i] })
 	sort.SliceStable(out, func(i, j int) bool { return out[i].Pref < out[j].Pref })
-	return out, nil
+	return out, e.secure, nil
 }
 
 // LookupIP returns the IPv4 addresses of host and, when wantV6, its IPv6
@@ -392,8 +496,22 @@ func (r *Resolver) LookupMX(ctx context.Context, domain string) ([]MX, error) {
 // returns an error wrapping ErrNoData or ErrNotFound; if one family fails
 // temporarily and the other answers, the answer is returned.
 func (r *Resolver) LookupIP(ctx context.Context, host string, wantV6 bool) ([]net.IP, error) {
+	ips, _, _, err := r.LookupIPSecure(ctx, host, wantV6)
+	return ips, err
+}
+
+// LookupIPSecure is LookupIP that also reports whether the addresses are
+// DNSSEC-secure, and the name that holds them. secure is true only when
+// every address RRset returned is (Answer.Secure, CNAMEs included); a
+// family that has no records or failed, and so gives no address, does
+// not count. name is the owner of the addresses after CNAME expansion
+// (of the first family that answered), lower case without trailing dot:
+// when secure and not host itself, it is the candidate TLSA base domain
+// of RFC 7672 §2.2.2. With an error, secure is false and name empty.
+func (r *Resolver) LookupIPSecure(ctx context.Context, host string, wantV6 bool) ([]net.IP, bool, string, error) {
 	var ips []net.IP
 	var errs []error
+	secure, name := true, ""
 	types := []uint16{dns.TypeA}
 	if wantV6 {
 		types = append(types, dns.TypeAAAA)
@@ -407,6 +525,13 @@ func (r *Resolver) LookupIP(ctx context.Context, host string, wantV6 bool) ([]ne
 			errs = append(errs, err)
 			continue
 		}
+		if len(e.ans.RRs) == 0 {
+			continue
+		}
+		if name == "" {
+			name = canonicalName(e.ans.Name)
+		}
+		secure = secure && e.ans.Secure
 		// Copies: the records are shared with the cache.
 		for _, rr := range e.ans.RRs {
 			switch v := rr.(type) {
@@ -418,22 +543,22 @@ func (r *Resolver) LookupIP(ctx context.Context, host string, wantV6 bool) ([]ne
 		}
 	}
 	if len(ips) > 0 {
-		return ips, nil
+		return ips, secure, name, nil
 	}
 	for _, err := range errs {
 		if IsTemporary(err) {
-			return nil, err
+			return nil, false, "", err
 		}
 	}
 	for _, err := range errs {
 		if errors.Is(err, ErrNotFound) {
-			return nil, err
+			return nil, false, "", err
 		}
 	}
 	if len(errs) > 0 {
-		return nil, errs[0]
+		return nil, false, "", errs[0]
 	}
-	return nil, fmt.Errorf("%s: %w", host, ErrNoData)
+	return nil, false, "", fmt.Errorf("%s: %w", host, ErrNoData)
 }
 
 // DialContext connects to addr ("host:port") resolving host with this

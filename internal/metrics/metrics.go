@@ -28,6 +28,7 @@ type Metrics struct {
 	TLSRPTReports     *prometheus.CounterVec
 	policiesByMode    *prometheus.GaugeVec
 	ready             atomic.Bool
+	readyCheck        atomic.Pointer[func() (bool, string)]
 	queueLen, oldestS func() float64
 
 	// SubmissionRejected is stsrelay_submission_connections_rejected_total{reason}.
@@ -119,6 +120,49 @@ func (m *Metrics) SetPolicies(byMode map[string]int) {
 // SetReady flips /readyz.
 func (m *Metrics) SetReady(ok bool) { m.ready.Store(ok) }
 
+// SetReadyCheck adds a condition /readyz asks on every request (fleet
+// mode: the NATS connection is up); it returns false and why when the
+// relay cannot take mail now.
+func (m *Metrics) SetReadyCheck(check func() (bool, string)) { m.readyCheck.Store(&check) }
+
+// FleetStats is what ObserveFleet reads at scrape time.
+type FleetStats struct {
+	Connected    bool
+	Reporter     bool
+	Redeliveries uint64
+	Disconnects  uint64
+}
+
+// ObserveFleet exports stsrelay_fleet_connected, stsrelay_fleet_reporter
+// (1 on the node that sends the fleet's TLS-RPT reports),
+// stsrelay_fleet_redeliveries_total (queue messages handed to this node
+// again after another's lease ran out) and
+// stsrelay_fleet_disconnects_total, and returns the histogram
+// stsrelay_fleet_publish_seconds for the queue to observe each
+// acknowledged publish in. Call it once, in fleet mode only.
+func (m *Metrics) ObserveFleet(stats func() FleetStats) prometheus.Observer {
+	b2f := func(b bool) float64 {
+		if b {
+			return 1
+		}
+		return 0
+	}
+	h := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "stsrelay_fleet_publish_seconds",
+		Help:    "Time from publishing a queue message to JetStream's acknowledgement (stored on a quorum).",
+		Buckets: []float64{.0005, .001, .0025, .005, .01, .025, .05, .1, .25, .5, 1, 2.5}})
+	m.Registry.MustRegister(h,
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_fleet_connected", Help: "1 while the NATS connection is up."},
+			func() float64 { return b2f(stats().Connected) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "stsrelay_fleet_reporter", Help: "1 on the node elected to send the fleet's TLS-RPT reports."},
+			func() float64 { return b2f(stats().Reporter) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "stsrelay_fleet_redeliveries_total", Help: "Queue messages redelivered to this node after a lease ran out."},
+			func() float64 { return float64(stats().Redeliveries) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Name: "stsrelay_fleet_disconnects_total", Help: "NATS connections lost."},
+			func() float64 { return float64(stats().Disconnects) }),
+	)
+	return h
+}
+
 // ObserveDNSCache exports stsrelay_dns_cache_lookups_total{result="hit|miss"},
 // read from lookups at scrape time (dnsclient.Resolver.CacheLookups), so
 // the lookups themselves pay nothing for it. Call it once.
@@ -134,8 +178,8 @@ func (m *Metrics) ObserveDNSCache(lookups func() (hits, misses uint64)) {
 // QueueDisk is what ObserveQueueDisk reads at scrape time.
 type QueueDisk struct {
 	DiskBytes, LiveBytes, MaxDiskBytes int64
-	Segments             int
-	Compactions          uint64
+	Segments                           int
+	Compactions                        uint64
 }
 
 // ObserveQueueDisk exports stsrelay_queue_disk_bytes,
@@ -170,6 +214,12 @@ func (m *Metrics) Serve(ctx context.Context, addr string) (net.Addr, error) {
 		if !m.ready.Load() {
 			http.Error(w, "not ready", http.StatusServiceUnavailable)
 			return
+		}
+		if c := m.readyCheck.Load(); c != nil {
+			if ok, why := (*c)(); !ok {
+				http.Error(w, "not ready: "+why, http.StatusServiceUnavailable)
+				return
+			}
 		}
 		w.Write([]byte("ready\n"))
 	})
