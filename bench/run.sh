@@ -14,6 +14,14 @@
 #                              ~13-20 minutes on 2 cores (see bench/README.md)
 #                              (defaults SIZES=2048 CONCS=20 FSYNC=0
 #                              RESTART_N=0 when MODES is just "wan")
+#   MODES=scale bench/run.sh   only the queue-at-scale case (issue #12): a
+#                              disk pinned by one deferred message, and
+#                              100,000 / 1,000,000 messages queued for a dead
+#                              destination (restart, RSS, queue summary/list);
+#                              ~8-10 minutes; QUICK=1 (100,000 only, smaller
+#                              pinned-disk run): ~5 minutes (see
+#                              bench/README.md; FSYNC=0 RESTART_N=0 when
+#                              MODES is just "scale")
 #
 # Environment (all optional):
 #   QUICK=1            fewer messages per case, smaller restart test
@@ -40,6 +48,9 @@
 #                              benchworld's own STARTTLS sink, which does or
 #                              does not advertise CHUNKING; not in the
 #                              default MODES
+#                      scale : the queue at scale (issue #12), run once
+#                              after the other modes; not in the default
+#                              MODES. Knobs below (SCALE_*)
 #   WAN_DELAYS="5 25"  one-way delays in ms (RTT = 2x) of the wan mode
 #   WAN_SINKS="chunking nochunking"   which WAN sinks
 #   WAN_NMSG=2000      messages per wan run (QUICK: 500; NMSG overrides)
@@ -52,6 +63,16 @@
 #   WAN_HANDSHAKE=1    the proxy also models the TCP handshake (dials the
 #                      sink 1.5 RTT after accepting); 0: only chunk delays
 #   STSRELAY_BIN=PATH  use this stsrelay binary instead of building ./cmd/stsrelay
+#   SCALE_PARTS="pin dead"   scale mode: which parts
+#   SCALE_PIN_N=60000 SCALE_PIN_SIZE=4096   scale "pin": messages delivered
+#                      after the one deferred (QUICK: 20000 x 10240; either
+#                      way several 64 MiB log segments)
+#   SCALE_DEAD_NS="100000 1000000"   scale "dead": stsrelay queue sizes,
+#                      filled offline with `benchtool fillqueue` (QUICK:
+#                      "100000")
+#   SCALE_PF_DEAD_N=100000   scale "dead": messages queued in Postfix (over
+#                      SMTP, 2-4 minutes); 0 skips Postfix there
+#   SCALE_SYSTEMS="stsrelay postfix"   which systems the scale mode runs
 #   RESTART_N=100000   messages queued (destination down) for the restart
 #                      and memory-with-a-full-queue test; 0 skips it
 #                      (QUICK default: 10000)
@@ -90,6 +111,11 @@ REPO=$(cd "$BENCH_DIR/.." && pwd)
 QUICK=${QUICK:-0}
 REPS=${REPS:-3}
 MODES=${MODES:-"plain tls sts accept"}
+if [ "$MODES" = scale ]; then
+	# The queue-at-scale case alone (issue #12): nothing else.
+	FSYNC=${FSYNC:-0}
+	RESTART_N=${RESTART_N:-0}
+fi
 if [ "$MODES" = wan ]; then
 	# The WAN case alone: issue #10's configuration, nothing else.
 	SIZES=${SIZES:-2048}
@@ -527,6 +553,7 @@ for rep in $(seq "$REPS"); do
 				plain | accept) systems="stsrelay postfix" ;;
 				tls | wan) systems="stsrelay postfix postfix-reuse" ;;
 				sts) systems="stsrelay" ;;
+				scale) continue ;; # runs once, below
 				*) die "unknown mode $mode" ;;
 				esac
 				# Alternate the order from one repetition to the next.
@@ -626,18 +653,301 @@ if [ "$RESTART_N" -gt 0 ]; then
 	done
 fi
 
+# ---------------------------------------------------------------- queue at scale (issue #12)
+SCALE_TSV=$OUT/scale.tsv
+printf 'test\tsys\tn\tsize\tkey\tvalue\n' >"$SCALE_TSV"
+SCALE_PARTS=${SCALE_PARTS:-"pin dead"}
+SCALE_SYSTEMS=${SCALE_SYSTEMS:-"stsrelay postfix"}
+SCALE_PF_DEAD_N=${SCALE_PF_DEAD_N:-100000}
+if [ "$QUICK" = 1 ]; then
+	SCALE_PIN_N=${SCALE_PIN_N:-20000} SCALE_PIN_SIZE=${SCALE_PIN_SIZE:-10240} SCALE_DEAD_NS=${SCALE_DEAD_NS:-100000}
+else
+	SCALE_PIN_N=${SCALE_PIN_N:-60000} SCALE_PIN_SIZE=${SCALE_PIN_SIZE:-4096} SCALE_DEAD_NS=${SCALE_DEAD_NS:-"100000 1000000"}
+fi
+SCALE_METRICS_URL=http://127.0.0.10:9464/metrics
+SCALE_QMETRICS=stsrelay_queue_disk_bytes,stsrelay_queue_live_bytes,stsrelay_queue_segments,stsrelay_queue_compactions_total,stsrelay_queue_messages
+
+kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -1; } # kv "k=v k=v" KEY
+now_ns() { date +%s%N; }
+since_s() { awk -v a="$1" -v b="$(date +%s%N)" 'BEGIN { printf "%.3f", (b - a) / 1e9 }'; }
+# scale_put TEST SYS N SIZE KEY VALUE ...: figures for the scale table
+scale_put() {
+	local t=$1 sys=$2 n=$3 size=$4
+	shift 4
+	while [ $# -ge 2 ]; do
+		printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$t" "$sys" "$n" "$size" "$1" "${2:--}" >>"$SCALE_TSV"
+		shift 2
+	done
+}
+# scale_result SYS MODE SIZE CONC N ACCEPT DELIVER DRAIN PSS RSS PROCS CHECK: a results.tsv row
+scale_result() {
+	printf '1\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\t-\t%s\t-\t-\t-\t-\t-\t-\t-\n' "$@" >>"$RESULTS"
+}
+qfiles() { # Postfix queue dir: files waiting in incoming, active, maildrop
+	find "$1/incoming" "$1/active" "$1/maildrop" -type f 2>/dev/null | wc -l || true
+}
+# sts_start_ready DIR: start stsrelay on an existing DIR; READY = exec →
+# submission port accepts a connection AND the log has "started" (10 ms polls)
+sts_start_ready() {
+	local d=$1 t0 off out
+	off=$(stat -c %s "$d/stsrelay.log" 2>/dev/null || echo 0)
+	t0=$(now_ns)
+	"$STSRELAY" serve -config "$d/stsrelay.toml" >>"$d/stderr" 2>&1 &
+	STS_PID=$!
+	track $STS_PID
+	out=$("$BT" waitready -addr $SUB_STS -log "$d/stsrelay.log" -log-offset "$off" -since "$t0" -interval 10ms -timeout 10m) ||
+		die "stsrelay did not start: $(tail -5 "$d/stderr")"
+	READY=$(kv "$out" ready_s)
+	MAIN_PID=$STS_PID
+}
+# sampler_start FILE CMD...: run CMD every second, appending to FILE, until sampler_stop
+SAMPLER_PID=
+sampler_start() {
+	local f=$1
+	shift
+	(while :; do "$@" >>"$f" 2>/dev/null || true; sleep 1; done) &
+	SAMPLER_PID=$!
+	track $SAMPLER_PID
+}
+sampler_stop() {
+	[ -n "$SAMPLER_PID" ] || return 0
+	kill -TERM "$SAMPLER_PID" 2>/dev/null || true
+	wait "$SAMPLER_PID" 2>/dev/null || true
+	untrack "$SAMPLER_PID"
+	SAMPLER_PID=
+}
+pf_du_line() { echo "du_bytes=$(du -sb "$1" 2>/dev/null | cut -f1)"; }
+
+# Part 1: a disk pinned by one deferred message. One message to the dead
+# destination, then N to the plain sink; once all N are delivered (sink
+# count) and compaction has settled, how big is the queue on disk?
+scale_pin() { # sys
+	local sys=$1 n=$SCALE_PIN_N size=$SCALE_PIN_SIZE d addr out m t0 last prev i stable settle du peak
+	d=$OUT/run/scale-pin-$sys
+	mkdir -p "$OUT/run"
+	log "scale pin: $sys, 1 message deferred, then $n x $size B delivered"
+	rm -f "$d.disk" "$d.sinkc"
+	sink_start "$d.sinkc"
+	case $sys in
+	stsrelay)
+		sts_start "$d"
+		addr=$SUB_STS
+		sampler_start "$d.disk" "$BT" metrics -url $SCALE_METRICS_URL -names stsrelay_queue_disk_bytes
+		;;
+	postfix)
+		rm -rf "$d"
+		pf_config "$d" plain 0
+		echo "down.bench.test smtp:[$DOWN_IP]:$MX_PORT" >"$d/etc/transport"
+		echo "transport_maps = texthash:$d/etc/transport" >>"$d/etc/main.cf"
+		pf_start "$d" plain 0 keep
+		addr=$SUB_PF
+		sampler_start "$d.disk" pf_du_line "$d/queue"
+		;;
+	esac
+	"$BT" load -lat -addr "$addr" -n 1 -size "$size" -from $FROM -to rcpt@down.bench.test >/dev/null ||
+		die "scale pin: could not submit the deferred message to $sys"
+	if ! out=$("$BT" load -count-sinkc "$d.sinkc" -expect "$n" -pids "$MAIN_PID" -timeout 30m -- \
+		"$(command -v smtp-source)" -s 20 -m "$n" -l "$size" -f $FROM -t rcpt@plain.bench.test -M client.bench.test "$addr" 2>"$d.load.err"); then
+		log "scale pin: $sys run failed: $(tail -3 "$d.load.err")"
+		out="failed=1"
+	fi
+	# Let compaction (stsrelay) / the queue manager (Postfix) settle: until
+	# the queue's size has not changed for 5 s, at most 30 s.
+	t0=$(now_ns)
+	prev= stable=0 settle=0
+	for ((i = 0; i < 30; i++)); do
+		case $sys in
+		stsrelay) m=$("$BT" metrics -url $SCALE_METRICS_URL -names "$SCALE_QMETRICS" || echo scrape-failed) ;;
+		postfix) m="$(qfiles "$d/queue") $(du -sb "$d/queue" | cut -f1)" ;;
+		esac
+		if [ "$m" = "$prev" ]; then
+			stable=$((stable + 1))
+			[ $stable -ge 5 ] && break
+		else
+			stable=0 prev=$m settle=$(since_s "$t0")
+		fi
+		sleep 1
+	done
+	sampler_stop
+	peak=$(sed -n 's/.*_bytes=\([0-9]*\).*/\1/p' "$d.disk" | sort -n | tail -1)
+	case $sys in
+	stsrelay)
+		du=$(du -sb "$d/data/queue" | cut -f1)
+		m=$("$BT" metrics -url $SCALE_METRICS_URL -names "$SCALE_QMETRICS" || true)
+		ls -l "$d/data/queue/log" >"$d.segments" 2>&1 || true
+		sts_stop
+		scale_put pin stsrelay "$n" "$size" du_queue_bytes "$du" settle_s "$settle" peak_disk_bytes "$peak" \
+			disk_bytes "$(kv "$m" stsrelay_queue_disk_bytes)" live_bytes "$(kv "$m" stsrelay_queue_live_bytes)" \
+			segments "$(kv "$m" stsrelay_queue_segments)" compactions "$(kv "$m" stsrelay_queue_compactions_total)" \
+			messages "$(kv "$m" stsrelay_queue_messages)"
+		;;
+	postfix)
+		du=$(du -sb "$d/queue" | cut -f1)
+		local deferred
+		deferred=$(find "$d/queue/deferred" -type f | wc -l || true)
+		m="queued=$deferred waiting=$(qfiles "$d/queue")"
+		pf_stop
+		scale_put pin postfix "$n" "$size" du_queue_bytes "$du" settle_s "$settle" peak_du_bytes "$peak" messages "$deferred"
+		;;
+	esac
+	sink_stop
+	local acc del
+	acc=$(kv "$out" accept_s) del=$(kv "$out" deliver_s)
+	scale_put pin "$sys" "$n" "$size" accept_s "${acc:--}" deliver_s "${del:--}" \
+		accept_rate "$(awk -v n="$n" -v t="${acc:-0}" 'BEGIN { if (t > 0) printf "%.1f", n / t; else print "-" }')" \
+		deliver_rate "$(awk -v n="$n" -v t="${del:-0}" 'BEGIN { if (t > 0) printf "%.1f", n / t; else print "-" }')"
+	local check
+	check=$(echo "du_queue_bytes=$du settle_s=$settle peak_disk_bytes=$peak $m" | tr ' ' ',')
+	scale_result "$sys" scale-pin "$size" 20 "$n" "${acc:--}" "${del:--}" "$(kv "$out" drain_s)" \
+		"$(kv "$out" peak_pss_kb)" "$(kv "$out" peak_rss_kb)" "$(kv "$out" max_procs)" "$check"
+	log "scale pin $sys: $out du=$du settle=${settle}s peak=$peak $m"
+}
+
+# Part 2: N messages for a dead destination. stsrelay: filled offline,
+# then restart time, RSS after 20 s, queue summary/list, and two more
+# restarts (checkpoint from shutdown; no checkpoint).
+scale_dead_stsrelay() { # n
+	local n=$1 size=2048 d out fill du r1 p20 m20 sum_s list_s all_s hwm_sum hwm_list hwm_cli stop r2 p2 r3 p3 t0 queued
+	d=$OUT/run/scale-dead-$n-stsrelay
+	log "scale dead: stsrelay, filling $n messages offline"
+	rm -rf "$d"
+	mkdir -p "$d/data"
+	sts_config "$d"
+	out=$("$BT" fillqueue -dir "$d/data/queue" -n "$n" -size $size -domain down.bench.test 2>"$d.fill.err") ||
+		die "fillqueue: $(tail -3 "$d.fill.err")"
+	fill=$(kv "$out" fill_s)
+	du=$(du -sb "$d/data/queue" | cut -f1)
+	sts_start_ready "$d"
+	r1=$READY
+	log "scale dead stsrelay $n: fill=${fill}s du=$du restart=${r1}s; waiting 20 s"
+	sleep 20
+	p20=$("$BT" procstat -pids "$STS_PID")
+	m20=$("$BT" metrics -url $SCALE_METRICS_URL -names "$SCALE_QMETRICS,go_memstats_heap_inuse_bytes,go_memstats_next_gc_bytes,go_memstats_heap_released_bytes,go_memstats_heap_idle_bytes" || true)
+	queued=$(grep '"msg":"queue opened"' "$d/stsrelay.log" | head -1 | sed -n 's/.*"messages":\([0-9]*\).*/\1/p' || true)
+	t0=$(now_ns)
+	"$STSRELAY" queue summary -config "$d/stsrelay.toml" >"$d.summary" 2>&1 || log "queue summary failed: $(tail -2 "$d.summary")"
+	sum_s=$(since_s "$t0")
+	hwm_sum=$(kv "$("$BT" procstat -pids "$STS_PID")" vmhwm_kb)
+	t0=$(now_ns)
+	"$STSRELAY" queue list -config "$d/stsrelay.toml" >"$d.list" 2>"$d.list.err" || log "queue list failed: $(tail -2 "$d.list.err")"
+	list_s=$(since_s "$t0")
+	hwm_list=$(kv "$("$BT" procstat -pids "$STS_PID")" vmhwm_kb)
+	t0=$(now_ns)
+	"$STSRELAY" queue list -limit 0 -config "$d/stsrelay.toml" >/dev/null 2>"$d.listall.err" || log "queue list -limit 0 failed: $(tail -2 "$d.listall.err")"
+	all_s=$(since_s "$t0")
+	hwm_cli=$(kv "$("$BT" procstat -pids "$STS_PID")" vmhwm_kb)
+	t0=$(now_ns)
+	sts_stop
+	stop=$(since_s "$t0")
+	[ -f "$d/data/queue/index.ckpt" ] || log "scale dead: no index.ckpt after shutdown"
+	sts_start_ready "$d"
+	r2=$READY
+	p2=$("$BT" procstat -pids "$STS_PID")
+	sts_stop
+	rm -f "$d/data/queue/index.ckpt"
+	sts_start_ready "$d"
+	r3=$READY
+	p3=$("$BT" procstat -pids "$STS_PID")
+	sts_stop
+	scale_put dead stsrelay "$n" $size fill_s "$fill" queued "${queued:-?}" du_queue_bytes "$du" restart1_s "$r1" \
+		vmrss20_kb "$(kv "$p20" vmrss_kb)" vmhwm20_kb "$(kv "$p20" vmhwm_kb)" pss20_kb "$(kv "$p20" pss_kb)" procs20 "$(kv "$p20" procs)" \
+		rssanon20_kb "$(kv "$p20" rssanon_kb)" rssfile20_kb "$(kv "$p20" rssfile_kb)" \
+		heap_inuse20_bytes "$(kv "$m20" go_memstats_heap_inuse_bytes)" next_gc20_bytes "$(kv "$m20" go_memstats_next_gc_bytes)" \
+		heap_idle20_bytes "$(kv "$m20" go_memstats_heap_idle_bytes)" heap_released20_bytes "$(kv "$m20" go_memstats_heap_released_bytes)" \
+		disk20_bytes "$(kv "$m20" stsrelay_queue_disk_bytes)" messages20 "$(kv "$m20" stsrelay_queue_messages)" \
+		summary_s "$sum_s" list_s "$list_s" listall_s "$all_s" \
+		vmhwm_summary_kb "$hwm_sum" vmhwm_list_kb "$hwm_list" vmhwm_cli_kb "$hwm_cli" stop_s "$stop" \
+		restart2_s "$r2" vmrss_r2_kb "$(kv "$p2" vmrss_kb)" restart3_s "$r3" vmrss_r3_kb "$(kv "$p3" vmrss_kb)"
+	local check
+	check="fill_s=$fill,queued=${queued:-?},du_queue_bytes=$du,restart1_s=$r1,vmrss20_kb=$(kv "$p20" vmrss_kb),vmhwm20_kb=$(kv "$p20" vmhwm_kb),summary_s=$sum_s,list_s=$list_s,listall_s=$all_s,vmhwm_summary_kb=$hwm_sum,vmhwm_list_kb=$hwm_list,vmhwm_cli_kb=$hwm_cli,stop_s=$stop,restart2_s=$r2,restart3_s=$r3"
+	scale_result stsrelay scale-dead $size - "$n" - - - - - - "$check"
+	log "scale dead stsrelay $n: $check"
+	rm -rf "$d/data" # up to 2+ GB
+}
+
+scale_dead_postfix() { # n
+	local n=$1 size=2048 d t0 fill quiet pq du queued qs_s pq_s stop r pr p20 qmgr i list
+	d=$OUT/run/scale-dead-$n-postfix
+	log "scale dead: Postfix, queueing $n messages over SMTP (default_transport = smtp:[$DOWN_IP]:$MX_PORT)"
+	pf_start "$d" accept 0
+	t0=$(now_ns)
+	smtp-source -d -s 20 -m "$n" -l $size -f $FROM -t rcpt@down.bench.test -M client.bench.test $SUB_PF
+	fill=$(since_s "$t0")
+	# Quiet: nothing left in incoming, active or maildrop (at most 120 s).
+	t0=$(now_ns)
+	for ((i = 0; i < 240; i++)); do
+		[ "$(qfiles "$d/queue")" = 0 ] && break
+		sleep 0.5
+	done
+	quiet=$(since_s "$t0")
+	pq=$("$BT" procstat -list -pids "$PF_MASTER")
+	list=$(kv "$pq" list)
+	qmgr=$(tr ',' '\n' <<<"$list" | awk -F: '$1 == "qmgr" { s += $3 } END { print s + 0 }')
+	du=$(du -sb "$d/queue" | cut -f1)
+	queued=$(find "$d/queue/deferred" "$d/queue/active" "$d/queue/incoming" -type f | wc -l || true)
+	log "scale dead postfix $n: fill=${fill}s quiet after ${quiet}s: $pq"
+	t0=$(now_ns)
+	qshape -c "$d/etc" deferred >"$d.qshape" 2>&1 || log "qshape failed: $(tail -2 "$d.qshape")"
+	qs_s=$(since_s "$t0")
+	t0=$(now_ns)
+	postqueue -c "$d/etc" -p >/dev/null 2>"$d.postqueue.err" || log "postqueue -p failed: $(tail -2 "$d.postqueue.err")"
+	pq_s=$(since_s "$t0")
+	t0=$(now_ns)
+	pf_stop
+	stop=$(since_s "$t0")
+	pf_start "$d" accept 0 keep
+	r=$READY
+	pr=$("$BT" procstat -pids "$PF_MASTER")
+	sleep 20
+	p20=$("$BT" procstat -pids "$PF_MASTER")
+	pf_stop
+	local names
+	names=$(tr ',' '\n' <<<"$list" | awk -F: '{ c[$1]++; s[$1] += $3 } END { for (k in c) printf "%s×%d %.1f MB; ", k, c[k], s[k] / 1024 }' | sed 's/; $//')
+	scale_put dead postfix "$n" $size fill_s "$fill" queued "$queued" du_queue_bytes "$du" quiet_wait_s "$quiet" \
+		vmrss_quiet_kb "$(kv "$pq" vmrss_kb)" vmhwm_quiet_kb "$(kv "$pq" vmhwm_kb)" pss_quiet_kb "$(kv "$pq" pss_kb)" procs_quiet "$(kv "$pq" procs)" qmgr_rss_quiet_kb "$qmgr" \
+		procs_quiet_list "$names" qshape_s "$qs_s" postqueue_s "$pq_s" stop_s "$stop" restart_s "$r" vmrss_r_kb "$(kv "$pr" vmrss_kb)" \
+		vmrss20_kb "$(kv "$p20" vmrss_kb)" vmhwm20_kb "$(kv "$p20" vmhwm_kb)" pss20_kb "$(kv "$p20" pss_kb)" procs20 "$(kv "$p20" procs)"
+	local check
+	check="fill_s=$fill,queued=$queued,du_queue_bytes=$du,vmrss_quiet_kb=$(kv "$pq" vmrss_kb),qmgr_rss_quiet_kb=$qmgr,procs_quiet=$(kv "$pq" procs),qshape_s=$qs_s,postqueue_s=$pq_s,stop_s=$stop,restart_s=$r,vmrss20_kb=$(kv "$p20" vmrss_kb)"
+	scale_result postfix scale-dead $size - "$n" - - - - - - "$check"
+	log "scale dead postfix $n: $check"
+	rm -rf "$d/queue"
+}
+
+if [[ " $MODES " == *" scale "* ]]; then
+	for part in $SCALE_PARTS; do
+		case $part in
+		pin)
+			for sys in $SCALE_SYSTEMS; do scale_pin "$sys"; done
+			;;
+		dead)
+			if [[ " $SCALE_SYSTEMS " == *" stsrelay "* ]]; then
+				for n in $SCALE_DEAD_NS; do scale_dead_stsrelay "$n"; done
+			fi
+			if [[ " $SCALE_SYSTEMS " == *" postfix "* ]] && [ "$SCALE_PF_DEAD_N" -gt 0 ]; then
+				scale_dead_postfix "$SCALE_PF_DEAD_N"
+			fi
+			;;
+		*) die "unknown SCALE_PARTS entry $part" ;;
+		esac
+	done
+fi
+
 # ---------------------------------------------------------------- report
 T_END=$(date +%s)
 {
 	settings=""
 	wanvars=
 	[[ " $MODES " == *" wan "* ]] && wanvars="WAN_DELAYS WAN_SINKS WAN_NMSG WAN_NOCHUNK_SYSTEMS WAN_NOCHUNK_REPS WAN_HANDSHAKE STSRELAY_BIN"
-	for v in QUICK REPS SIZES CONCS MODES RESTART_N RESTART_SYSTEMS FSYNC NMSG $wanvars; do
+	[[ " $MODES " == *" scale "* ]] && wanvars+=" SCALE_PARTS SCALE_PIN_N SCALE_PIN_SIZE SCALE_DEAD_NS SCALE_PF_DEAD_N SCALE_SYSTEMS STSRELAY_BIN"
+	vars="QUICK REPS SIZES CONCS MODES RESTART_N RESTART_SYSTEMS FSYNC NMSG"
+	[ "$MODES" = scale ] && vars="QUICK MODES"
+	for v in $vars $wanvars; do
 		[ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
 	done
 	echo "Run: \`${settings}bench/run.sh\` on $(date -u +%Y-%m-%d), $((T_END - T_START)) s (build excluded)"
-	echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo) RAM, $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME"), Postfix $(postconf -h mail_version), $(go version | awk '{print $3}')"
+	echo "Machine: $(nproc) cores, $(awk -F': ' '/model name/ {print $2; exit}' /proc/cpuinfo), $(awk '/MemTotal/ {printf "%.0f GB", $2/1048576}' /proc/meminfo) RAM, $(uname -r), $(. /etc/os-release; echo "$PRETTY_NAME"), Postfix $(postconf -d -h mail_version), $(go version | awk '{print $3}')"
 	echo
-	"$BT" table -results "$RESULTS" -fsync "$FSYNC_TSV" -restart "$RESTART_TSV"
+	"$BT" table -results "$RESULTS" -fsync "$FSYNC_TSV" -restart "$RESTART_TSV" -scale "$SCALE_TSV"
 } | tee "$OUT/table.md"
 log "done; results in $OUT"

@@ -523,3 +523,25 @@ func TestSelectLimitKeepsOldest(t *testing.T) {
 		t.Fatalf("Select() = %d messages total %d", len(msgs), total)
 	}
 }
+
+// Paging with After walks the whole queue once, in order.
+func TestSelectPagesWithAfter(t *testing.T) {
+	s := openStore(t, t.TempDir())
+	var all []string
+	for i := range 23 {
+		all = append(all, commitMsg(t, s, "m", fmt.Sprintf("u%d@d.test", i)))
+	}
+	var got []string
+	after := ""
+	for {
+		page, _ := s.Select(ListOptions{Limit: 5, After: after})
+		got = append(got, ids(page)...)
+		if len(page) < 5 {
+			break
+		}
+		after = page[len(page)-1].ID
+	}
+	if !reflect.DeepEqual(got, all) {
+		t.Fatalf("paged: %v\nwant %v", got, all)
+	}
+}

@@ -17,6 +17,7 @@ import (
 	"os"
 	"path/filepath"
 	"runtime"
+	"runtime/debug"
 	"sort"
 	"sync"
 	"sync/atomic"
@@ -192,6 +193,12 @@ func Open(opts Options) (*Store, error) {
 	if err := s.recover(); err != nil {
 		s.closeFiles()
 		return nil, err
+	}
+	if s.arena.used >= 100_000 {
+		// Recovery's transient buffers (decoded records, the checkpoint
+		// reader) are garbage now: hand the memory back to the system
+		// rather than keep a start-up peak as the process's size.
+		debug.FreeOSMemory()
 	}
 	if err := s.rotate(); err != nil {
 		s.closeFiles()
@@ -607,6 +614,9 @@ type ListOptions struct {
 	Domain string
 	// Limit is the most messages returned, oldest first; 0 means all.
 	Limit int
+	// After keeps messages whose ID sorts after it (paging through a
+	// large queue: the last ID of the previous page).
+	After string
 }
 
 // smallest returns the k smallest of slots by less, unordered.
@@ -656,6 +666,9 @@ func (s *Store) Select(o ListOptions) ([]*Message, int) {
 	want, known := s.domIdx[o.Domain]
 	multi, hasMulti := s.domIdx[multiDomain]
 	s.arena.each(func(slot uint32, e *entry) bool {
+		if o.After != "" && string(e.id[:]) <= o.After {
+			return true
+		}
 		if o.Domain == "" || known && e.dom == want || hasMulti && e.dom == multi {
 			slots = append(slots, slot)
 		}

@@ -17,8 +17,11 @@
 //	benchtool waitbanner -addr HOST:PORT -since UNIX_NANOS
 //	    Waits for a 220 greeting on addr; prints the seconds since -since.
 //
-//	benchtool table -results results.tsv [-fsync fsync.tsv] [-restart restart.tsv]
+//	benchtool table -results results.tsv [-fsync fsync.tsv] [-restart restart.tsv] [-scale scale.tsv]
 //	    The Markdown report: medians, min-max, per-repetition ratios.
+//
+//	benchtool fillqueue | waitready | procstat | metrics
+//	    The "scale" mode's helpers (queue at scale, issue #12): see scale.go.
 //
 // The built-in client (-lat) submits like `smtp-source -s 1 -m N -l SIZE`
 // does: one message per connection (connect, EHLO, MAIL, RCPT, DATA, body,
@@ -46,7 +49,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool load|mem|waitbanner|table [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool load|mem|waitbanner|table|fillqueue|waitready|procstat|metrics [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -59,6 +62,14 @@ func main() {
 		err = cmdWaitBanner(os.Args[2:])
 	case "table":
 		err = cmdTable(os.Args[2:])
+	case "fillqueue":
+		err = cmdFillQueue(os.Args[2:])
+	case "waitready":
+		err = cmdWaitReady(os.Args[2:])
+	case "procstat":
+		err = cmdProcStat(os.Args[2:])
+	case "metrics":
+		err = cmdMetrics(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}

@@ -186,6 +186,7 @@ func cmdTable(args []string) error {
 	results := fs.String("results", "", "results.tsv")
 	fsyncF := fs.String("fsync", "", "fsync.tsv")
 	restartF := fs.String("restart", "", "restart.tsv")
+	scaleF := fs.String("scale", "", "scale.tsv (the scale mode's figures)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -200,6 +201,9 @@ func cmdTable(args []string) error {
 	for _, r := range rows {
 		if r["accept_s"] == "-" || r["accept_s"] == "" {
 			continue // failed run
+		}
+		if strings.HasPrefix(r["mode"], "scale") {
+			continue // the scale mode has its own table (-scale)
 		}
 		size, _ := strconv.Atoi(r["size"])
 		conc, _ := strconv.Atoi(r["conc"])
@@ -292,11 +296,13 @@ func cmdTable(args []string) error {
 		return out
 	}
 
-	fmt.Printf("Cells: **median** (min–max) over %d repetitions; ratios are stsrelay ÷ Postfix computed per repetition (the two ran back to back), then the median (min–max) of those ratios. The MTA-STS-enforce rows (stsrelay only) are compared with Postfix's verified-TLS runs.", len(reps))
-	if wanShared {
-		fmt.Print(" The WAN no-CHUNKING rows' Postfix columns are Postfix's runs against the CHUNKING sink at the same RTT and repetition (Postfix's SMTP client does not use BDAT, so it delivers to both sinks alike; set WAN_NOCHUNK_SYSTEMS to run it against both).")
+	if len(keys) > 0 {
+		fmt.Printf("Cells: **median** (min–max) over %d repetitions; ratios are stsrelay ÷ Postfix computed per repetition (the two ran back to back), then the median (min–max) of those ratios. The MTA-STS-enforce rows (stsrelay only) are compared with Postfix's verified-TLS runs.", len(reps))
+		if wanShared {
+			fmt.Print(" The WAN no-CHUNKING rows' Postfix columns are Postfix's runs against the CHUNKING sink at the same RTT and repetition (Postfix's SMTP client does not use BDAT, so it delivers to both sinks alike; set WAN_NOCHUNK_SYSTEMS to run it against both).")
+		}
+		fmt.Print("\n\n")
 	}
-	fmt.Print("\n\n")
 	for _, f := range figures {
 		var lines []string
 		for _, k := range keys {
@@ -325,15 +331,19 @@ func cmdTable(args []string) error {
 	}
 
 	// TLS checks, summed over the repetitions.
-	fmt.Println("### delivery checks (TLS cases, summed over the repetitions)")
-	fmt.Println()
-	fmt.Println("stsrelay: delivery log lines `delivered` with `\"tls_verified\":true` (and `\"sts_mode\":\"enforce\"`); Postfix: `status=sent` lines and `Verified TLS connection established` (one per TLS handshake, so fewer with connection reuse).")
-	fmt.Println()
-	fmt.Println("| case | system | messages | check |")
-	fmt.Println("|---|---|---|---|")
+	checksHead := false
 	for _, k := range keys {
 		if k.mode != "tls" && k.mode != "sts" && k.mode != "wan" {
 			continue
+		}
+		if !checksHead {
+			checksHead = true
+			fmt.Println("### delivery checks (TLS cases, summed over the repetitions)")
+			fmt.Println()
+			fmt.Println("stsrelay: delivery log lines `delivered` with `\"tls_verified\":true` (and `\"sts_mode\":\"enforce\"`); Postfix: `status=sent` lines and `Verified TLS connection established` (one per TLS handshake, so fewer with connection reuse).")
+			fmt.Println()
+			fmt.Println("| case | system | messages | check |")
+			fmt.Println("|---|---|---|---|")
 		}
 		for _, sys := range systems {
 			total := 0
@@ -368,7 +378,9 @@ func cmdTable(args []string) error {
 			fmt.Printf("| %s | %s | %d | %s |\n", k.label(), sys, total, strings.Join(parts, " "))
 		}
 	}
-	fmt.Println()
+	if checksHead {
+		fmt.Println()
+	}
 
 	if *fsyncF != "" {
 		if fr, err := readTSV(*fsyncF); err == nil && len(fr) > 0 {
@@ -400,6 +412,12 @@ func cmdTable(args []string) error {
 					mb(r["pss_kb"]), mb(r["rss_kb"]), r["procs"], mb(r["pss_kb_after_5s"]), mb(r["rss_kb_after_5s"]))
 			}
 			fmt.Println()
+		}
+	}
+
+	if *scaleF != "" {
+		if err := scaleTable(*scaleF); err != nil {
+			return err
 		}
 	}
 
