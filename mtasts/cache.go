@@ -75,6 +75,10 @@ type Options struct {
 	// policy's mode, or on failure that of the cached policy still in
 	// force ("" if none). For metrics.
 	OnFetch func(domain, id string, mode Mode, result string)
+	// Shared, when set, is the fleet's shared cache (fleet mode): the
+	// store of record in place of Dir, which is then not used; the
+	// cache keeps an in-memory copy of it. Nil: standalone.
+	Shared Shared
 }
 
 // Result is the policy in force for a domain, as Cache.Get found it.
@@ -135,6 +139,9 @@ type Cache struct {
 	entries  map[string]*entry
 	recent   map[string]*decision // outcome of the last lookup, for TXTGrace
 	failures map[string]*failure  // last failed fetch per domain
+
+	shared    Shared            // nil when standalone
+	sharedRev map[string]uint64 // revision of the shared entry last applied, guarded by mu
 }
 
 // entry is one cached policy. Fields other than lastUsed, lastError and
@@ -217,6 +224,14 @@ func New(opts Options) (*Cache, error) {
 	}
 	if c.grace == 0 {
 		c.grace = DefaultTXTGrace
+	}
+	if opts.Shared != nil {
+		// Fleet mode: the shared store replaces the directory.
+		c.shared, c.dir, c.sharedRev = opts.Shared, "", map[string]uint64{}
+		if err := c.startShared(); err != nil {
+			return nil, err
+		}
+		return c, nil
 	}
 	if c.dir != "" {
 		if err := os.MkdirAll(c.dir, 0o700); err != nil {
@@ -401,6 +416,9 @@ func (c *Cache) fetchLocked(ctx context.Context, d, id string) (Result, *entry) 
 		// RFC 8461 §3.3: wait before fetching again for this id.
 		return c.failedResult(d, id, e, f.err), e
 	}
+	if c.shared != nil {
+		return c.fetchShared(ctx, d, id)
+	}
 	p, body, err := c.fetcher.Fetch(ctx, d)
 	if err != nil {
 		fe := asFetchError(err)
@@ -464,6 +482,9 @@ func (c *Cache) noteFailure(d, id string, fe *FetchError, refresh bool) {
 		mode = e.policy.Mode
 	}
 	c.mu.Unlock()
+	if c.shared != nil {
+		c.shareFailure(d, id, fe, now)
+	}
 	c.log.Info("mtasts_fetch", zap.String("domain", d), zap.String("id", id), zap.String("mode", string(mode)),
 		zap.String("result", string(fe.ResultType)), zap.String("error", fe.Error()))
 	if c.onFetch != nil {
@@ -499,6 +520,9 @@ func (c *Cache) store(d, id string, p *Policy, body []byte) *entry {
 		c.onFetch(d, id, p.Mode, "ok")
 	}
 	c.persist(d)
+	if c.shared != nil {
+		c.shareStore(d, ne)
+	}
 	return ne
 }
 
@@ -576,6 +600,15 @@ func (c *Cache) Forget(domain string) error {
 	if !ok {
 		return fmt.Errorf("forget MTA-STS policy: %q is not a domain name", domain)
 	}
+	if c.shared != nil {
+		// Fleet mode: forgotten by the whole fleet, or not at all.
+		ctx, cancel := context.WithTimeout(context.Background(), sharedOpTimeout)
+		err := c.shared.Update(ctx, d, func(cur *SharedEntry) (*SharedEntry, bool) { return nil, cur != nil })
+		cancel()
+		if err != nil {
+			return fmt.Errorf("forget MTA-STS policy of %s: %w", d, err)
+		}
+	}
 	c.drop(d, nil)
 	return nil
 }
@@ -592,6 +625,9 @@ func (c *Cache) drop(d string, e *entry) bool {
 	delete(c.failures, d)
 	c.mu.Unlock()
 	c.persist(d)
+	if c.shared != nil {
+		c.shareDrop(d, e)
+	}
 	return true
 }
 
@@ -738,6 +774,14 @@ func (c *Cache) refreshDue(ctx context.Context) {
 func (c *Cache) refreshEntry(ctx context.Context, e *entry) {
 	d := e.domain
 	id := e.id
+	if c.shared != nil {
+		// One node of the fleet refreshes a policy.
+		unlock, ok := c.claimRefresh(ctx, e)
+		if !ok {
+			return
+		}
+		defer unlock()
+	}
 	rec, _, _, lerr := lookupRecordTTL(ctx, c.resolver, d, true)
 	switch {
 	case lerr == nil:
@@ -764,6 +808,10 @@ func (c *Cache) flushLastUsed(final bool) {
 		}
 	}
 	c.mu.RUnlock()
+	if c.shared != nil {
+		c.shareLastUsed(dirty)
+		return
+	}
 	for _, d := range dirty {
 		c.persist(d)
 	}

@@ -23,6 +23,12 @@
 //   - Reporter (reporter.go, mail.go) turns each finished period into one
 //     durable report job per policy domain, then discovers, sends and
 //     retries.
+//   - Fleet mode (fleet.go): several relays, one report per policy domain
+//     and period. Each Recorder hands its finished periods to a Sink
+//     (Recorder.HandOff); the Reporter reads merged counts from a Source
+//     (MergeCounts adds them up), keeps its jobs in a JobStore, and acts
+//     only while Options.Active says so. internal/fleet/rptfleet
+//     implements them on NATS JetStream; this package imports no NATS.
 //
 // Periods: the interval is aligned to multiples of Unix time, which for the
 // default 24h interval is exactly the UTC day 00:00:00Z–23:59:59Z (§4.1).

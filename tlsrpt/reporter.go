@@ -129,7 +129,29 @@ type Options struct {
 	// RetryBase is the first retry gap, doubled after each failure up to
 	// 4h; 0 means DefaultRetryBase.
 	RetryBase time.Duration
+
+	// Fleet mode (see Sink). All three nil: standalone, as always.
+	//
+	// Source, when set, gives the finished periods' counts in place of
+	// Recorder, which then only gives the interval (its own periods go
+	// elsewhere by Recorder.HandOff). Finished jobs are then pruned
+	// after a day without looking at the Recorder: the Source never
+	// returns a period and domain again once Done.
+	Source Source
+	// Jobs, when set, keeps the report jobs in place of files under the
+	// Recorder's directory.
+	Jobs JobStore
+	// Active, when set, says whether this relay is the one that makes and
+	// sends reports now; while it says false SendDue does nothing, and
+	// when it turns true again the jobs are reloaded from Jobs (another
+	// relay may have advanced them).
+	Active func() bool
 }
+
+// fleetPoll bounds the Run loop's sleep when Source or Active is set: how
+// soon a relay that became the reporter, or a Source whose period became
+// ready, is noticed.
+const fleetPoll = 5 * time.Second
 
 // Reporter turns finished periods into reports and sends them (RFC 8460
 // §5). Create it with NewReporter and call Run.
@@ -146,8 +168,11 @@ type Reporter struct {
 	// jobTries counts the failed attempts at writing a job, by file name
 	// (under passMu).
 	jobTries map[string]int
-	mu       sync.Mutex
-	jobs     map[string]*job // by file name
+	// wasActive is whether the previous pass found Options.Active true
+	// (under passMu).
+	wasActive bool
+	mu        sync.Mutex
+	jobs      map[string]*job // by file name
 	// dkim signs mailed reports (nil: unsigned); SetDKIM replaces it.
 	dkim atomic.Pointer[DKIMOptions]
 }
@@ -341,8 +366,21 @@ func NewReporter(opts Options) (*Reporter, error) {
 		grace:    min(30*time.Second, opts.Recorder.Interval()/10),
 		jobTries: map[string]int{},
 		jobs:     map[string]*job{},
+		// With a JobStore the first active pass reloads the jobs: they
+		// may have moved on since NewReporter read them.
+		wasActive: opts.Jobs == nil,
 	}
 	rp.dkim.Store(opts.DKIM)
+	if opts.Jobs != nil {
+		// Only for Reports until the first active pass reloads them; a
+		// store that cannot be read now does not stop the relay.
+		if jobs, err := rp.loadStoreJobs(); err != nil {
+			log.Warn("tlsrpt_jobs_load", zap.Error(err))
+		} else {
+			rp.jobs = jobs
+		}
+		return rp, nil
+	}
 	if err := os.MkdirAll(rp.dir, 0o750); err != nil {
 		return nil, fmt.Errorf("tlsrpt: %w", err)
 	}
@@ -351,6 +389,27 @@ func NewReporter(opts Options) (*Reporter, error) {
 	}
 	return rp, nil
 }
+
+// loadStoreJobs reads the jobs from Options.Jobs.
+func (rp *Reporter) loadStoreJobs() (map[string]*job, error) {
+	docs, err := rp.opts.Jobs.LoadJobs()
+	if err != nil {
+		return nil, fmt.Errorf("tlsrpt: load report jobs: %w", err)
+	}
+	jobs := make(map[string]*job, len(docs))
+	for _, data := range docs {
+		j := &job{}
+		if err := json.Unmarshal(data, j); err != nil || j.Report == nil || j.PolicyDomain == "" {
+			rp.log.Error("tlsrpt_job_corrupt", zap.Int("bytes", len(data)), zap.Error(err))
+			continue
+		}
+		jobs[jobName(j.PeriodStart, j.PolicyDomain)] = j
+	}
+	return jobs, nil
+}
+
+// active is Options.Active, true when unset.
+func (rp *Reporter) active() bool { return rp.opts.Active == nil || rp.opts.Active() }
 
 func (rp *Reporter) loadJobs() error {
 	ents, err := os.ReadDir(rp.dir)
@@ -407,8 +466,16 @@ func (rp *Reporter) Run(ctx context.Context) {
 // nextWake is when the next pass has something to do.
 func (rp *Reporter) nextWake() time.Time {
 	now := rp.now()
+	if !rp.active() {
+		return now.Add(fleetPoll)
+	}
 	iv := rp.rec.Interval()
 	next := time.Unix(periodStart(now.Unix(), int64(iv/time.Second)), 0).Add(iv + rp.grace)
+	if rp.opts.Source != nil || rp.opts.Active != nil {
+		if p := now.Add(fleetPoll); p.Before(next) {
+			next = p
+		}
+	}
 	rp.mu.Lock()
 	defer rp.mu.Unlock()
 	for _, j := range rp.jobs {
@@ -452,10 +519,126 @@ func later(a, b time.Time) time.Time {
 func (rp *Reporter) SendDue(ctx context.Context) {
 	rp.passMu.Lock()
 	defer rp.passMu.Unlock()
+	if !rp.active() {
+		rp.wasActive = false
+		return
+	}
+	if !rp.wasActive && rp.opts.Jobs != nil {
+		// Another relay was the reporter meanwhile: its view of the
+		// jobs, not ours, is current.
+		jobs, err := rp.loadStoreJobs()
+		if err != nil {
+			rp.log.Error("tlsrpt_jobs_reload", zap.Error(err))
+			return
+		}
+		rp.mu.Lock()
+		rp.jobs = jobs
+		rp.mu.Unlock()
+	}
+	rp.wasActive = true
 	now := rp.now()
-	rp.makeJobs(now)
+	if rp.opts.Source != nil {
+		rp.makeSourceJobs(now)
+	} else {
+		rp.makeJobs(now)
+	}
 	rp.attemptDue(ctx, now)
 	rp.prune(now)
+}
+
+// makeSourceJobs is makeJobs for Options.Source: one job per period and
+// policy domain the Source has ready, made durable (or found made, by this
+// relay or by another one that was the reporter before) before the Source
+// is told Done. A job that cannot be made is retried at the next passes,
+// up to maxJobTries, then given up, as in makeJobs.
+func (rp *Reporter) makeSourceJobs(now time.Time) {
+	counts, err := rp.opts.Source.Closed(now)
+	if err != nil {
+		rp.log.Error("tlsrpt_source", zap.Error(err))
+		// Whatever it returned is still worth a job.
+	}
+	iv := int64(rp.rec.Interval() / time.Second)
+	for _, pc := range counts {
+		start := pc.PeriodStart.Unix()
+		name := jobName(start, pc.PolicyDomain)
+		rp.mu.Lock()
+		_, exists := rp.jobs[name]
+		rp.mu.Unlock()
+		if !exists {
+			end := time.Unix(start+iv, 0)
+			j := &job{
+				PeriodStart:  start,
+				PolicyDomain: pc.PolicyDomain,
+				Report: BuildReport(ReportOptions{
+					OrganizationName: rp.opts.OrganizationName,
+					ContactInfo:      rp.opts.ContactInfo,
+					Submitter:        rp.opts.Hostname,
+				}, pc),
+				Created:   now.UTC(),
+				NotBefore: end.Add(rp.sendDelay()).UTC(),
+			}
+			stored, err := rp.createJob(name, j)
+			if err != nil {
+				rp.jobTries[name]++
+				fields := []zap.Field{zap.String("policy_domain", pc.PolicyDomain),
+					zap.Time("period_start", time.Unix(start, 0).UTC()), zap.Int("attempt", rp.jobTries[name]), zap.Error(err)}
+				if rp.jobTries[name] < maxJobTries {
+					rp.log.Warn("tlsrpt_report_job_failed", fields...)
+					continue // the Source returns it again
+				}
+				delete(rp.jobTries, name)
+				rp.log.Error("tlsrpt_report_dropped", fields...)
+				rp.onReport(SendDropped)
+			} else {
+				delete(rp.jobTries, name)
+				rp.mu.Lock()
+				rp.jobs[name] = stored
+				rp.mu.Unlock()
+			}
+		}
+		if err := rp.opts.Source.Done(pc.PeriodStart, pc.PolicyDomain); err != nil {
+			// The Source returns the counts again; the job exists then.
+			rp.log.Warn("tlsrpt_source_done", zap.String("policy_domain", pc.PolicyDomain),
+				zap.Time("period_start", pc.PeriodStart.UTC()), zap.Error(err))
+		}
+	}
+}
+
+// createJob makes j durable as a new job and returns the job stored: j,
+// or the one a JobStore already held for that period and domain.
+func (rp *Reporter) createJob(name string, j *job) (*job, error) {
+	if rp.opts.Jobs == nil {
+		return j, rp.writeJob(name, j, true)
+	}
+	data, err := json.Marshal(j)
+	if err != nil {
+		return nil, err
+	}
+	stored, err := rp.opts.Jobs.CreateJob(time.Unix(j.PeriodStart, 0).UTC(), j.PolicyDomain, data)
+	if err != nil {
+		return nil, err
+	}
+	if bytes.Equal(stored, data) {
+		return j, nil
+	}
+	old := &job{}
+	if err := json.Unmarshal(stored, old); err != nil || old.Report == nil ||
+		old.PeriodStart != j.PeriodStart || old.PolicyDomain != j.PolicyDomain {
+		return nil, fmt.Errorf("existing report job for %s is not valid: %v", j.PolicyDomain, err)
+	}
+	return old, nil
+}
+
+// saveJob writes the changed state of job j.
+func (rp *Reporter) saveJob(name string, j *job) error {
+	if rp.opts.Jobs == nil {
+		return rp.writeJob(name, j, false)
+	}
+	data, err := json.Marshal(j)
+	if err != nil {
+		return err
+	}
+	return rp.opts.Jobs.UpdateJob(time.Unix(j.PeriodStart, 0).UTC(), j.PolicyDomain, data)
 }
 
 // makeJobs turns the counts of each finished period into one job per policy
@@ -579,7 +762,7 @@ func (rp *Reporter) attemptDue(ctx context.Context, now time.Time) {
 	sem := make(chan struct{}, sendParallel)
 	var wg sync.WaitGroup
 	for _, it := range due {
-		if ctx.Err() != nil {
+		if ctx.Err() != nil || !rp.active() {
 			break
 		}
 		sem <- struct{}{}
@@ -599,7 +782,7 @@ func (rp *Reporter) attemptJob(ctx context.Context, name string, j *job) {
 	now := rp.now()
 	pd := j.PolicyDomain
 	save := func() {
-		if err := rp.writeJob(name, j, false); err != nil {
+		if err := rp.saveJob(name, j); err != nil {
 			rp.log.Error("tlsrpt_job_write", zap.String("policy_domain", pd), zap.Error(err))
 		}
 		c := j.clone()
@@ -780,20 +963,39 @@ func (rp *Reporter) mail(j *job, to string, gz []byte) (string, error) {
 // prune removes finished jobs after doneRetention, once the Recorder's
 // durable state no longer holds the counts of their period (so the job can
 // never be made again).
+//
+// With Options.Source the Recorder is not looked at: the Source never
+// returns a period and domain again once told Done.
 func (rp *Reporter) prune(now time.Time) {
 	closed := rp.rec.durableClosed()
 	iv := int64(rp.rec.Interval() / time.Second)
 	rp.mu.Lock()
-	defer rp.mu.Unlock()
+	var old []string
 	for name, j := range rp.jobs {
-		if !j.Done || now.Sub(j.DoneAt) < doneRetention || j.PeriodStart+iv > closed {
+		if !j.Done || now.Sub(j.DoneAt) < doneRetention || rp.opts.Source == nil && j.PeriodStart+iv > closed {
 			continue
 		}
-		if err := os.Remove(filepath.Join(rp.dir, name)); err != nil && !errors.Is(err, os.ErrNotExist) {
+		old = append(old, name)
+	}
+	rp.mu.Unlock()
+	slices.Sort(old)
+	for _, name := range old {
+		var err error
+		if rp.opts.Jobs != nil {
+			rp.mu.Lock()
+			j := rp.jobs[name]
+			rp.mu.Unlock()
+			err = rp.opts.Jobs.RemoveJob(time.Unix(j.PeriodStart, 0).UTC(), j.PolicyDomain)
+		} else if err = os.Remove(filepath.Join(rp.dir, name)); errors.Is(err, os.ErrNotExist) {
+			err = nil
+		}
+		if err != nil {
 			rp.log.Error("tlsrpt_job_remove", zap.String("file", name), zap.Error(err))
 			continue
 		}
+		rp.mu.Lock()
 		delete(rp.jobs, name)
+		rp.mu.Unlock()
 	}
 }
 

@@ -23,6 +23,7 @@ type controlRequest struct {
 	// Domain and Limit select messages (queue.list, queue.retry).
 	Domain string `json:"domain,omitempty"`
 	Limit  int    `json:"limit,omitempty"`
+	After  string `json:"after,omitempty"`
 }
 
 type controlReply struct {

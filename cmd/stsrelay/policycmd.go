@@ -19,7 +19,7 @@ import (
 func handleControl(req controlRequest, st queue.Queue, eng *delivery.Engine, cache *mtasts.Cache, pending func() any, fc *forecast.Counter) (any, error) {
 	switch req.Op {
 	case "queue.list":
-		msgs, total := st.Select(queue.ListOptions{Domain: req.Domain, Limit: req.Limit})
+		msgs, total := st.Select(queue.ListOptions{Domain: req.Domain, Limit: req.Limit, After: req.After})
 		return queueListReply{Messages: msgs, Total: total}, nil
 	case "queue.summary":
 		return st.Summary(time.Now()), nil
@@ -138,7 +138,12 @@ func cmdPolicy(args []string) error {
 		if rerr != nil {
 			return rerr
 		}
-		cache, cerr := newPolicyCache(cfg, res, extra, nil, nil)
+		if cfg.Cluster.Enabled() {
+			// The fleet's cache lives in NATS: act on it through a
+			// running node, which holds the connection.
+			return errors.New("fleet mode: run this on a node whose relay is running (the policy cache is the fleet's)")
+		}
+		cache, cerr := newPolicyCache(cfg, res, extra, nil, nil, nil)
 		if cerr != nil {
 			return cerr
 		}

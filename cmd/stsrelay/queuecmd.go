@@ -1,6 +1,7 @@
 package main
 
 import (
+	"bufio"
 	"encoding/json"
 	"errors"
 	"flag"
@@ -137,9 +138,12 @@ func cmdQueue(args []string) error {
 	}
 	switch sub {
 	case "list":
+		if *limit == 0 {
+			return listAllPaged(cfg, dom, cf.json)
+		}
 		var ql queueListReply
 		err := callControl(cfg.DataDir, controlRequest{Op: "queue.list", Domain: dom, Limit: *limit}, &ql)
-		if errors.Is(err, errNoServer) {
+		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
 			ql, err = listQueueOffline(cfg, queue.ListOptions{Domain: dom, Limit: *limit})
 		}
 		if err != nil {
@@ -155,7 +159,7 @@ func cmdQueue(args []string) error {
 	case "show":
 		var msgs []*queue.Message
 		err := callControl(cfg.DataDir, controlRequest{Op: "queue.show", Arg: id}, &msgs)
-		if errors.Is(err, errNoServer) {
+		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
 			msgs, err = readQueueOffline(cfg, id)
 		}
 		if err != nil {
@@ -164,7 +168,7 @@ func cmdQueue(args []string) error {
 		return printQueueShow(msgs[0], cf.json)
 	case "retry", "delete", "bounce":
 		err := callControl(cfg.DataDir, controlRequest{Op: "queue." + sub, Arg: id}, nil)
-		if errors.Is(err, errNoServer) {
+		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
 			err = queueActionOffline(cfg, sub, id)
 		}
 		if err != nil {
@@ -177,6 +181,16 @@ func cmdQueue(args []string) error {
 		return nil
 	}
 	return &usageError{"queue: unknown subcommand " + sub}
+}
+
+// fleetOffline turns "no relay running here" into an error in fleet
+// mode: the queue lives in the fleet's NATS servers, and a stopped node's
+// local directory holds none of it.
+func fleetOffline(cfg *config.Config, err error) error {
+	if errors.Is(err, errNoServer) && cfg.Cluster.Enabled() {
+		return errors.New("fleet mode: the queue is the fleet's; run this on a node whose relay is running")
+	}
+	return err
 }
 
 // notFoundExit prints a missing-ID error and exits 1 (a checked condition
@@ -208,6 +222,84 @@ func readQueueOffline(cfg *config.Config, id string) ([]*queue.Message, error) {
 	return []*queue.Message{m}, nil
 }
 
+// listPage is how many messages `queue list -limit 0` asks for at a time,
+// so that neither the relay nor the CLI holds a million at once.
+const listPage = 5000
+
+// listAllPaged prints every queued message, page by page, as it reads
+// them: a queue of a million streams out instead of being built in
+// memory first.
+func listAllPaged(cfg *config.Config, dom string, asJSON bool) error {
+	var st queue.Queue
+	fetch := func(after string) (queueListReply, error) {
+		var ql queueListReply
+		if st != nil {
+			msgs, total := st.Select(queue.ListOptions{Domain: dom, Limit: listPage, After: after})
+			return queueListReply{Messages: msgs, Total: total}, nil
+		}
+		err := callControl(cfg.DataDir, controlRequest{Op: "queue.list", Domain: dom, Limit: listPage, After: after}, &ql)
+		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
+			ro := queueOptions(cfg)
+			ro.ReadOnly = true
+			s, oerr := queue.Open(ro)
+			if oerr != nil {
+				return ql, oerr
+			}
+			st = s
+			msgs, total := st.Select(queue.ListOptions{Domain: dom, Limit: listPage, After: after})
+			return queueListReply{Messages: msgs, Total: total}, nil
+		}
+		return ql, err
+	}
+	defer func() {
+		if st != nil {
+			st.Close()
+		}
+	}()
+	out := bufio.NewWriterSize(os.Stdout, 1<<20)
+	defer out.Flush()
+	var enc *json.Encoder
+	if asJSON {
+		enc = json.NewEncoder(jsonTermWriter{out})
+		enc.SetIndent("  ", "  ")
+		fmt.Fprint(out, "[")
+	} else {
+		fmt.Fprintln(out, "ID\tAGE\tSIZE\tFROM\tRECIPIENTS\tNEXT ATTEMPT")
+	}
+	n, after := 0, ""
+	now := time.Now()
+	for {
+		ql, err := fetch(after)
+		if err != nil {
+			return err
+		}
+		for _, m := range ql.Messages {
+			if asJSON {
+				if n > 0 {
+					fmt.Fprint(out, ",")
+				}
+				fmt.Fprint(out, "\n  ")
+				if err := enc.Encode(m); err != nil {
+					return err
+				}
+			} else {
+				fmt.Fprintln(out, queueListLine(m, now))
+			}
+			n++
+		}
+		if len(ql.Messages) < listPage {
+			break
+		}
+		after = ql.Messages[len(ql.Messages)-1].ID
+	}
+	if asJSON {
+		fmt.Fprintln(out, "]")
+		return nil
+	}
+	fmt.Fprintf(out, "%d message(s)\n", n)
+	return nil
+}
+
 func listQueueOffline(cfg *config.Config, o queue.ListOptions) (queueListReply, error) {
 	ro := queueOptions(cfg)
 	ro.ReadOnly = true
@@ -225,7 +317,7 @@ func listQueueOffline(cfg *config.Config, o queue.ListOptions) (queueListReply, 
 func queueSummary(cfg *config.Config, asJSON bool) error {
 	var sum queue.Summary
 	err := callControl(cfg.DataDir, controlRequest{Op: "queue.summary"}, &sum)
-	if errors.Is(err, errNoServer) {
+	if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
 		ro := queueOptions(cfg)
 		ro.ReadOnly = true
 		st, oerr := queue.Open(ro)
@@ -280,7 +372,7 @@ func queueSummary(cfg *config.Config, asJSON bool) error {
 func queueRetryDomain(cfg *config.Config, dom string, asJSON bool) error {
 	var res map[string]int
 	err := callControl(cfg.DataDir, controlRequest{Op: "queue.retry-domain", Domain: dom}, &res)
-	if errors.Is(err, errNoServer) {
+	if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
 		// Offline the schedule is read fresh at the next start; a
 		// released destination simply has its messages due then.
 		st, oerr := queue.Open(queueOptions(cfg))
@@ -390,6 +482,23 @@ func rcptSummary(m *queue.Message) string {
 	return strings.Join(parts, ", ")
 }
 
+// queueListLine is one message's line of `queue list`, tab-separated.
+func queueListLine(m *queue.Message, now time.Time) string {
+	next := "-"
+	if t := m.NextDue(); !t.IsZero() {
+		if d := t.Sub(now); d > 0 {
+			next = "in " + d.Round(time.Second).String()
+		} else {
+			next = "now"
+		}
+	}
+	from := m.Env.From
+	if from == "" {
+		from = "<>"
+	}
+	return fmt.Sprintf("%s\t%s\t%d\t%s\t%s\t%s", m.ID, now.Sub(m.Received).Round(time.Second), m.Size, termSafe(from), rcptSummary(m), next)
+}
+
 func printQueueList(msgs []*queue.Message, asJSON bool) error {
 	if asJSON {
 		if msgs == nil {
@@ -403,19 +512,7 @@ func printQueueList(msgs []*queue.Message, asJSON bool) error {
 	fmt.Fprintln(tw, "ID\tAGE\tSIZE\tFROM\tRECIPIENTS\tNEXT ATTEMPT")
 	now := time.Now()
 	for _, m := range msgs {
-		next := "-"
-		if t := m.NextDue(); !t.IsZero() {
-			if d := t.Sub(now); d > 0 {
-				next = "in " + d.Round(time.Second).String()
-			} else {
-				next = "now"
-			}
-		}
-		from := m.Env.From
-		if from == "" {
-			from = "<>"
-		}
-		fmt.Fprintf(tw, "%s\t%s\t%d\t%s\t%s\t%s\n", m.ID, now.Sub(m.Received).Round(time.Second), m.Size, termSafe(from), rcptSummary(m), next)
+		fmt.Fprintln(tw, queueListLine(m, now))
 	}
 	if err := tw.Flush(); err != nil {
 		return err

@@ -19,6 +19,9 @@ import (
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/fleet"
+	"github.com/stsrelay/stsrelay/internal/fleet/jsqueue"
+	"github.com/stsrelay/stsrelay/internal/fleet/kvcache"
 	"github.com/stsrelay/stsrelay/internal/logging"
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/internal/sdnotify"
@@ -26,6 +29,24 @@ import (
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/relay"
 )
+
+// fleetConnectTimeout bounds the wait for a first NATS server at start.
+const fleetConnectTimeout = 30 * time.Second
+
+// lockDataDir takes data_dir/lock for this process (fleet mode: the
+// local disk queue's lock is not there to prove that the control socket
+// and the spool are ours alone).
+func lockDataDir(dir string) (*os.File, error) {
+	f, err := os.OpenFile(filepath.Join(dir, "lock"), os.O_CREATE|os.O_RDWR, 0o640)
+	if err != nil {
+		return nil, fmt.Errorf("data_dir: %w", err)
+	}
+	if err := syscall.Flock(int(f.Fd()), syscall.LOCK_EX|syscall.LOCK_NB); err != nil {
+		f.Close()
+		return nil, fmt.Errorf("data_dir %s is in use by another process (is stsrelay serve running?)", dir)
+	}
+	return f, nil
+}
 
 // shutdownGrace bounds how long in-flight SMTP transactions may take to
 // finish after SIGINT/SIGTERM before they are cut with 421.
@@ -153,8 +174,9 @@ func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
 	return r, nil
 }
 
-func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.CertPool, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
+func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.CertPool, shared mtasts.Shared, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
 	return mtasts.New(mtasts.Options{
+		Shared:   shared,
 		Resolver: res,
 		Fetcher: &mtasts.Fetcher{
 			HTTPSPort: cfg.MTASTS.HTTPSPort,
@@ -185,12 +207,43 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 	if err := os.MkdirAll(cfg.DataDir, 0o750); err != nil {
 		return fmt.Errorf("data_dir: %w", err)
 	}
-	store, err := queue.Open(queueOptions(cfg))
-	if err != nil {
-		return err
+	var fl *fleet.Fleet
+	var store queue.Queue
+	if cfg.Cluster.Enabled() {
+		// Fleet mode: the queue, the policy cache and TLS-RPT live in
+		// the fleet's NATS JetStream (docs/fleet.md).
+		lock, err := lockDataDir(cfg.DataDir)
+		if err != nil {
+			return err
+		}
+		defer lock.Close()
+		cctx, cancel := context.WithTimeout(ctx, fleetConnectTimeout)
+		fl, err = fleet.Connect(cctx, cfg.Cluster, log)
+		cancel()
+		if err != nil {
+			return err
+		}
+		defer fl.Close()
+		if err := os.MkdirAll(filepath.Join(cfg.DataDir, "spool"), 0o750); err != nil {
+			return fmt.Errorf("data_dir: %w", err)
+		}
+		jq, err := jsqueue.New(ctx, fl.NC, jsqueue.Options{Prefix: fl.Prefix, Replicas: fl.Replicas, NodeName: fl.Node,
+			Schedule: queueOptions(cfg).Schedule, TempDir: filepath.Join(cfg.DataDir, "spool"), AckWait: cfg.Cluster.LeaseTime.Duration})
+		if err != nil {
+			return fmt.Errorf("fleet queue: %w", err)
+		}
+		store = jq
+		defer store.Close()
+		log.Info("queue opened", zap.String("fleet", fl.Prefix), zap.Int("messages", store.Len()))
+	} else {
+		st, err := queue.Open(queueOptions(cfg))
+		if err != nil {
+			return err
+		}
+		store = st
+		defer store.Close()
+		log.Info("queue opened", zap.String("dir", filepath.Join(cfg.DataDir, "queue")), zap.Int("messages", store.Len()))
 	}
-	defer store.Close()
-	log.Info("queue opened", zap.String("dir", filepath.Join(cfg.DataDir, "queue")), zap.Int("messages", store.Len()))
 
 	met := metrics.New(
 		func() float64 { return float64(store.Len()) },
@@ -222,7 +275,16 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 	var policies delivery.PolicySource
 	var cache *mtasts.Cache
 	if cfg.MTASTS.Enabled {
-		cache, err = newPolicyCache(cfg, resolver, extra, log, func(domain, id string, mode mtasts.Mode, result string) {
+		var shared mtasts.Shared
+		if fl != nil {
+			sh, err := kvcache.New(ctx, fl.JS, kvcache.Options{Prefix: fl.Prefix, Replicas: fl.Replicas, Node: fl.Node, Logger: log})
+			if err != nil {
+				return fmt.Errorf("fleet policy cache: %w", err)
+			}
+			defer sh.Close()
+			shared = sh
+		}
+		cache, err = newPolicyCache(cfg, resolver, extra, shared, log, func(domain, id string, mode mtasts.Mode, result string) {
 			met.MTASTSFetches.WithLabelValues(result).Inc()
 		})
 		if err != nil {
@@ -252,11 +314,23 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 		}()
 	}
 
-	tlsrec, reporter, stopReports, err := startTLSRPT(runCtx, cfg, resolver, roots, store, log, met, &bg)
+	tlsrec, reporter, stopReports, isReporter, err := startTLSRPT(runCtx, cfg, resolver, roots, store, fl, log, met, &bg)
 	if err != nil {
 		cancelRun()
 		bg.Wait()
 		return err
+	}
+	if fl != nil {
+		jq := store.(*jsqueue.Queue)
+		jq.ObservePublish(met.ObserveFleet(func() metrics.FleetStats {
+			return metrics.FleetStats{Connected: fl.Connected(), Reporter: isReporter(), Redeliveries: jq.Redeliveries(), Disconnects: fl.Disconnects()}
+		}).Observe)
+		met.SetReadyCheck(func() (bool, string) {
+			if !fl.Connected() {
+				return false, "no connection to the fleet's NATS servers"
+			}
+			return true, ""
+		})
 	}
 
 	var recorder delivery.TLSRecorder // no typed nil in the interface

@@ -195,6 +195,10 @@ type Cluster struct {
 	Replicas int `toml:"replicas"`
 	// StreamPrefix names the fleet's streams, buckets and subjects.
 	StreamPrefix string `toml:"stream_prefix"`
+	// LeaseTime is how long a node holds a message it delivers without
+	// renewing the lease (it renews every third of it): when a node
+	// dies, its messages go to another node this long after.
+	LeaseTime Duration `toml:"lease_time"`
 }
 
 // Enabled reports whether fleet mode is on.
@@ -302,7 +306,7 @@ func Default() *Config {
 			Interval:         Duration{24 * time.Hour},
 		},
 		DANE:    DANE{Enabled: true},
-		Cluster: Cluster{Replicas: 3, StreamPrefix: "stsrelay"},
+		Cluster: Cluster{Replicas: 3, StreamPrefix: "stsrelay", LeaseTime: Duration{2 * time.Minute}},
 		Log:     Log{Level: "info", Format: "json", Output: "stderr"},
 	}
 }
@@ -693,6 +697,9 @@ func (c *Config) validateCluster() error {
 	}
 	if cl.StreamPrefix == "" {
 		return keyErr("cluster.stream_prefix", "must not be empty")
+	}
+	if cl.LeaseTime.Duration < time.Second {
+		return keyErr("cluster.lease_time", "must be at least 1s, got %s", cl.LeaseTime.Duration)
 	}
 	for _, r := range cl.StreamPrefix {
 		if !(r >= 'a' && r <= 'z' || r >= 'A' && r <= 'Z' || r >= '0' && r <= '9' || r == '_' || r == '-') {
