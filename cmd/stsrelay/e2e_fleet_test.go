@@ -347,3 +347,222 @@ func TestE2EFleetOneTLSRPTReport(t *testing.T) {
 		t.Errorf("%d nodes say they are the TLS-RPT reporter, want 1", reporters)
 	}
 }
+
+// The fleet under load loses nothing: a few thousand messages go to
+// three relays while one relay is killed with SIGKILL and then one NATS
+// server of three stops. Every message that got a 250 is delivered; a
+// message is delivered twice only if the killed relay was delivering it;
+// the policy host sees one fetch; each domain gets one report per
+// period, counting the sessions the relays logged.
+func TestE2EFleetChaos(t *testing.T) {
+	t.Parallel()
+	c := natstest.Start(t, 3)
+	w := testworld.New(t)
+	const stsDom, plainDom = "sts.chaos.test", "plain.chaos.test"
+	host := "mx1." + stsDom
+	stsMX := w.NewMX(testworld.MXOptions{Hostname: host, Cert: w.CA.Issue(testworld.CertValid, host)})
+	w.DNS.SetMX(stsDom, testworld.MX{Pref: 10, Host: host})
+	w.DNS.SetA(host, stsMX.IP())
+	pol := w.PolicyHost(stsDom, testworld.CertValid)
+	pol.SetPolicy(strings.Join(rptPolicyLines("enforce", host), "\n") + "\n")
+	w.DNS.SetTXT("_mta-sts."+stsDom, []string{"v=STSv1; id=chaos1"})
+	plainMX := simpleDomain(w, plainDom)
+	stsRcv, plainRcv := rptReceiver(w, stsDom), rptReceiver(w, plainDom)
+	const iv = 8 * time.Second
+	rs := startFleet(t, w, c, 3, func(cfg *config.Config) {
+		rc := rptConfig(t, w, iv)
+		cfg.TLSRPT = rc.TLSRPT
+		cfg.Delivery.ConnectionReuseLimit = 1 // one message per session: sessions = delivery lines
+		// Renewed every third of it: long enough that a node starved of
+		// CPU by this test (three relays, three NATS servers, the race
+		// detector, two cores) does not lose a lease it still works on.
+		cfg.Cluster.LeaseTime = config.Duration{Duration: 10 * time.Second}
+	})
+	const victim = 2
+
+	const n = 1500
+	var mu sync.Mutex
+	acked := map[string]bool{} // subject → got a 250
+	var sent, killedAt int
+	var killTime time.Time
+	next := make(chan int, n)
+	for i := range n {
+		next <- i
+	}
+	close(next)
+	var wg sync.WaitGroup
+	for g := range 24 {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := range next {
+				dom := stsDom
+				if i%2 == 1 {
+					dom = plainDom
+				}
+				subj := fmt.Sprintf("chaos-%d", i)
+				for try := 0; try < 6; try++ {
+					r := rs[(g+i+try)%3]
+					if _, err := r.submit("s@client.test", []string{fmt.Sprintf("u%d@%s", i, dom)}, simpleMessage(subj)); err == nil {
+						mu.Lock()
+						acked[subj] = true
+						sent++
+						switch sent {
+						case n * 3 / 10:
+							killedAt, killTime = sent, time.Now()
+							rs[victim].kill9()
+						case n * 6 / 10:
+							c.Shutdown(1)
+						}
+						mu.Unlock()
+						break
+					}
+					time.Sleep(100 * time.Millisecond)
+				}
+			}
+		}()
+	}
+	wg.Wait()
+	if len(acked) < n*9/10 {
+		t.Fatalf("only %d of %d submissions got a 250", len(acked), n)
+	}
+	t.Logf("%d of %d messages acknowledged; relay%d killed after %d, NATS server 2 stopped after %d", len(acked), n, victim+1, killedAt, n*6/10)
+
+	// Every acknowledged message arrives.
+	received := func() map[string][]testworld.Received {
+		got := map[string][]testworld.Received{}
+		for _, mx := range []*testworld.MXServer{stsMX, plainMX} {
+			for _, m := range mx.Messages() {
+				for _, line := range strings.Split(string(m.Data), "\r\n") {
+					if s, ok := strings.CutPrefix(line, "Subject: "); ok {
+						got[s] = append(got[s], m)
+						break
+					}
+				}
+			}
+		}
+		return got
+	}
+	deadline := time.Now().Add(120 * time.Second)
+	for {
+		got := received()
+		missing := 0
+		for s := range acked {
+			if len(got[s]) == 0 {
+				missing++
+			}
+		}
+		if missing == 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("%d acknowledged messages never arrived", missing)
+		}
+		time.Sleep(500 * time.Millisecond)
+	}
+	// Duplicates only for what the killed relay was delivering.
+	connFrom := func(mx *testworld.MXServer) map[int]string {
+		m := map[int]string{}
+		for _, cmd := range mx.Commands() {
+			m[cmd.Conn.ID] = cmd.Conn.RemoteAddr
+		}
+		return m
+	}
+	from := map[*testworld.MXServer]map[int]string{stsMX: connFrom(stsMX), plainMX: connFrom(plainMX)}
+	victimIP := fmt.Sprintf("127.0.77.%d:", victim+1)
+	dups := 0
+	for s, copies := range received() {
+		if len(copies) < 2 {
+			continue
+		}
+		dups++
+		byVictim := false
+		for _, cp := range copies {
+			for _, mx := range []*testworld.MXServer{stsMX, plainMX} {
+				if strings.HasPrefix(from[mx][cp.ConnID], victimIP) && cp.Time.Before(killTime.Add(time.Second)) {
+					byVictim = true
+				}
+			}
+		}
+		if !byVictim {
+			var desc []string
+			for _, cp := range copies {
+				for _, mx := range []*testworld.MXServer{stsMX, plainMX} {
+					if a := from[mx][cp.ConnID]; a != "" {
+						desc = append(desc, fmt.Sprintf("from %s at kill%+v", a, cp.Time.Sub(killTime).Round(time.Millisecond)))
+					}
+				}
+			}
+			t.Errorf("%s delivered %d times, none of them by the killed relay before the kill: %s", s, len(copies), strings.Join(desc, "; "))
+		}
+	}
+	t.Logf("%d messages delivered twice (in flight at the kill)", dups)
+
+	// One policy fetch for the fleet.
+	fetches := 0
+	for _, q := range pol.Requests() {
+		if strings.Contains(q.Path, "mta-sts.txt") {
+			fetches++
+		}
+	}
+	if fetches != 1 {
+		t.Errorf("policy host served %d fetches, want 1", fetches)
+	}
+
+	// One report per domain and period, counting the logged sessions:
+	// every session the survivors logged, and the killed relay's up to a
+	// little before the kill (its counts go to the fleet every few
+	// seconds and at each period's end), never more than were logged.
+	for _, tc := range []struct {
+		dom string
+		rcv *testworld.ReportReceiver
+	}{{stsDom, stsRcv}, {plainDom, plainRcv}} {
+		var all, live, victimEarly int64
+		for i, r := range rs {
+			for _, l := range r.logs("delivery", func(l map[string]any) bool { return l["domain"] == tc.dom && l["mx"] != "" }) {
+				all++
+				switch {
+				case i != victim:
+					live++
+				case rptLogTime(t, l).Before(killTime.Add(-iv - 12*time.Second)):
+					victimEarly++
+				}
+			}
+		}
+		var docs []*rptDoc
+		var reported, last int64
+		deadline := time.Now().Add(90 * time.Second)
+		stable := 0
+		for stable < 6 {
+			docs = rptReports(t, tc.rcv, iv)
+			reported = 0
+			for _, d := range docs {
+				reported += d.successes() + d.failures()
+			}
+			if reported >= live+victimEarly && reported == last {
+				stable++
+			} else {
+				stable = 0
+			}
+			last = reported
+			if time.Now().After(deadline) {
+				t.Fatalf("%s: reports count %d sessions after 90s; want between %d and %d", tc.dom, reported, live+victimEarly, all)
+			}
+			time.Sleep(time.Second)
+		}
+		if reported > all || reported < live+victimEarly {
+			t.Errorf("%s: reports count %d sessions; the relays logged %d, the survivors %d, the killed relay %d well before the kill",
+				tc.dom, reported, all, live, victimEarly)
+		}
+		periods := map[time.Time]int{}
+		for _, d := range docs {
+			periods[d.start]++
+		}
+		for p, k := range periods {
+			if k != 1 {
+				t.Errorf("%s: period %s got %d reports, want 1 for the fleet", tc.dom, p.Format(time.RFC3339), k)
+			}
+		}
+		t.Logf("%s: %d reports, %d sessions reported of %d logged", tc.dom, len(docs), reported, all)
+	}
+}
