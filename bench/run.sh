@@ -22,6 +22,13 @@
 #                              pinned-disk run): ~5 minutes (see
 #                              bench/README.md; FSYNC=0 RESTART_N=0 when
 #                              MODES is just "scale")
+#   MODES=fleet bench/run.sh   only fleet mode (issue #16): one relay on its
+#                              disk queue ("local"), one relay on a 3-node
+#                              NATS JetStream cluster ("fleet1"), three relays
+#                              on it ("fleet3"); plain sink, 2 KiB; ~2
+#                              minutes (QUICK=1: ~35 s); see bench/README.md
+#                              (FSYNC=0 RESTART_N=0 when MODES is just
+#                              "fleet")
 #
 # Environment (all optional):
 #   QUICK=1            fewer messages per case, smaller restart test
@@ -63,6 +70,17 @@
 #   WAN_HANDSHAKE=1    the proxy also models the TCP handshake (dials the
 #                      sink 1.5 RTT after accepting); 0: only chunk delays
 #   STSRELAY_BIN=PATH  use this stsrelay binary instead of building ./cmd/stsrelay
+#                      fleet : fleet mode (issue #16), run once after the
+#                              other modes; not in the default MODES;
+#                              knobs FLEET_*
+#   FLEET_NMSG=6000    fleet mode: messages per case (QUICK: 600); fleet3
+#                      splits them over its three relays
+#   FLEET_CONC=12      fleet mode: submitting sessions per case, split
+#                      over the relays (a multiple of 3)
+#   FLEET_SIZE=2048    fleet mode: payload bytes
+#   FLEET_REPS=N       fleet mode: repetitions (default REPS; QUICK: 2
+#                      unless REPS is set)
+#   FLEET_CASES="local fleet1 fleet3"   fleet mode: which cases
 #   SCALE_PARTS="pin dead"   scale mode: which parts
 #   SCALE_PIN_N=60000 SCALE_PIN_SIZE=4096   scale "pin": messages delivered
 #                      after the one deferred (QUICK: 20000 x 10240; either
@@ -103,16 +121,25 @@
 # wan mode: 127.0.0.4:2527 / :2528 benchworld's WAN sinks with / without
 # CHUNKING, behind latencyproxy on 127.0.0.7:2526 / 127.0.0.8:2526
 # (mx.wan.bench.test / mx.wannc.bench.test).
+# fleet mode: relays on 127.0.0.10, 127.0.0.12, 127.0.0.13 (:2525
+# submission, :9464 metrics); bench/cmd/natscluster's NATS servers on
+# 127.0.0.21-23 (:4222 clients, :6222 routes).
 set -euo pipefail
 
 BENCH_DIR=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 REPO=$(cd "$BENCH_DIR/.." && pwd)
 
 QUICK=${QUICK:-0}
+REPS_SET=${REPS:-}
 REPS=${REPS:-3}
 MODES=${MODES:-"plain tls sts accept"}
 if [ "$MODES" = scale ]; then
 	# The queue-at-scale case alone (issue #12): nothing else.
+	FSYNC=${FSYNC:-0}
+	RESTART_N=${RESTART_N:-0}
+fi
+if [ "$MODES" = fleet ]; then
+	# Fleet mode alone (issue #16): nothing else.
 	FSYNC=${FSYNC:-0}
 	RESTART_N=${RESTART_N:-0}
 fi
@@ -232,7 +259,8 @@ else
 fi
 (cd "$REPO" && go build -o "$OUT/bin/benchworld" ./bench/cmd/benchworld &&
 	go build -o "$OUT/bin/benchtool" ./bench/cmd/benchtool &&
-	go build -o "$OUT/bin/latencyproxy" ./bench/cmd/latencyproxy)
+	go build -o "$OUT/bin/latencyproxy" ./bench/cmd/latencyproxy &&
+	go build -o "$OUT/bin/natscluster" ./bench/cmd/natscluster)
 STSRELAY=$OUT/bin/stsrelay
 BT=$OUT/bin/benchtool
 
@@ -553,7 +581,7 @@ for rep in $(seq "$REPS"); do
 				plain | accept) systems="stsrelay postfix" ;;
 				tls | wan) systems="stsrelay postfix postfix-reuse" ;;
 				sts) systems="stsrelay" ;;
-				scale) continue ;; # runs once, below
+				scale | fleet) continue ;; # run on their own, below
 				*) die "unknown mode $mode" ;;
 				esac
 				# Alternate the order from one repetition to the next.
@@ -933,15 +961,172 @@ if [[ " $MODES " == *" scale "* ]]; then
 	done
 fi
 
+# ---------------------------------------------------------------- fleet mode (issue #16)
+# local: one relay on its disk queue; fleet1: one relay with [cluster] on a
+# fresh 3-node JetStream cluster (bench/cmd/natscluster, one process);
+# fleet3: three relays on it, the load split over them. Same messages and
+# sessions in every case; plain sink; `benchtool load -lat -c` per relay,
+# `benchtool waitcount` for the delivery side and the memory samples.
+if [ "$QUICK" = 1 ]; then FLEET_NMSG=${FLEET_NMSG:-600}; else FLEET_NMSG=${FLEET_NMSG:-6000}; fi
+FLEET_CONC=${FLEET_CONC:-12}
+FLEET_SIZE=${FLEET_SIZE:-2048}
+if [ "$QUICK" = 1 ] && [ -z "$REPS_SET" ]; then FLEET_REPS=${FLEET_REPS:-2}; else FLEET_REPS=${FLEET_REPS:-$REPS}; fi
+FLEET_CASES=${FLEET_CASES:-"local fleet1 fleet3"}
+FLEET_IPS=(127.0.0.10 127.0.0.12 127.0.0.13) # relay i: submission IP:2525, metrics IP:9464
+NATS_PID=
+NATS_URLS=
+FLEET_PIDS=()
+kvget() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -1; } # kvget "k=v k=v" KEY
+nats_start() { # dir
+	local d=$1 i
+	rm -rf "$d"
+	mkdir -p "$d"
+	"$OUT/bin/natscluster" -n 3 -dir "$d" -ip 127.0.0.21 -ready "$d/urls" >"$d/stdout" 2>"$d/stderr" &
+	NATS_PID=$!
+	track $NATS_PID
+	for ((i = 0; i < 1200; i++)); do
+		if [ -s "$d/urls" ]; then NATS_URLS=$(cat "$d/urls"); return 0; fi
+		kill -0 $NATS_PID 2>/dev/null || break
+		sleep 0.05
+	done
+	die "natscluster did not start: $(tail -5 "$d/stderr")"
+}
+nats_stop() {
+	[ -n "$NATS_PID" ] || return 0
+	kill -TERM "$NATS_PID" 2>/dev/null || true
+	wait "$NATS_PID" 2>/dev/null || true
+	untrack "$NATS_PID"
+	NATS_PID=
+}
+fleet_relay_start() { # dir index(0..2) [nats urls]
+	local d=$1 i=$2 ip=${FLEET_IPS[$2]} t0 out
+	rm -rf "$d"
+	mkdir -p "$d/data"
+	sts_config "$d"
+	sed -i "s/127\.0\.0\.10:/$ip:/g" "$d/stsrelay.toml"
+	if [ -n "${3:-}" ]; then
+		cat >>"$d/stsrelay.toml" <<EOF
+
+[cluster]
+nats_urls = [$(sed 's/[^,]*/"&"/g; s/,/, /g' <<<"$3")]
+node_name = "relay$((i + 1))"
+replicas = 3
+stream_prefix = "bench"
+EOF
+	fi
+	t0=$(date +%s%N)
+	"$STSRELAY" serve -config "$d/stsrelay.toml" >>"$d/stderr" 2>&1 &
+	FLEET_PIDS+=($!)
+	track $!
+	out=$("$BT" waitbanner -addr "$ip:2525" -since "$t0" -timeout 2m) || die "stsrelay ($d) did not start: $(tail -5 "$d/stderr")"
+	log "fleet: relay$((i + 1)) on $ip:2525 $out"
+}
+fleet_relays_stop() {
+	local p
+	for p in "${FLEET_PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+	for p in "${FLEET_PIDS[@]}"; do
+		wait "$p" 2>/dev/null || true
+		untrack "$p"
+	done
+	FLEET_PIDS=()
+}
+# fleet_loads K KEY: KEY from each of the K loads' output, one a line
+fleet_loads() {
+	local i
+	for ((i = 0; i < $1; i++)); do kvget "$(cat "$FLEET_D.load$i.out" 2>/dev/null)" "$2"; done
+}
+
+# fleet_case REP CASE: CASE is local, fleet1 or fleet3
+fleet_case() {
+	local rep=$1 sys=$2 n=$FLEET_NMSG conc=$FLEET_CONC size=$FLEET_SIZE d k i urls= wait_pid
+	d=$OUT/run/fleet-$sys
+	FLEET_D=$d
+	rm -rf "$d" "$d".*
+	mkdir -p "$d"
+	case $sys in local | fleet1) k=1 ;; fleet3) k=3 ;; *) die "unknown fleet case $sys" ;; esac
+	[ $((conc % k)) = 0 ] || die "FLEET_CONC=$conc is not a multiple of $k"
+	log "fleet rep=$rep $sys: $n x $size B, $conc sessions over $k relay(s)"
+	sink_start "$d.sinkc"
+	if [ "$sys" != local ]; then
+		nats_start "$d/nats" # fresh store directories every case
+		urls=$NATS_URLS
+	fi
+	for ((i = 0; i < k; i++)); do fleet_relay_start "$d/relay$((i + 1))" $i "$urls"; done
+	# The delivery side; the sink is fresh, so it counts from 0.
+	"$BT" waitcount -count-sinkc "$d.sinkc" -base 0 -expect "$n" -pids "$(IFS=,; echo "${FLEET_PIDS[*]}")" \
+		${NATS_PID:+-extra-pids $NATS_PID} -timeout 10m >"$d.wait.out" 2>"$d.wait.err" &
+	wait_pid=$!
+	track $wait_pid
+	local lpids=() per=$((n / k)) m failed=0
+	for ((i = 0; i < k; i++)); do
+		m=$per
+		[ $i = $((k - 1)) ] && m=$((n - per * (k - 1)))
+		"$BT" load -lat -c $((conc / k)) -addr "${FLEET_IPS[$i]}:2525" -n "$m" -size "$size" -from $FROM -to rcpt@plain.bench.test \
+			>"$d.load$i.out" 2>"$d.load$i.err" &
+		lpids+=($!)
+		track $!
+	done
+	for ((i = 0; i < k; i++)); do
+		wait "${lpids[$i]}" || { failed=1; log "fleet $sys: load $i failed: $(tail -3 "$d.load$i.err")"; }
+		untrack "${lpids[$i]}"
+	done
+	[ $failed = 1 ] && { kill -TERM $wait_pid 2>/dev/null || true; }
+	wait $wait_pid || { failed=1; log "fleet $sys: delivery wait failed: $(tail -3 "$d.wait.err")"; }
+	untrack $wait_pid
+	# Before stopping: redeliveries (fleet cases).
+	local redel=0 v
+	if [ "$sys" != local ]; then
+		for ((i = 0; i < k; i++)); do
+			v=$(kvget "$("$BT" metrics -url "http://${FLEET_IPS[$i]}:9464/metrics" -names stsrelay_fleet_redeliveries_total || true)" stsrelay_fleet_redeliveries_total)
+			[[ "$v" =~ ^[0-9]+$ ]] && redel=$((redel + v))
+		done
+	fi
+	fleet_relays_stop
+	nats_stop
+	sink_stop
+	local w dlog errs warns check
+	w=$(cat "$d.wait.out" 2>/dev/null || true)
+	dlog=$(cat "$d"/relay*/stsrelay.log | grep '"msg":"delivery"' | grep -c '"result":"delivered"' || true)
+	errs=$(cat "$d"/relay*/stsrelay.log | grep -c '"level":"error"' || true)
+	warns=$(cat "$d"/relay*/stsrelay.log | grep -c '"level":"warn"' || true)
+	check="sink=$(kvget "$w" sink_final),delivered_log=$dlog,log_errors=$errs,log_warns=$warns"
+	[ "$sys" != local ] && check+=",redeliveries=$redel,nats_peak_rss_kb=$(kvget "$w" extra_peak_rss_kb)"
+	# Over the loads: the slowest accept, the median p50, the worst p99.
+	local acc p50 p99 lmin lmax del drain
+	acc=$(fleet_loads $k accept_s | sort -g | tail -1)
+	p50=$(fleet_loads $k lat_p50_ms | sort -g | awk '{ v[NR] = $1 } END { if (NR) print v[int((NR + 1) / 2)] }')
+	p99=$(fleet_loads $k lat_p99_ms | sort -g | tail -1)
+	lmin=$(fleet_loads $k lat_min_ms | sort -g | head -1)
+	lmax=$(fleet_loads $k lat_max_ms | sort -g | tail -1)
+	del=$(kvget "$w" deliver_s)
+	if [ $failed = 1 ]; then acc=- del=-; fi
+	drain=$(awk -v a="${acc:--}" -v b="${del:--}" 'BEGIN { if (a != "-" && b != "-") printf "%.3f", b - a; else print "-" }')
+	printf '%s\t%s\tfleet\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t-\t-\t-\t-\t-\t-\t-\n' "$rep" "$sys" "$size" "$conc" "$n" \
+		"${acc:--}" "${del:--}" "$drain" "$(kvget "$w" peak_pss_kb)" "$(kvget "$w" peak_rss_kb)" "$(kvget "$w" max_procs)" \
+		"${p50:--}" "${p99:--}" "${lmin:--}" "${lmax:--}" "$check" >>"$RESULTS"
+	log "fleet rep=$rep $sys: accept_s=$acc (slowest load) p50=${p50}ms p99=${p99}ms $w $check"
+	rm -rf "$d/nats" # the stores are not needed afterwards
+}
+
+if [[ " $MODES " == *" fleet "* ]]; then
+	for rep in $(seq "$FLEET_REPS"); do
+		cases=$FLEET_CASES
+		if [ $((rep % 2)) = 0 ]; then cases=$(tr ' ' '\n' <<<"$cases" | tac | tr '\n' ' '); fi
+		for c in $cases; do fleet_case "$rep" "$c"; done
+	done
+fi
+
 # ---------------------------------------------------------------- report
 T_END=$(date +%s)
 {
 	settings=""
 	wanvars=
 	[[ " $MODES " == *" wan "* ]] && wanvars="WAN_DELAYS WAN_SINKS WAN_NMSG WAN_NOCHUNK_SYSTEMS WAN_NOCHUNK_REPS WAN_HANDSHAKE STSRELAY_BIN"
+	[[ " $MODES " == *" fleet "* ]] && wanvars+=" FLEET_NMSG FLEET_CONC FLEET_SIZE FLEET_REPS FLEET_CASES STSRELAY_BIN"
 	[[ " $MODES " == *" scale "* ]] && wanvars+=" SCALE_PARTS SCALE_PIN_N SCALE_PIN_SIZE SCALE_DEAD_NS SCALE_PF_DEAD_N SCALE_SYSTEMS STSRELAY_BIN"
 	vars="QUICK REPS SIZES CONCS MODES RESTART_N RESTART_SYSTEMS FSYNC NMSG"
 	[ "$MODES" = scale ] && vars="QUICK MODES"
+	[ "$MODES" = fleet ] && vars="QUICK MODES"
 	for v in $vars $wanvars; do
 		[ -n "${!v:-}" ] && settings+="$v=\"${!v}\" "
 	done

@@ -51,7 +51,10 @@ func Connect(ctx context.Context, c config.Cluster, log *zap.Logger) (*Fleet, er
 		nats.MaxReconnects(-1),
 		nats.ReconnectWait(250 * time.Millisecond),
 		nats.RetryOnFailedConnect(true),
-		nats.DisconnectErrHandler(func(_ *nats.Conn, err error) {
+		nats.DisconnectErrHandler(func(nc *nats.Conn, err error) {
+			if nc.IsClosed() || err == nil {
+				return // our own Close at shutdown
+			}
 			f.disconnects.Add(1)
 			log.Warn("nats disconnected", zap.Error(err))
 		}),

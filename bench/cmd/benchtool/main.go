@@ -23,9 +23,12 @@
 //	benchtool fillqueue | waitready | procstat | metrics
 //	    The "scale" mode's helpers (queue at scale, issue #12): see scale.go.
 //
-// The built-in client (-lat) submits like `smtp-source -s 1 -m N -l SIZE`
-// does: one message per connection (connect, EHLO, MAIL, RCPT, DATA, body,
-// ".", QUIT), one connection at a time. Latency is measured from sending the
+//	benchtool waitcount -count-sinkc F -expect N -pids P,... [-extra-pids P]
+//	    The fleet mode's delivery side (issue #16): see fleet.go.
+//
+// The built-in client (-lat) submits like `smtp-source -s C -m N -l SIZE`
+// does (-c C, default 1): one message per connection (connect, EHLO, MAIL, RCPT, DATA, body,
+// ".", QUIT), one connection at a time per session. Latency is measured from sending the
 // final "." to reading the reply to it (the 250 comes only after the queue
 // made the message durable), per message.
 package main
@@ -49,7 +52,7 @@ import (
 
 func main() {
 	if len(os.Args) < 2 {
-		fmt.Fprintln(os.Stderr, "usage: benchtool load|mem|waitbanner|table|fillqueue|waitready|procstat|metrics [flags]")
+		fmt.Fprintln(os.Stderr, "usage: benchtool load|mem|waitbanner|table|fillqueue|waitready|procstat|metrics|waitcount [flags]")
 		os.Exit(2)
 	}
 	var err error
@@ -70,6 +73,8 @@ func main() {
 		err = cmdProcStat(os.Args[2:])
 	case "metrics":
 		err = cmdMetrics(os.Args[2:])
+	case "waitcount":
+		err = cmdWaitCount(os.Args[2:])
 	default:
 		err = fmt.Errorf("unknown command %q", os.Args[1])
 	}
@@ -93,6 +98,7 @@ func cmdLoad(args []string) error {
 	size := fs.Int("size", 2048, "-lat: payload bytes")
 	from := fs.String("from", "bench@client.bench.test", "-lat: envelope sender")
 	to := fs.String("to", "", "-lat: recipient")
+	sessions := fs.Int("c", 1, "-lat: concurrent sessions (the -n messages are shared among them)")
 	if err := fs.Parse(args); err != nil {
 		return err
 	}
@@ -138,7 +144,7 @@ func cmdLoad(args []string) error {
 	start := time.Now()
 	var lats []time.Duration
 	if *lat {
-		lats, err = latClient(*addr, *n, *size, *from, *to)
+		lats, err = latClient(*addr, *n, *sessions, *size, *from, *to)
 	} else {
 		if fs.NArg() == 0 {
 			return errors.New("load: smtp-source arguments expected after --")
@@ -246,19 +252,55 @@ func sinkcCount(path string) (int64, error) {
 	return strconv.ParseInt(s[:j], 10, 64)
 }
 
-// latClient sends n messages one after the other, one connection each, and
-// returns the time from the final "." to the reply, per message.
-func latClient(addr string, n, size int, from, to string) ([]time.Duration, error) {
+// latClient sends n messages over c concurrent sessions (c = 1: one after
+// the other), one connection per message, and returns the time from the
+// final "." to the reply, per message. Sessions take the next message
+// from a shared count, so together they send exactly n.
+func latClient(addr string, n, c, size int, from, to string) ([]time.Duration, error) {
 	body := makeBody(size, from, to)
-	out := make([]time.Duration, 0, n)
-	for i := 0; i < n; i++ {
-		d, err := oneMessage(addr, body, from, to)
-		if err != nil {
-			return out, fmt.Errorf("message %d: %w", i+1, err)
-		}
-		out = append(out, d)
+	if c < 1 {
+		c = 1
 	}
-	return out, nil
+	var (
+		mu    sync.Mutex
+		out   = make([]time.Duration, 0, n)
+		next  int
+		first error
+		wg    sync.WaitGroup
+	)
+	take := func() (int, bool) {
+		mu.Lock()
+		defer mu.Unlock()
+		if first != nil || next >= n {
+			return 0, false
+		}
+		next++
+		return next, true
+	}
+	for s := 0; s < c; s++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for {
+				i, ok := take()
+				if !ok {
+					return
+				}
+				d, err := oneMessage(addr, body, from, to)
+				mu.Lock()
+				if err != nil {
+					if first == nil {
+						first = fmt.Errorf("message %d: %w", i, err)
+					}
+				} else {
+					out = append(out, d)
+				}
+				mu.Unlock()
+			}
+		}()
+	}
+	wg.Wait()
+	return out, first
 }
 
 func makeBody(size int, from, to string) []byte {

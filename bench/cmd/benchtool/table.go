@@ -202,8 +202,8 @@ func cmdTable(args []string) error {
 		if r["accept_s"] == "-" || r["accept_s"] == "" {
 			continue // failed run
 		}
-		if strings.HasPrefix(r["mode"], "scale") {
-			continue // the scale mode has its own table (-scale)
+		if strings.HasPrefix(r["mode"], "scale") || r["mode"] == "fleet" {
+			continue // the scale and fleet modes have their own tables
 		}
 		size, _ := strconv.Atoi(r["size"])
 		conc, _ := strconv.Atoi(r["conc"])
@@ -414,6 +414,8 @@ func cmdTable(args []string) error {
 			fmt.Println()
 		}
 	}
+
+	fleetTable(rows)
 
 	if *scaleF != "" {
 		if err := scaleTable(*scaleF); err != nil {
