@@ -1,4 +1,4 @@
-package mtasts
+package mtastsdb
 
 import (
 	"context"
@@ -16,7 +16,7 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
-
+	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -74,11 +74,11 @@ const enforceMX2 = "version: STSv1\nmode: enforce\nmx: mx2.ex.test\nmax_age: 864
 func TestCacheFirstGetFetchesAndLogs(t *testing.T) {
 	var hook []string
 	ce := newCacheEnv(t, func(o *Options) {
-		o.OnFetch = func(d, id string, m Mode, r string) { hook = append(hook, d+" "+id+" "+string(m)+" "+r) }
+		o.OnFetch = func(d, id string, m mtasts.Mode, r string) { hook = append(hook, d+" "+id+" "+string(m)+" "+r) }
 	})
 	ps := ce.stsDomain("ex.test", "a1", enforceMX1)
 	res := ce.get(t, "Ex.Test.")
-	if res.Policy == nil || res.Policy.Mode != ModeEnforce || res.ID != "a1" || res.Domain != "ex.test" || res.FromCache || res.Failure != nil {
+	if res.Policy == nil || res.Policy.Mode != mtasts.ModeEnforce || res.ID != "a1" || res.Domain != "ex.test" || res.FromCache || res.Failure != nil {
 		t.Fatalf("result %+v", res)
 	}
 	if ps.Count() != 1 {
@@ -260,7 +260,7 @@ func TestCacheSurvivesReopen(t *testing.T) {
 	ce.c = ce.open(t, nil)
 	ce.clock.Advance(time.Hour)
 	res := ce.get(t, "ex.test")
-	if res.Policy == nil || res.Policy.Mode != ModeEnforce || res.ID != "a1" || !res.Policy.Matches("mx1.ex.test") {
+	if res.Policy == nil || res.Policy.Mode != mtasts.ModeEnforce || res.ID != "a1" || !res.Policy.Matches("mx1.ex.test") {
 		t.Fatalf("after restart: %+v (RFC 8461 §3.3: the cached policy MUST apply)", res)
 	}
 	if res.Failure == nil {
@@ -346,8 +346,8 @@ func TestCacheDNSFailure(t *testing.T) {
 	ce := newCacheEnv(t, nil)
 	ce.w.DNS.SetServFail("_mta-sts.ex.test", dns.TypeTXT, true)
 	_, err := ce.c.Get(context.Background(), "ex.test")
-	if !errors.Is(err, ErrDNS) {
-		t.Fatalf("SERVFAIL with nothing cached: err = %v, want ErrDNS (delivery defers)", err)
+	if !errors.Is(err, mtasts.ErrDNS) {
+		t.Fatalf("SERVFAIL with nothing cached: err = %v, want mtasts.ErrDNS (delivery defers)", err)
 	}
 	ce.w.DNS.SetServFail("_mta-sts.ex.test", dns.TypeTXT, false)
 	ce.stsDomain("ex.test", "a1", enforceMX1)
@@ -355,7 +355,7 @@ func TestCacheDNSFailure(t *testing.T) {
 	ce.w.DNS.SetServFail("_mta-sts.ex.test", dns.TypeTXT, true)
 	ce.pastGrace()
 	res := ce.get(t, "ex.test")
-	if res.Policy == nil || res.Failure == nil || !errors.Is(res.Failure, ErrDNS) {
+	if res.Policy == nil || res.Failure == nil || !errors.Is(res.Failure, mtasts.ErrDNS) {
 		t.Errorf("SERVFAIL with a cached policy: %+v", res)
 	}
 }
@@ -392,7 +392,7 @@ func TestCacheModeNoneReplacesEnforce(t *testing.T) {
 	ce.w.DNS.SetTXT("_mta-sts.ex.test", []string{"v=STSv1; id=b2"})
 	ce.pastGrace()
 	res := ce.get(t, "ex.test")
-	if res.Policy == nil || res.Policy.Mode != ModeNone || res.ID != "b2" {
+	if res.Policy == nil || res.Policy.Mode != mtasts.ModeNone || res.ID != "b2" {
 		t.Fatalf("%+v (RFC 8461 §8.3)", res)
 	}
 	// Removing TXT and policy host: still none, no failure reported.
@@ -400,7 +400,7 @@ func TestCacheModeNoneReplacesEnforce(t *testing.T) {
 	ps.SetResponse(404, "text/plain", "", nil)
 	ce.pastGrace()
 	res = ce.get(t, "ex.test")
-	if res.Policy == nil || res.Policy.Mode != ModeNone || res.Failure != nil {
+	if res.Policy == nil || res.Policy.Mode != mtasts.ModeNone || res.Failure != nil {
 		t.Errorf("%+v", res)
 	}
 }
@@ -482,14 +482,14 @@ func TestCacheRefreshAndEntries(t *testing.T) {
 	}
 	ps.SetResponse(500, "text/plain", "", nil)
 	e, err = ce.c.Refresh(context.Background(), "ex.test")
-	if ResultType(err) != tlsrpt.ResultSTSPolicyFetchError || e.MX[0] != "mx2.ex.test" {
+	if mtasts.ResultType(err) != tlsrpt.ResultSTSPolicyFetchError || e.MX[0] != "mx2.ex.test" {
 		t.Errorf("failed Refresh = %+v, %v", e, err)
 	}
 	if ps.Count() != 3 {
 		t.Errorf("%d GETs", ps.Count())
 	}
 	all := ce.c.Entries()
-	if len(all) != 1 || all[0].Domain != "ex.test" || all[0].Mode != ModeEnforce || all[0].MaxAgeSeconds != 86400 ||
+	if len(all) != 1 || all[0].Domain != "ex.test" || all[0].Mode != mtasts.ModeEnforce || all[0].MaxAgeSeconds != 86400 ||
 		!all[0].Expires.Equal(all[0].Fetched.Add(86400*time.Second)) || all[0].LastError == "" {
 		t.Errorf("Entries = %+v", all)
 	}
@@ -529,7 +529,7 @@ func TestRefresherProactive(t *testing.T) {
 }
 
 func TestRefresherNearExpiryAndWarnings(t *testing.T) {
-	for _, mode := range []Mode{ModeEnforce, ModeNone} {
+	for _, mode := range []mtasts.Mode{mtasts.ModeEnforce, mtasts.ModeNone} {
 		t.Run(string(mode), func(t *testing.T) {
 			ce := newCacheEnv(t, nil)
 			body := "version: STSv1\nmode: " + string(mode) + "\nmx: mx1.ex.test\nmax_age: 7200\n"
@@ -548,10 +548,10 @@ func TestRefresherNearExpiryAndWarnings(t *testing.T) {
 				t.Fatalf("%d GETs, want a refresh near expiry", ps.Count())
 			}
 			warns := ce.logs.FilterMessage("mtasts_refresh_failed").Len()
-			if mode == ModeNone && warns != 0 {
+			if mode == mtasts.ModeNone && warns != 0 {
 				t.Errorf("warning for a failed refresh of mode none (RFC 8461 §3.3)")
 			}
-			if mode == ModeEnforce && warns != 1 {
+			if mode == mtasts.ModeEnforce && warns != 1 {
 				t.Errorf("%d warnings for a failed refresh of enforce, want 1", warns)
 			}
 			// The next pass within the backoff does not fetch again.
@@ -644,7 +644,7 @@ func BenchmarkCachedGetAndMatch(b *testing.B) {
 	if err != nil {
 		b.Fatal(err)
 	}
-	p, err := ParsePolicy([]byte("version: STSv1\nmode: enforce\nmx: mx1.ex.test\nmx: *.mail.ex.test\nmax_age: 86400\n"))
+	p, err := mtasts.ParsePolicy([]byte("version: STSv1\nmode: enforce\nmx: mx1.ex.test\nmx: *.mail.ex.test\nmax_age: 86400\n"))
 	if err != nil {
 		b.Fatal(err)
 	}
