@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"os"
 	"sync"
 	"sync/atomic"
 	"time"
@@ -202,10 +201,7 @@ func New(opts Options) (*Cache, error) {
 		return c, nil
 	}
 	if c.dir != "" {
-		if err := os.MkdirAll(c.dir, 0o700); err != nil {
-			return nil, fmt.Errorf("mtasts cache: %w", err)
-		}
-		if err := c.load(); err != nil {
+		if err := c.openDir(); err != nil {
 			return nil, err
 		}
 	}
@@ -343,7 +339,7 @@ func (c *Cache) fetchIfNew(ctx context.Context, d, id string) (Result, *entry, e
 	// up falls back to what is cached.
 	fctx := context.WithoutCancel(ctx)
 	ch := c.flight.DoChan(d+"\x00"+id, func() (any, error) {
-		res, e := c.fetchLocked(fctx, d, id)
+		res, e := c.fetchUnlessCached(fctx, d, id)
 		return out{res, e}, nil
 	})
 	select {
@@ -365,41 +361,25 @@ func (c *Cache) fetchIfNew(ctx context.Context, d, id string) (Result, *entry, e
 	}
 }
 
-// fetchLocked runs inside the single flight for (d, id). It checks again
-// what the cache holds, since another flight may just have finished.
-func (c *Cache) fetchLocked(ctx context.Context, d, id string) (Result, *entry) {
-	now := c.now()
-	c.mu.RLock()
-	e := c.entries[d]
-	f := c.failures[d]
-	c.mu.RUnlock()
-	if e != nil && !e.validAt(now) {
-		e = nil // RFC 8461 §5.1: an expired policy is not applied
-	}
-	if e != nil && e.id == id {
-		e.touch(now)
-		return e.result(), e
-	}
-	if f != nil && f.id == id && now.Before(f.until) {
-		// RFC 8461 §3.3: wait before fetching again for this id.
-		return c.failedResult(d, id, e, f.err), e
+// fetchUnlessCached is the body of the single flight for (d, id): it
+// looks again at what the cache holds, since another flight may just have
+// finished, and fetches only when neither the policy for id nor a
+// back-off for id is there. It takes c.mu itself, briefly; the fetch runs
+// without it.
+func (c *Cache) fetchUnlessCached(ctx context.Context, d, id string) (Result, *entry) {
+	if res, e, ok := c.localDecision(d, id); ok {
+		return res, e
 	}
 	if c.shared != nil {
 		return c.fetchShared(ctx, d, id)
 	}
-	p, body, err := c.fetcher.Fetch(ctx, d)
-	if err != nil {
-		fe := mtasts.AsFailure(err)
-		c.noteFailure(d, id, fe, false)
-		return c.failedResult(d, id, e, fe), e
-	}
-	ne := c.store(d, id, p, body)
-	return Result{Policy: ne.policy, ID: id, Domain: d}, ne
+	return c.fetchNow(ctx, d, id)
 }
 
 // localDecision is what the in-memory copy says about (d, id): the
-// cached policy for id, or the back-off for id. ok is false when
-// neither applies; e is then the valid cached policy, if any.
+// cached policy for id (RFC 8461 §5.1: never an expired one), or the
+// back-off for id (§3.3: wait before fetching again for this id). ok is
+// false when neither applies; e is then the valid cached policy, if any.
 func (c *Cache) localDecision(d, id string) (res Result, e *entry, ok bool) {
 	now := c.now()
 	c.mu.RLock()
@@ -420,23 +400,30 @@ func (c *Cache) localDecision(d, id string) (res Result, e *entry, ok bool) {
 }
 
 // fetchNow fetches the policy of d for id and records the outcome (in the
-// shared store too, through store and noteFailure).
+// shared store too in fleet mode, through storeFetched and noteFailure).
+// On failure the valid cached policy, if any, stays in force.
 func (c *Cache) fetchNow(ctx context.Context, d, id string) (Result, *entry) {
-	now := c.now()
-	c.mu.RLock()
-	e := c.entries[d]
-	c.mu.RUnlock()
-	if e != nil && !e.validAt(now) {
-		e = nil
-	}
+	e := c.validEntry(d)
 	p, body, err := c.fetcher.Fetch(ctx, d)
 	if err != nil {
 		fe := mtasts.AsFailure(err)
 		c.noteFailure(d, id, fe, false)
 		return c.failedResult(d, id, e, fe), e
 	}
-	ne := c.store(d, id, p, body)
+	ne := c.storeFetched(d, id, p, body)
 	return Result{Policy: ne.policy, ID: id, Domain: d}, ne
+}
+
+// validEntry is the cached policy of d while it has not expired, else nil.
+func (c *Cache) validEntry(d string) *entry {
+	now := c.now()
+	c.mu.RLock()
+	e := c.entries[d]
+	c.mu.RUnlock()
+	if e != nil && !e.validAt(now) {
+		return nil
+	}
+	return e
 }
 
 // failedResult: the cached policy (if any) with the failure attached. A
@@ -484,8 +471,9 @@ func (c *Cache) noteFailure(d, id string, fe *mtasts.Failure, refresh bool) {
 	}
 }
 
-// store makes a freshly fetched policy the cached one for d.
-func (c *Cache) store(d, id string, p *mtasts.Policy, body []byte) *entry {
+// storeFetched makes a freshly fetched policy the cached one for d: in
+// memory, on disk or in the shared store, the log line and the hook.
+func (c *Cache) storeFetched(d, id string, p *mtasts.Policy, body []byte) *entry {
 	now := c.now()
 	ne := &entry{domain: d, id: id, policy: p, body: body, fetched: now}
 	ne.lastUsed.Store(now.UnixNano())

@@ -56,13 +56,20 @@ func (c *Cache) applyShared(d string, se *SharedEntry, rev uint64) {
 		}
 		c.sharedRev[d] = rev
 	}
-	cur := c.entries[d]
 	if se == nil {
 		delete(c.entries, d)
 		delete(c.recent, d)
 		delete(c.failures, d)
 		return
 	}
+	c.applySharedPolicyLocked(d, se)
+	c.applySharedFailureLocked(d, se.Failure)
+}
+
+// applySharedPolicyLocked makes the cached policy of d the one se holds
+// (none when its Policy is empty). c.mu is held.
+func (c *Cache) applySharedPolicyLocked(d string, se *SharedEntry) {
+	cur := c.entries[d]
 	switch {
 	case se.Policy == "":
 		if cur != nil {
@@ -86,7 +93,7 @@ func (c *Cache) applyShared(d string, se *SharedEntry, rev uint64) {
 		p, err := mtasts.ParsePolicy([]byte(se.Policy))
 		if err != nil {
 			c.log.Warn("mtasts_shared_entry", zap.String("domain", d), zap.Error(err))
-			break
+			return
 		}
 		ne := &entry{domain: d, id: se.ID, policy: p, body: []byte(se.Policy), fetched: se.Fetched,
 			lastError: se.LastError, lastErrorAt: se.LastErrorAt}
@@ -99,12 +106,17 @@ func (c *Cache) applyShared(d string, se *SharedEntry, rev uint64) {
 		c.entries[d] = ne
 		delete(c.recent, d)
 	}
-	if f := se.Failure; f != nil {
-		if old := c.failures[d]; old == nil || old.id != f.ID || !old.until.Equal(f.Until) {
-			c.failures[d] = &failure{id: f.ID, until: f.Until, err: f.fetchError()}
-		}
-	} else {
+}
+
+// applySharedFailureLocked makes the back-off of d the shared one f (none
+// when f is nil). c.mu is held.
+func (c *Cache) applySharedFailureLocked(d string, f *SharedFailure) {
+	if f == nil {
 		delete(c.failures, d)
+		return
+	}
+	if old := c.failures[d]; old == nil || old.id != f.ID || !old.until.Equal(f.Until) {
+		c.failures[d] = &failure{id: f.ID, until: f.Until, err: f.fetchError()}
 	}
 }
 
@@ -124,7 +136,7 @@ func (c *Cache) fromShared(ctx context.Context, d, id string) (Result, *entry, b
 	return res, e, ok, nil
 }
 
-// fetchShared is fetchLocked in fleet mode, once the in-memory copy has
+// fetchShared is fetchUnlessCached in fleet mode, once the in-memory copy has
 // neither the policy for id nor a back-off: it takes the policy or the
 // back-off from the shared store, or fetches under the fleet's fetch
 // lock, or waits for the node holding it. When the shared store cannot

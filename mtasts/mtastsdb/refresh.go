@@ -59,7 +59,7 @@ func (c *Cache) refresh(ctx context.Context, d, id string) (Entry, error) {
 			c.noteFailure(d, id, fe, true)
 			return fe, nil
 		}
-		c.store(d, id, p, body)
+		c.storeFetched(d, id, p, body)
 		return nil, nil
 	})
 	ent, _ := c.Entry(d)
@@ -99,12 +99,35 @@ func (c *Cache) jitter() time.Duration {
 // refreshDue is one pass of the refresher.
 func (c *Cache) refreshDue(ctx context.Context) {
 	now := c.now()
+	entries := c.snapshotAndPrune(now)
+
+	// A few refreshes at a time: one slow policy host must not hold up
+	// the others for its whole timeout.
+	var g errgroup.Group
+	g.SetLimit(refreshParallel)
+	defer g.Wait()
+	for _, e := range entries {
+		if ctx.Err() != nil {
+			return
+		}
+		if c.dropStale(e, now) || !c.refreshWanted(e, now) {
+			continue
+		}
+		g.Go(func() error { c.refreshEntry(ctx, e); return nil })
+	}
+	g.Wait()
+	c.flushLastUsed(false)
+}
+
+// snapshotAndPrune returns the cached entries sorted by domain, and
+// prunes the outcomes and back-offs the delivery path accumulates once
+// they have run out.
+func (c *Cache) snapshotAndPrune(now time.Time) []*entry {
 	c.mu.Lock()
 	entries := make([]*entry, 0, len(c.entries))
 	for _, e := range c.entries {
 		entries = append(entries, e)
 	}
-	// Prune what the delivery path accumulates.
 	for d, dec := range c.recent {
 		if !now.Before(dec.until) {
 			delete(c.recent, d)
@@ -117,45 +140,42 @@ func (c *Cache) refreshDue(ctx context.Context) {
 	}
 	c.mu.Unlock()
 	sort.Slice(entries, func(i, j int) bool { return entries[i].domain < entries[j].domain })
+	return entries
+}
 
-	// A few refreshes at a time: one slow policy host must not hold up
-	// the others for its whole timeout.
-	var g errgroup.Group
-	g.SetLimit(refreshParallel)
-	defer g.Wait()
-	for _, e := range entries {
-		if ctx.Err() != nil {
-			return
+// dropStale drops e when it was not used for MaxUnused or has expired,
+// and reports whether it was one of those.
+func (c *Cache) dropStale(e *entry, now time.Time) bool {
+	d := e.domain
+	lastUsed := time.Unix(0, e.lastUsed.Load())
+	switch {
+	case now.Sub(lastUsed) >= c.maxUnused:
+		if c.drop(d, e) {
+			c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "unused"), zap.Time("last_used", lastUsed))
 		}
-		d := e.domain
-		lastUsed := time.Unix(0, e.lastUsed.Load())
-		switch {
-		case now.Sub(lastUsed) >= c.maxUnused:
-			if c.drop(d, e) {
-				c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "unused"), zap.Time("last_used", lastUsed))
-			}
-			continue
-		case !e.validAt(now):
-			if c.drop(d, e) {
-				c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "expired"), zap.Time("expires", e.expires()))
-			}
-			continue
+		return true
+	case !e.validAt(now):
+		if c.drop(d, e) {
+			c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "expired"), zap.Time("expires", e.expires()))
 		}
-		age := now.Sub(e.fetched)
-		due := e.expires().Sub(now) <= c.refreshBefore || age >= min(refreshEvery, e.policy.MaxAge/2)
-		if !due {
-			continue
-		}
-		c.mu.RLock()
-		lastErrAt := e.lastErrorAt
-		c.mu.RUnlock()
-		if lastErrAt.After(e.fetched) && now.Sub(lastErrAt) < c.backoff {
-			continue
-		}
-		g.Go(func() error { c.refreshEntry(ctx, e); return nil })
+		return true
 	}
-	g.Wait()
-	c.flushLastUsed(false)
+	return false
+}
+
+// refreshWanted: e expires within RefreshBeforeExpiry or was fetched a
+// day (or half its max_age) ago, and no refresh of it failed within the
+// back-off.
+func (c *Cache) refreshWanted(e *entry, now time.Time) bool {
+	age := now.Sub(e.fetched)
+	due := e.expires().Sub(now) <= c.refreshBefore || age >= min(refreshEvery, e.policy.MaxAge/2)
+	if !due {
+		return false
+	}
+	c.mu.RLock()
+	lastErrAt := e.lastErrorAt
+	c.mu.RUnlock()
+	return !(lastErrAt.After(e.fetched) && now.Sub(lastErrAt) < c.backoff)
 }
 
 // refreshEntry refreshes one due entry: it reads the TXT id (a new id is

@@ -41,32 +41,64 @@ func (c *Cache) persist(d string) {
 	var fe fileEntry
 	var used int64
 	if e != nil {
-		used = e.lastUsed.Load()
-		fe = fileEntry{Domain: d, ID: e.id, Policy: string(e.body), Fetched: e.fetched.UTC(),
-			LastUsed: time.Unix(0, used).UTC(), LastError: e.lastError, LastErrorAt: e.lastErrorAt.UTC()}
-		if e.lastErrorAt.IsZero() {
-			fe.LastErrorAt = time.Time{}
-		}
+		fe, used = fileEntryOf(e)
 	}
 	c.mu.RUnlock()
-	path := filepath.Join(c.dir, domain.FileName(d)+".json")
+	path := c.filePath(d)
 	if e == nil {
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
-		} else if err == nil {
-			atomicfile.SyncDir(c.dir)
-		}
+		c.removeFile(d, path)
 		return
 	}
+	if c.writeFile(d, path, fe) {
+		e.persistedUsed.Store(used)
+	}
+}
+
+// fileEntryOf is the on-disk form of e, and the last-use time it holds.
+// c.mu is held.
+func fileEntryOf(e *entry) (fileEntry, int64) {
+	used := e.lastUsed.Load()
+	fe := fileEntry{Domain: e.domain, ID: e.id, Policy: string(e.body), Fetched: e.fetched.UTC(),
+		LastUsed: time.Unix(0, used).UTC(), LastError: e.lastError, LastErrorAt: e.lastErrorAt.UTC()}
+	if e.lastErrorAt.IsZero() {
+		fe.LastErrorAt = time.Time{}
+	}
+	return fe, used
+}
+
+// filePath is the file of domain d: data_dir/mtasts/<domain>.json.
+func (c *Cache) filePath(d string) string {
+	return filepath.Join(c.dir, domain.FileName(d)+".json")
+}
+
+// removeFile removes the file of d, if there is one.
+func (c *Cache) removeFile(d, path string) {
+	if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
+		c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
+	} else if err == nil {
+		atomicfile.SyncDir(c.dir)
+	}
+}
+
+// writeFile replaces the file of d with fe, and reports whether it did.
+func (c *Cache) writeFile(d, path string, fe fileEntry) bool {
 	data, err := json.MarshalIndent(fe, "", "  ")
 	if err == nil {
 		err = atomicfile.Write(path, append(data, '\n'))
 	}
 	if err != nil {
 		c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
-		return
+		return false
 	}
-	e.persistedUsed.Store(used)
+	return true
+}
+
+// openDir creates the cache directory if needed and loads what it holds.
+func (c *Cache) openDir() error {
+	if err := os.MkdirAll(c.dir, 0o700); err != nil {
+		return fmt.Errorf("mtasts cache: %w", err)
+	}
+	return c.load()
 }
 
 // load reads every stored entry. A file that cannot be read or whose
