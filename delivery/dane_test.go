@@ -20,6 +20,7 @@ import (
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
@@ -54,11 +55,11 @@ func (l *sessionLog) all() []tlsrpt.Session {
 // staticPolicy is a PolicySource with one policy for every domain.
 type staticPolicy struct{ p *mtasts.Policy }
 
-func (s staticPolicy) Get(context.Context, string) (mtasts.Result, error) {
-	return mtasts.Result{Policy: s.p, ID: "d1"}, nil
+func (s staticPolicy) Get(context.Context, string) (mtastsdb.Result, error) {
+	return mtastsdb.Result{Policy: s.p, ID: "d1"}, nil
 }
 
-func (s staticPolicy) Recheck(ctx context.Context, d string) (mtasts.Result, error) {
+func (s staticPolicy) Recheck(ctx context.Context, d string) (mtastsdb.Result, error) {
 	return s.Get(ctx, d)
 }
 

@@ -20,19 +20,19 @@ import (
 
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
-	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // PolicySource gives the MTA-STS policy in force for a domain (an
-// *mtasts.Cache). An error means no decision can be made now (the TXT
+// *mtastsdb.Cache). An error means no decision can be made now (the TXT
 // lookup failed and nothing is cached): delivery defers.
 type PolicySource interface {
-	Get(ctx context.Context, domain string) (mtasts.Result, error)
+	Get(ctx context.Context, domain string) (mtastsdb.Result, error)
 	// Recheck asks DNS for the TXT record even when a recent answer is
 	// remembered (RFC 8461 §5.1: before a final failure).
-	Recheck(ctx context.Context, domain string) (mtasts.Result, error)
+	Recheck(ctx context.Context, domain string) (mtastsdb.Result, error)
 }
 
 // TLSRecorder counts TLS-RPT sessions (a *tlsrpt.Recorder): one call per

@@ -96,7 +96,7 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 	advise := func(format string, args ...any) { rep.Advice = append(rep.Advice, fmt.Sprintf(format, args...)) }
 	defer func() { rep.OK = len(rep.Problems) == 0 }()
 
-	d, ok := normalizeDomain(domain)
+	d, ok := NormalizeDomain(domain)
 	if !ok {
 		problem("%q is not a domain name (address literals and IP addresses have no MTA-STS policy, RFC 8461 §3.4)", domain)
 		return rep
@@ -218,7 +218,7 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 func recordID(s string) (string, bool) {
 	for f := range strings.SplitSeq(s, ";") {
 		if v, ok := strings.CutPrefix(strings.TrimSpace(f), "id="); ok {
-			return v, validID(v)
+			return v, ValidID(v)
 		}
 	}
 	return "", false

@@ -27,51 +27,6 @@ const (
 	maxResponseHeader     = 16 << 10
 )
 
-// FetchError is a failed policy fetch, classified for TLS-RPT.
-type FetchError struct {
-	// ResultType is one of RFC 8460 §4.3.2.2: sts-policy-fetch-error,
-	// sts-policy-invalid or sts-webpki-invalid.
-	ResultType tlsrpt.ResultType
-	// Reason is a short, stable failure-reason-code for TLS-RPT
-	// ("http-status-404", "content-type", "certificate-expired", ...):
-	// no URLs, times or peer text, so that failures aggregate.
-	Reason string
-	// Err says what went wrong; it wraps ErrPolicyFetch,
-	// ErrPolicySyntax, ErrWebPKI (or, for a discovery failure reported
-	// through Cache.Get, ErrDNS and the record errors).
-	Err error
-}
-
-func (e *FetchError) Error() string {
-	if e.Err == nil {
-		return string(e.ResultType)
-	}
-	return e.Err.Error()
-}
-func (e *FetchError) Unwrap() error { return e.Err }
-
-// ResultType returns the RFC 8460 result-type for an error of this
-// package: that of a *FetchError in the chain, else one derived from the
-// sentinel errors; "" for nil or an unrelated error.
-func ResultType(err error) tlsrpt.ResultType {
-	if err == nil {
-		return ""
-	}
-	var fe *FetchError
-	if errors.As(err, &fe) {
-		return fe.ResultType
-	}
-	switch {
-	case errors.Is(err, ErrWebPKI):
-		return tlsrpt.ResultSTSWebPKIInvalid
-	case errors.Is(err, ErrPolicySyntax), errors.Is(err, ErrRecordSyntax), errors.Is(err, ErrMultipleRecords):
-		return tlsrpt.ResultSTSPolicyInvalid
-	case errors.Is(err, ErrPolicyFetch), errors.Is(err, ErrDNS), errors.Is(err, ErrNoRecord):
-		return tlsrpt.ResultSTSPolicyFetchError
-	}
-	return ""
-}
-
 // Fetcher fetches policies over HTTPS (RFC 8461 §3.3). The zero value
 // works with the defaults. A Fetcher is safe for concurrent use.
 type Fetcher struct {
@@ -104,7 +59,7 @@ type fetchResult struct {
 	CertErr     error               // nil when the chain verified
 	Policy      *Policy
 	Problems    []*SyntaxError
-	Err         *FetchError
+	Err         *Failure
 }
 
 // Fetch fetches and parses the policy of domain (RFC 8461 §3.3): a GET of
@@ -115,7 +70,7 @@ type fetchResult struct {
 // proxy or keep-alive is used; body size and total time are bounded.
 //
 // It returns the body whenever one was read, even with an error (for the
-// checker). Errors are *FetchError.
+// checker). Errors are *Failure.
 func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, []byte, error) {
 	r := f.fetch(ctx, domain)
 	if r.Err != nil {
@@ -127,10 +82,10 @@ func (f *Fetcher) Fetch(ctx context.Context, domain string) (*Policy, []byte, er
 func (f *Fetcher) fetch(ctx context.Context, domain string) *fetchResult {
 	res := &fetchResult{}
 	fail := func(rt tlsrpt.ResultType, reason string, sentinel error, format string, args ...any) *fetchResult {
-		res.Err = &FetchError{ResultType: rt, Reason: reason, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %s", domain, sentinel, fmt.Sprintf(format, args...))}
+		res.Err = &Failure{ResultType: rt, Reason: reason, Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %s", domain, sentinel, fmt.Sprintf(format, args...))}
 		return res
 	}
-	d, ok := normalizeDomain(domain)
+	d, ok := NormalizeDomain(domain)
 	if !ok {
 		return fail(tlsrpt.ResultSTSPolicyFetchError, "invalid-domain", ErrPolicyFetch, "invalid domain name %q", domain)
 	}
@@ -251,7 +206,7 @@ func (f *Fetcher) fetch(ctx context.Context, domain string) *fetchResult {
 	p, problems := parsePolicy(body)
 	if len(problems) > 0 {
 		res.Problems = problems
-		res.Err = &FetchError{ResultType: tlsrpt.ResultSTSPolicyInvalid, Reason: "policy-syntax", Err: fmt.Errorf("fetch MTA-STS policy of %s: %w", domain, problems[0])}
+		res.Err = &Failure{ResultType: tlsrpt.ResultSTSPolicyInvalid, Reason: "policy-syntax", Err: fmt.Errorf("fetch MTA-STS policy of %s: %w", domain, problems[0])}
 		return res
 	}
 	res.Policy = p
@@ -314,12 +269,12 @@ func unwrapURLError(err error) error {
 	return err
 }
 
-// normalizeDomain gives a domain's A-label form (UTS #46 mapping and NFC
+// NormalizeDomain gives a policy domain's A-label form (UTS #46 mapping and NFC
 // through internal/domain), lower-cased, without a trailing dot. It
 // reports false for address literals, IP addresses, names that cannot be
 // domains, and names too long to carry "_mta-sts." (a 245–253 octet name,
 // whose TXT record cannot exist): those have no policy (RFC 8461 §3.4).
-func normalizeDomain(d string) (string, bool) {
+func NormalizeDomain(d string) (string, bool) {
 	dd, err := domain.Parse(d)
 	if err != nil || !domain.CanPrefix(dd, "_mta-sts") {
 		return "", false

@@ -94,9 +94,9 @@ func TestFetchFailures(t *testing.T) {
 			if err == nil {
 				t.Fatalf("Fetch = %+v, want error", p)
 			}
-			var fe *FetchError
+			var fe *Failure
 			if !errors.As(err, &fe) {
-				t.Fatalf("error %T %v is not a *FetchError", err, err)
+				t.Fatalf("error %T %v is not a *Failure", err, err)
 			}
 			if fe.ResultType != tc.result || ResultType(err) != tc.result {
 				t.Errorf("result type %q, want %q (%v)", fe.ResultType, tc.result, err)
@@ -214,7 +214,7 @@ func TestResultType(t *testing.T) {
 		&SyntaxError{Line: 1, Msg: ""}: tlsrpt.ResultSTSPolicyInvalid,
 		ErrPolicyFetch:                 tlsrpt.ResultSTSPolicyFetchError,
 		ErrDNS:                         tlsrpt.ResultSTSPolicyFetchError,
-		&FetchError{ResultType: tlsrpt.ResultSTSWebPKIInvalid, Err: ErrPolicyFetch}: tlsrpt.ResultSTSWebPKIInvalid,
+		&Failure{ResultType: tlsrpt.ResultSTSWebPKIInvalid, Err: ErrPolicyFetch}: tlsrpt.ResultSTSWebPKIInvalid,
 	} {
 		if got := ResultType(err); got != want {
 			t.Errorf("ResultType(%v) = %q, want %q", err, got, want)

@@ -1,12 +1,3 @@
-// Package mtasts implements the sending side of SMTP MTA Strict Transport
-// Security (RFC 8461): discovery of the "_mta-sts" TXT record (§3.1), the
-// HTTPS policy fetch (§3.3), the policy parser (§3.2), MX host matching
-// (§4.1), a persistent policy cache with proactive refresh (§3.3, §5.1,
-// §10.2), and the policy half of the domain checker.
-//
-// The package knows nothing of queues or SMTP sessions: delivery asks
-// Cache.Get for the policy in force for a recipient domain and checks
-// each MX with Policy.Matches.
 package mtasts
 
 import (
@@ -117,7 +108,7 @@ func ParseRecord(s string) (*Record, error) {
 		}
 		pos = ve
 		if name == "id" {
-			if !validID(value) {
+			if !ValidID(value) {
 				return nil, fmt.Errorf("%w: %q: id %q must be 1-32 letters and digits", ErrRecordSyntax, s, value)
 			}
 			if !haveID {
@@ -203,6 +194,14 @@ func lookupRecord(ctx context.Context, r TXTResolver, domain string) (*Record, [
 	return rec, raw, err
 }
 
+// LookupRecordTTL is LookupRecord for the policy cache: it also says how
+// long the outcome holds (-1 when the resolver cannot say), and with
+// fresh it skips the resolver's cache (both need an AnswerResolver).
+func LookupRecordTTL(ctx context.Context, r TXTResolver, domain string, fresh bool) (*Record, time.Duration, error) {
+	rec, _, ttl, err := lookupRecordTTL(ctx, r, domain, fresh)
+	return rec, ttl, err
+}
+
 // lookupRecordTTL is lookupRecord that also says how long the outcome
 // holds (-1: unknown), and can skip the resolver's cache.
 func lookupRecordTTL(ctx context.Context, r TXTResolver, domain string, fresh bool) (rec *Record, raw []string, ttl time.Duration, err error) {
@@ -279,8 +278,8 @@ func isTXTValueChar(c byte) bool {
 	return c >= 0x21 && c <= 0x7e && c != '=' && c != ';'
 }
 
-// validID checks sts-id's value: 1*32(ALPHA / DIGIT).
-func validID(s string) bool {
+// ValidID checks sts-id's value: 1*32(ALPHA / DIGIT).
+func ValidID(s string) bool {
 	if len(s) == 0 || len(s) > 32 {
 		return false
 	}

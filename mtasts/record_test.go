@@ -174,7 +174,7 @@ func FuzzParseRecord(f *testing.F) {
 			}
 			return
 		}
-		if !validID(r.ID) {
+		if !ValidID(r.ID) {
 			t.Fatalf("accepted invalid id %q from %q", r.ID, s)
 		}
 		out := "v=STSv1; id=" + r.ID

@@ -1,7 +1,6 @@
 package mtasts
 
 import (
-	"sync"
 	"testing"
 	"time"
 
@@ -43,24 +42,4 @@ func (e *env) stsDomain(domain, id, body string) *testworld.PolicyServer {
 	ps := e.w.PolicyHost(domain, testworld.CertValid)
 	ps.SetPolicy(body)
 	return ps
-}
-
-// fakeClock is a controllable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
-
-func newClock() *fakeClock { return &fakeClock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
 }

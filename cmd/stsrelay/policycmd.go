@@ -10,13 +10,13 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/delivery"
-	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
+	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
 // handleControl answers the CLI's requests on a running relay.
-func handleControl(req controlRequest, st queue.Queue, eng *delivery.Engine, cache *mtasts.Cache, pending func() any, fc *forecast.Counter) (any, error) {
+func handleControl(req controlRequest, st queue.Queue, eng *delivery.Engine, cache *mtastsdb.Cache, pending func() any, fc *forecast.Counter) (any, error) {
 	switch req.Op {
 	case "queue.list":
 		msgs, total := st.Select(queue.ListOptions{Domain: req.Domain, Limit: req.Limit, After: req.After})
@@ -52,11 +52,11 @@ func handleControl(req controlRequest, st queue.Queue, eng *delivery.Engine, cac
 // policyListEntry is one line of `policy list -json`: the cached policy
 // and, when sessions were counted, its enforce forecast.
 type policyListEntry struct {
-	mtasts.Entry
+	mtastsdb.Entry
 	Forecast *forecast.Summary `json:"forecast,omitempty"`
 }
 
-func policyAction(cache *mtasts.Cache, sub, domain string) (any, error) {
+func policyAction(cache *mtastsdb.Cache, sub, domain string) (any, error) {
 	switch sub {
 	case "list":
 		return cache.Entries(), nil
@@ -65,7 +65,7 @@ func policyAction(cache *mtasts.Cache, sub, domain string) (any, error) {
 		if !ok {
 			return nil, fmt.Errorf("%s: %w", domain, errPolicyNotFound)
 		}
-		return []mtasts.Entry{e}, nil
+		return []mtastsdb.Entry{e}, nil
 	case "refresh":
 		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
 		defer cancel()
@@ -73,7 +73,7 @@ func policyAction(cache *mtasts.Cache, sub, domain string) (any, error) {
 		if err != nil {
 			return nil, err
 		}
-		return []mtasts.Entry{e}, nil
+		return []mtastsdb.Entry{e}, nil
 	case "forget":
 		if _, ok := cache.Entry(domain); !ok {
 			return nil, fmt.Errorf("%s: %w", domain, errPolicyNotFound)
@@ -127,7 +127,7 @@ func cmdPolicy(args []string) error {
 	if len(pos) == 2 {
 		domain = strings.ToLower(strings.TrimSuffix(pos[1], "."))
 	}
-	var entries []mtasts.Entry
+	var entries []mtastsdb.Entry
 	err = callControl(cfg.DataDir, controlRequest{Op: "policy." + sub, Arg: domain}, &entries)
 	if errors.Is(err, errNoServer) {
 		res, rerr := newResolver(cfg)
@@ -149,7 +149,7 @@ func cmdPolicy(args []string) error {
 		}
 		var out any
 		out, err = policyAction(cache, sub, domain)
-		if es, ok := out.([]mtasts.Entry); ok {
+		if es, ok := out.([]mtastsdb.Entry); ok {
 			entries = es
 		}
 	}
@@ -179,7 +179,7 @@ func cmdPolicy(args []string) error {
 	}
 	if cf.json {
 		if entries == nil {
-			entries = []mtasts.Entry{}
+			entries = []mtastsdb.Entry{}
 		}
 		enc := jsonOut()
 		enc.SetIndent("", "  ")

@@ -26,6 +26,7 @@ import (
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/internal/sdnotify"
 	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/relay"
 )
@@ -174,8 +175,8 @@ func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
 	return r, nil
 }
 
-func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.CertPool, shared mtasts.Shared, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
-	return mtasts.New(mtasts.Options{
+func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.CertPool, shared mtastsdb.Shared, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtastsdb.Cache, error) {
+	return mtastsdb.New(mtastsdb.Options{
 		Shared:   shared,
 		Resolver: res,
 		Fetcher: &mtasts.Fetcher{
@@ -273,9 +274,9 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 	var bg sync.WaitGroup
 
 	var policies delivery.PolicySource
-	var cache *mtasts.Cache
+	var cache *mtastsdb.Cache
 	if cfg.MTASTS.Enabled {
-		var shared mtasts.Shared
+		var shared mtastsdb.Shared
 		if fl != nil {
 			sh, err := kvcache.New(ctx, fl.JS, kvcache.Options{Prefix: fl.Prefix, Replicas: fl.Replicas, Node: fl.Node, Logger: log})
 			if err != nil {

@@ -1,12 +1,12 @@
 // Package kvcache is the fleet's shared MTA-STS policy cache: it
-// implements mtasts.Shared on a JetStream key-value bucket, so that a
+// implements mtastsdb.Shared on a JetStream key-value bucket, so that a
 // fleet of relays fetches each policy (domain and TXT id) once, shares
 // the negative back-off after a failed fetch, and sees a policy fetched,
 // refreshed or forgotten on one node within a second on the others.
 //
 // Layout of the bucket <prefix>_MTASTS (History 1, per-key TTLs allowed):
 //
-//	policy.<domain>  JSON mtasts.SharedEntry: the policy body as fetched,
+//	policy.<domain>  JSON mtastsdb.SharedEntry: the policy body as fetched,
 //	                 its TXT id, fetch and last-use times, last error, and
 //	                 the back-off {id, until, result_type, reason, error}
 //	lock.<domain>    JSON {node, id, at}: the fetch lock, created with a
@@ -32,7 +32,7 @@ import (
 	"github.com/nats-io/nats.go/jetstream"
 	"go.uber.org/zap"
 
-	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 )
 
 // Defaults of Options.
@@ -120,7 +120,7 @@ type Shared struct {
 	wg     sync.WaitGroup // the watchers' goroutines
 }
 
-var _ mtasts.Shared = (*Shared)(nil)
+var _ mtastsdb.Shared = (*Shared)(nil)
 
 // New opens the bucket, creating it (Provision) when it does not exist.
 // An existing bucket must allow per-key TTLs (the fetch locks need them).
@@ -177,8 +177,8 @@ func (s *Shared) Close() {
 	s.wg.Wait()
 }
 
-// Load implements mtasts.Shared.
-func (s *Shared) Load(ctx context.Context, domain string) (*mtasts.SharedEntry, uint64, error) {
+// Load implements mtastsdb.Shared.
+func (s *Shared) Load(ctx context.Context, domain string) (*mtastsdb.SharedEntry, uint64, error) {
 	kve, err := s.kv.Get(ctx, policyPrefix+Key(domain))
 	if errors.Is(err, jetstream.ErrKeyNotFound) {
 		return nil, 0, nil
@@ -193,21 +193,21 @@ func (s *Shared) Load(ctx context.Context, domain string) (*mtasts.SharedEntry, 
 	return e, kve.Revision(), nil
 }
 
-func decode(b []byte) (*mtasts.SharedEntry, error) {
-	var e mtasts.SharedEntry
+func decode(b []byte) (*mtastsdb.SharedEntry, error) {
+	var e mtastsdb.SharedEntry
 	if err := json.Unmarshal(b, &e); err != nil {
 		return nil, err
 	}
 	return &e, nil
 }
 
-// Update implements mtasts.Shared: a read, then a write that succeeds
+// Update implements mtastsdb.Shared: a read, then a write that succeeds
 // only if the key is still at the revision read, retried when another
 // node wrote in between.
-func (s *Shared) Update(ctx context.Context, domain string, fn func(cur *mtasts.SharedEntry) (*mtasts.SharedEntry, bool)) error {
+func (s *Shared) Update(ctx context.Context, domain string, fn func(cur *mtastsdb.SharedEntry) (*mtastsdb.SharedEntry, bool)) error {
 	key := policyPrefix + Key(domain)
 	for try := range maxUpdateTries {
-		var cur *mtasts.SharedEntry
+		var cur *mtastsdb.SharedEntry
 		var rev uint64
 		kve, err := s.kv.Get(ctx, key)
 		switch {
@@ -283,7 +283,7 @@ type lockValue struct {
 	At   time.Time `json:"at"`
 }
 
-// Lock implements mtasts.Shared: it creates lock.<domain> with a TTL
+// Lock implements mtastsdb.Shared: it creates lock.<domain> with a TTL
 // (rounded up to whole seconds, the server's unit); creation fails when
 // the key exists, so one node holds it at a time.
 func (s *Shared) Lock(ctx context.Context, domain, id string, ttl time.Duration) (func(), bool, error) {
@@ -311,7 +311,7 @@ func (s *Shared) Lock(ctx context.Context, domain, id string, ttl time.Duration)
 	return unlock, true, nil
 }
 
-// Wait implements mtasts.Shared: it watches lock.<domain> until no value
+// Wait implements mtastsdb.Shared: it watches lock.<domain> until no value
 // is there (released, expired, or never taken). It also reads the key
 // every WaitPoll: while a server of the cluster is being replaced, a new
 // watcher may take seconds to start, and reads still work.
@@ -371,12 +371,12 @@ func (s *Shared) Wait(ctx context.Context, domain string) error {
 	}
 }
 
-// Watch implements mtasts.Shared on the policy.> keys. The watcher lives
+// Watch implements mtastsdb.Shared on the policy.> keys. The watcher lives
 // until Close or until the connection closes. After a reconnect it reads
 // all keys again: its consumer may have died with the server this node
 // was connected to, which the library notices only after missed
 // heartbeats (about 10 s); the cache ignores revisions it has applied.
-func (s *Shared) Watch(ctx context.Context, fn func(domain string, e *mtasts.SharedEntry, rev uint64)) error {
+func (s *Shared) Watch(ctx context.Context, fn func(domain string, e *mtastsdb.SharedEntry, rev uint64)) error {
 	apply := func(u jetstream.KeyValueEntry) {
 		d, ok := Domain(strings.TrimPrefix(u.Key(), policyPrefix))
 		if !ok {

@@ -20,6 +20,7 @@ import (
 	"github.com/stsrelay/stsrelay/internal/fleet/natstest"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/mtasts"
+	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -42,7 +43,7 @@ type fleet struct {
 type node struct {
 	nc   *nats.Conn
 	sh   *kvcache.Shared
-	c    *mtasts.Cache
+	c    *mtastsdb.Cache
 	logs *observer.ObservedLogs
 }
 
@@ -84,7 +85,7 @@ func (f *fleet) sharedLog(t testing.TB, name string, log *zap.Logger) (*nats.Con
 	return nc, sh
 }
 
-func (f *fleet) node(t testing.TB, name string, adjust func(*mtasts.Options)) *node {
+func (f *fleet) node(t testing.TB, name string, adjust func(*mtastsdb.Options)) *node {
 	t.Helper()
 	r, err := dnsclient.New([]string{f.w.DNS.Addr()}, 2*time.Second)
 	if err != nil {
@@ -92,7 +93,7 @@ func (f *fleet) node(t testing.TB, name string, adjust func(*mtasts.Options)) *n
 	}
 	core, logs := observer.New(zapcore.InfoLevel)
 	nc, sh := f.sharedLog(t, name, zap.New(core))
-	opts := mtasts.Options{
+	opts := mtastsdb.Options{
 		Resolver: r,
 		Fetcher: &mtasts.Fetcher{HTTPSPort: f.w.HTTPSPort(), Timeout: fetchTimeout, MaxBytes: 64 << 10,
 			RootCAs: f.w.CA.Pool(), DialAddr: r.DialContext},
@@ -102,14 +103,14 @@ func (f *fleet) node(t testing.TB, name string, adjust func(*mtasts.Options)) *n
 	if adjust != nil {
 		adjust(&opts)
 	}
-	c, err := mtasts.New(opts)
+	c, err := mtastsdb.New(opts)
 	if err != nil {
 		t.Fatal(err)
 	}
 	return &node{nc: nc, sh: sh, c: c, logs: logs}
 }
 
-func (f *fleet) nodes(t testing.TB, n int, adjust func(*mtasts.Options)) []*node {
+func (f *fleet) nodes(t testing.TB, n int, adjust func(*mtastsdb.Options)) []*node {
 	var ns []*node
 	for i := range n {
 		ns = append(ns, f.node(t, "node"+string(rune('0'+i)), adjust))
@@ -126,9 +127,9 @@ func (f *fleet) stsDomain(domain, id, body string) *testworld.PolicyServer {
 
 // getAll runs per concurrent calls of get on every node and returns the
 // results, node by node.
-func getAll(t *testing.T, ns []*node, per int, get func(*mtasts.Cache) (mtasts.Result, error)) [][]mtasts.Result {
+func getAll(t *testing.T, ns []*node, per int, get func(*mtastsdb.Cache) (mtastsdb.Result, error)) [][]mtastsdb.Result {
 	t.Helper()
-	out := make([][]mtasts.Result, len(ns))
+	out := make([][]mtastsdb.Result, len(ns))
 	var mu sync.Mutex
 	var wg sync.WaitGroup
 	for i, n := range ns {
@@ -176,7 +177,7 @@ func TestOneFetchPerDomainAndIDForTheFleet(t *testing.T) {
 	ps.SetStall(300 * time.Millisecond) // every node reaches the fetch lock
 
 	start := time.Now()
-	res := getAll(t, ns, 5, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Get(context.Background(), "ex.test") })
+	res := getAll(t, ns, 5, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Get(context.Background(), "ex.test") })
 	t.Logf("15 concurrent Gets on 3 nodes: %v", time.Since(start))
 	fetched := 0
 	for i, rs := range res {
@@ -202,7 +203,7 @@ func TestOneFetchPerDomainAndIDForTheFleet(t *testing.T) {
 	// A new id: one more fetch, whoever notices it.
 	ps.SetPolicy(enforceMX2)
 	f.w.DNS.SetTXT("_mta-sts.ex.test", []string{"v=STSv1; id=b2"})
-	res = getAll(t, ns, 3, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Recheck(context.Background(), "ex.test") })
+	res = getAll(t, ns, 3, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Recheck(context.Background(), "ex.test") })
 	for i, rs := range res {
 		for _, r := range rs {
 			if r.Policy == nil || r.ID != "b2" || !r.Policy.Matches("mx2.ex.test") {
@@ -257,7 +258,7 @@ func TestDeadLockHolder(t *testing.T) {
 		t.Fatalf("lock: %v, %v", ok, err)
 	}
 	locked := time.Now()
-	res := getAll(t, ns, 2, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Get(context.Background(), "ex.test") })
+	res := getAll(t, ns, 2, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Get(context.Background(), "ex.test") })
 	took := time.Since(locked)
 	t.Logf("Gets answered %v after the dead holder's lock (TTL %v)", took, ttl)
 	for i, rs := range res {
@@ -281,7 +282,7 @@ func TestDeadLockHolder(t *testing.T) {
 func TestNegativeBackoffShared(t *testing.T) {
 	f := newFleet(t)
 	const backoff = 1500 * time.Millisecond
-	ns := f.nodes(t, 3, func(o *mtasts.Options) { o.TXTGrace = -1; o.FailureBackoff = backoff })
+	ns := f.nodes(t, 3, func(o *mtastsdb.Options) { o.TXTGrace = -1; o.FailureBackoff = backoff })
 	ps := f.stsDomain("ex.test", "a1", "")
 	ps.SetResponse(500, "text/plain", "oops", nil)
 
@@ -293,7 +294,7 @@ func TestNegativeBackoffShared(t *testing.T) {
 	reason := r.Failure.Reason
 	// The other nodes return the failure without fetching, during the
 	// back-off.
-	res := getAll(t, ns, 4, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Get(context.Background(), "ex.test") })
+	res := getAll(t, ns, 4, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Get(context.Background(), "ex.test") })
 	if time.Since(failedAt) >= backoff {
 		t.Fatal("test too slow for the back-off")
 	}
@@ -311,7 +312,7 @@ func TestNegativeBackoffShared(t *testing.T) {
 	// After the back-off, one node of the fleet tries again.
 	ps.SetPolicy(enforceMX1)
 	time.Sleep(time.Until(failedAt.Add(backoff + 100*time.Millisecond)))
-	res = getAll(t, ns, 2, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Get(context.Background(), "ex.test") })
+	res = getAll(t, ns, 2, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Get(context.Background(), "ex.test") })
 	for i, rs := range res {
 		for _, r := range rs {
 			if r.Policy == nil || r.Failure != nil {
@@ -346,7 +347,7 @@ func TestForgetPropagates(t *testing.T) {
 		t.Errorf("shared entry after Forget: %+v, %v", e, err)
 	}
 	// The next Get fetches again (once for the fleet).
-	getAll(t, ns, 2, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Get(context.Background(), "ex.test") })
+	getAll(t, ns, 2, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Get(context.Background(), "ex.test") })
 	if n := ps.Count(); n != 2 {
 		t.Errorf("policy host saw %d GETs, want 2", n)
 	}
@@ -374,8 +375,8 @@ func TestKeys(t *testing.T) {
 		if back, ok := kvcache.Domain(k); !ok || back != d {
 			t.Errorf("Key(%q) = %q, back %q %v", d, k, back, ok)
 		}
-		err := sh.Update(context.Background(), d, func(*mtasts.SharedEntry) (*mtasts.SharedEntry, bool) {
-			return &mtasts.SharedEntry{ID: "a1"}, true
+		err := sh.Update(context.Background(), d, func(*mtastsdb.SharedEntry) (*mtastsdb.SharedEntry, bool) {
+			return &mtastsdb.SharedEntry{ID: "a1"}, true
 		})
 		if err != nil {
 			t.Errorf("%q (key %q): %v", d, k, err)
@@ -402,9 +403,9 @@ func TestUpdateConcurrent(t *testing.T) {
 	for _, sh := range shs {
 		for range 10 {
 			wg.Go(func() {
-				err := sh.Update(context.Background(), "ex.test", func(cur *mtasts.SharedEntry) (*mtasts.SharedEntry, bool) {
+				err := sh.Update(context.Background(), "ex.test", func(cur *mtastsdb.SharedEntry) (*mtastsdb.SharedEntry, bool) {
 					calls.Add(1)
-					next := &mtasts.SharedEntry{}
+					next := &mtastsdb.SharedEntry{}
 					if cur != nil {
 						*next = *cur
 					}
@@ -449,7 +450,7 @@ func BenchmarkCacheHit(b *testing.B) {
 func TestRefreshOncePerFleet(t *testing.T) {
 	f := newFleet(t)
 	// Due 2 s after each fetch: it expires within RefreshBeforeExpiry.
-	ns := f.nodes(t, 3, func(o *mtasts.Options) {
+	ns := f.nodes(t, 3, func(o *mtastsdb.Options) {
 		o.RefreshBeforeExpiry = 86400*time.Second - 2*time.Second
 		o.RefreshInterval = 100 * time.Millisecond
 	})
@@ -500,7 +501,7 @@ func TestNATSServerDies(t *testing.T) {
 	t.Logf("bucket answering all nodes %v after the server died", took)
 	ps.SetStall(300 * time.Millisecond)
 	start := time.Now()
-	res := getAll(t, ns, 3, func(c *mtasts.Cache) (mtasts.Result, error) { return c.Get(context.Background(), "ex.test") })
+	res := getAll(t, ns, 3, func(c *mtastsdb.Cache) (mtastsdb.Result, error) { return c.Get(context.Background(), "ex.test") })
 	t.Logf("Gets took %v", time.Since(start))
 	for i, rs := range res {
 		for _, r := range rs {

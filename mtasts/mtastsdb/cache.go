@@ -1,25 +1,17 @@
-package mtasts
+package mtastsdb
 
 import (
 	"context"
-	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/stsrelay/stsrelay/internal/atomicfile"
-	"math/rand/v2"
-	"os"
-	"path/filepath"
-	"sort"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"go.uber.org/zap"
-	"golang.org/x/sync/errgroup"
 	"golang.org/x/sync/singleflight"
 
-	"github.com/stsrelay/stsrelay/internal/domain"
+	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -30,22 +22,14 @@ const (
 	DefaultMaxUnused           = 180 * 24 * time.Hour
 	DefaultTXTGrace            = time.Minute
 	DefaultRefreshInterval     = time.Minute
-	// refreshEvery is the proactive refresh period of RFC 8461 §3.3
-	// ("a suggested refresh frequency is once per day").
-	refreshEvery = 24 * time.Hour
-	// lastUsedPersistSlack: a LastUsed that moved less than this since
-	// it was written is not worth a disk write.
-	lastUsedPersistSlack = time.Hour
-	// refreshParallel bounds concurrent refreshes in one refresher pass.
-	refreshParallel = 8
 )
 
 // Options configure a Cache. Resolver is required; the rest have defaults.
 type Options struct {
 	// Resolver looks up "_mta-sts" TXT records.
-	Resolver TXTResolver
+	Resolver mtasts.TXTResolver
 	// Fetcher fetches policies; nil means a Fetcher with its defaults.
-	Fetcher *Fetcher
+	Fetcher *mtasts.Fetcher
 	// Dir holds one JSON file per domain (data_dir/mtasts). Empty: the
 	// cache lives in memory only (tests, the checker).
 	Dir string
@@ -74,7 +58,7 @@ type Options struct {
 	// outcome: "ok" or an RFC 8460 result-type. mode is the fetched
 	// policy's mode, or on failure that of the cached policy still in
 	// force ("" if none). For metrics.
-	OnFetch func(domain, id string, mode Mode, result string)
+	OnFetch func(domain, id string, mode mtasts.Mode, result string)
 	// Shared, when set, is the fleet's shared cache (fleet mode): the
 	// store of record in place of Dir, which is then not used; the
 	// cache keeps an in-memory copy of it. Nil: standalone.
@@ -86,7 +70,7 @@ type Result struct {
 	// Policy is the policy in force, nil when there is none. A policy in
 	// mode none is returned as such: treat it as no policy (RFC 8461 §5)
 	// but log its mode.
-	Policy *Policy
+	Policy *mtasts.Policy
 	// ID is the TXT id of Policy.
 	ID string
 	// Domain is the normalized policy domain.
@@ -97,31 +81,14 @@ type Result struct {
 	// policy, for TLS-RPT (RFC 8461 §6), even when a cached policy was
 	// applied. Nil when nothing failed, or when the failure is not
 	// reportable (no record and nothing cached, or a cached mode none).
-	Failure *FetchError
-}
-
-// Entry describes one cached policy (for `stsrelay policy list/show`).
-type Entry struct {
-	Domain        string        `json:"domain"`
-	ID            string        `json:"id"`
-	Mode          Mode          `json:"mode"`
-	MX            []string      `json:"mx"`
-	MaxAge        time.Duration `json:"-"`
-	MaxAgeSeconds int64         `json:"max_age"`
-	Fetched       time.Time     `json:"fetched"`
-	Expires       time.Time     `json:"expires"`
-	Expired       bool          `json:"expired"`
-	LastUsed      time.Time     `json:"last_used"`
-	LastError     string        `json:"last_error,omitempty"`
-	LastErrorAt   time.Time     `json:"last_error_at,omitzero"`
-	Policy        *Policy       `json:"-"`
+	Failure *mtasts.Failure
 }
 
 // Cache is the persistent MTA-STS policy cache (RFC 8461 §3.3, §5.1). It
 // is safe for concurrent use.
 type Cache struct {
-	resolver      TXTResolver
-	fetcher       *Fetcher
+	resolver      mtasts.TXTResolver
+	fetcher       *mtasts.Fetcher
 	dir           string
 	now           func() time.Time
 	log           *zap.Logger
@@ -130,7 +97,7 @@ type Cache struct {
 	maxUnused     time.Duration
 	grace         time.Duration
 	interval      time.Duration
-	onFetch       func(domain, id string, mode Mode, result string)
+	onFetch       func(domain, id string, mode mtasts.Mode, result string)
 
 	flight singleflight.Group
 	diskMu sync.Mutex // serializes file writes, so the last state wins
@@ -149,7 +116,7 @@ type Cache struct {
 type entry struct {
 	domain  string
 	id      string
-	policy  *Policy
+	policy  *mtasts.Policy
 	body    []byte
 	fetched time.Time
 
@@ -189,7 +156,7 @@ type decision struct {
 type failure struct {
 	id    string
 	until time.Time
-	err   *FetchError
+	err   *mtasts.Failure
 }
 
 // New opens the cache, loading every entry stored in opts.Dir.
@@ -214,7 +181,7 @@ func New(opts Options) (*Cache, error) {
 		failures:      map[string]*failure{},
 	}
 	if c.fetcher == nil {
-		c.fetcher = &Fetcher{}
+		c.fetcher = &mtasts.Fetcher{}
 	}
 	if c.now == nil {
 		c.now = time.Now
@@ -234,10 +201,7 @@ func New(opts Options) (*Cache, error) {
 		return c, nil
 	}
 	if c.dir != "" {
-		if err := os.MkdirAll(c.dir, 0o700); err != nil {
-			return nil, fmt.Errorf("mtasts cache: %w", err)
-		}
-		if err := c.load(); err != nil {
+		if err := c.openDir(); err != nil {
 			return nil, err
 		}
 	}
@@ -265,7 +229,7 @@ func orDefault(d, def time.Duration) time.Duration {
 //   - No usable TXT record: an unexpired cached policy stays in force
 //     (§3.1, §5.1); without one, no policy.
 //   - A temporary DNS failure with nothing cached returns an error
-//     wrapping ErrDNS: the caller should defer, as it cannot tell whether
+//     wrapping mtasts.ErrDNS: the caller should defer, as it cannot tell whether
 //     the domain requires TLS (a choice; RFC 8461 is silent).
 //   - The outcome is reused for TXTGrace (60 s by default) without a new
 //     DNS query: a policy change is noticed up to that much later, which
@@ -273,7 +237,7 @@ func orDefault(d, def time.Duration) time.Duration {
 //
 // A policy whose max_age has run out is never returned.
 func (c *Cache) Get(ctx context.Context, domain string) (Result, error) {
-	d, ok := normalizeDomain(domain)
+	d, ok := mtasts.NormalizeDomain(domain)
 	if !ok {
 		return Result{Domain: domain}, nil
 	}
@@ -297,7 +261,7 @@ func (c *Cache) Get(ctx context.Context, domain string) (Result, error) {
 // permanently because of an enforce policy (RFC 8461 §5, §5.1 step 3:
 // check for a new policy first).
 func (c *Cache) Recheck(ctx context.Context, domain string) (Result, error) {
-	d, ok := normalizeDomain(domain)
+	d, ok := mtasts.NormalizeDomain(domain)
 	if !ok {
 		return Result{Domain: domain}, nil
 	}
@@ -323,12 +287,12 @@ func (c *Cache) get(ctx context.Context, d string, now time.Time, fresh bool) (R
 	if e != nil && e.validAt(now) {
 		e.touch(now)
 		res = e.result()
-		if e.policy.Mode != ModeNone {
+		if e.policy.Mode != mtasts.ModeNone {
 			// RFC 8461 §6: a failure while a policy is cached is
 			// reportable.
-			res.Failure = &FetchError{ResultType: ResultType(lerr), Reason: reasonOf(lerr), Err: lerr}
+			res.Failure = mtasts.AsFailure(lerr)
 		}
-	} else if errors.Is(lerr, ErrDNS) {
+	} else if errors.Is(lerr, mtasts.ErrDNS) {
 		return res, fmt.Errorf("MTA-STS policy of %s unknown: %w", d, lerr)
 	}
 	c.remember(d, res, e, now, ttl)
@@ -339,18 +303,18 @@ func (c *Cache) get(ctx context.Context, d string, now time.Time, fresh bool) (R
 // burst of messages to a domain makes one TXT query, not one each. The
 // query runs detached from the caller's cancellation, bounded by the
 // resolver's timeout.
-func (c *Cache) lookup(ctx context.Context, d string, fresh bool) (*Record, time.Duration, error) {
+func (c *Cache) lookup(ctx context.Context, d string, fresh bool) (*mtasts.Record, time.Duration, error) {
 	lctx := context.WithoutCancel(ctx)
 	key := "txt\x00" + d
 	if fresh {
 		key = "fresh\x00" + d
 	}
 	type out struct {
-		rec *Record
+		rec *mtasts.Record
 		ttl time.Duration
 	}
 	ch := c.flight.DoChan(key, func() (any, error) {
-		rec, _, ttl, err := lookupRecordTTL(lctx, c.resolver, d, fresh)
+		rec, ttl, err := mtasts.LookupRecordTTL(lctx, c.resolver, d, fresh)
 		return out{rec, ttl}, err
 	})
 	select {
@@ -358,7 +322,7 @@ func (c *Cache) lookup(ctx context.Context, d string, fresh bool) (*Record, time
 		o, _ := r.Val.(out)
 		return o.rec, o.ttl, r.Err
 	case <-ctx.Done():
-		return nil, 0, fmt.Errorf("look up TXT _mta-sts.%s: %w (%w)", d, ErrDNS, ctx.Err())
+		return nil, 0, fmt.Errorf("look up TXT _mta-sts.%s: %w (%w)", d, mtasts.ErrDNS, ctx.Err())
 	}
 }
 
@@ -375,7 +339,7 @@ func (c *Cache) fetchIfNew(ctx context.Context, d, id string) (Result, *entry, e
 	// up falls back to what is cached.
 	fctx := context.WithoutCancel(ctx)
 	ch := c.flight.DoChan(d+"\x00"+id, func() (any, error) {
-		res, e := c.fetchLocked(fctx, d, id)
+		res, e := c.fetchUnlessCached(fctx, d, id)
 		return out{res, e}, nil
 	})
 	select {
@@ -387,7 +351,7 @@ func (c *Cache) fetchIfNew(ctx context.Context, d, id string) (Result, *entry, e
 		c.mu.RLock()
 		e := c.entries[d]
 		c.mu.RUnlock()
-		fe := &FetchError{ResultType: tlsrpt.ResultSTSPolicyFetchError, Reason: "cancelled", Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %w", d, ErrPolicyFetch, ctx.Err())}
+		fe := &mtasts.Failure{ResultType: tlsrpt.ResultSTSPolicyFetchError, Reason: "cancelled", Err: fmt.Errorf("fetch MTA-STS policy of %s: %w: %w", d, mtasts.ErrPolicyFetch, ctx.Err())}
 		if e != nil && e.validAt(now) {
 			res := e.result()
 			res.Failure = fe
@@ -397,42 +361,75 @@ func (c *Cache) fetchIfNew(ctx context.Context, d, id string) (Result, *entry, e
 	}
 }
 
-// fetchLocked runs inside the single flight for (d, id). It checks again
-// what the cache holds, since another flight may just have finished.
-func (c *Cache) fetchLocked(ctx context.Context, d, id string) (Result, *entry) {
-	now := c.now()
-	c.mu.RLock()
-	e := c.entries[d]
-	f := c.failures[d]
-	c.mu.RUnlock()
-	if e != nil && !e.validAt(now) {
-		e = nil // RFC 8461 §5.1: an expired policy is not applied
-	}
-	if e != nil && e.id == id {
-		e.touch(now)
-		return e.result(), e
-	}
-	if f != nil && f.id == id && now.Before(f.until) {
-		// RFC 8461 §3.3: wait before fetching again for this id.
-		return c.failedResult(d, id, e, f.err), e
+// fetchUnlessCached is the body of the single flight for (d, id): it
+// looks again at what the cache holds, since another flight may just have
+// finished, and fetches only when neither the policy for id nor a
+// back-off for id is there. It takes c.mu itself, briefly; the fetch runs
+// without it.
+func (c *Cache) fetchUnlessCached(ctx context.Context, d, id string) (Result, *entry) {
+	if res, e, ok := c.localDecision(d, id); ok {
+		return res, e
 	}
 	if c.shared != nil {
 		return c.fetchShared(ctx, d, id)
 	}
+	return c.fetchNow(ctx, d, id)
+}
+
+// localDecision is what the in-memory copy says about (d, id): the
+// cached policy for id (RFC 8461 §5.1: never an expired one), or the
+// back-off for id (§3.3: wait before fetching again for this id). ok is
+// false when neither applies; e is then the valid cached policy, if any.
+func (c *Cache) localDecision(d, id string) (res Result, e *entry, ok bool) {
+	now := c.now()
+	c.mu.RLock()
+	e = c.entries[d]
+	f := c.failures[d]
+	c.mu.RUnlock()
+	if e != nil && !e.validAt(now) {
+		e = nil
+	}
+	if e != nil && e.id == id {
+		e.touch(now)
+		return e.result(), e, true
+	}
+	if f != nil && f.id == id && now.Before(f.until) {
+		return c.failedResult(d, id, e, f.err), e, true
+	}
+	return Result{}, e, false
+}
+
+// fetchNow fetches the policy of d for id and records the outcome (in the
+// shared store too in fleet mode, through storeFetched and noteFailure).
+// On failure the valid cached policy, if any, stays in force.
+func (c *Cache) fetchNow(ctx context.Context, d, id string) (Result, *entry) {
+	e := c.validEntry(d)
 	p, body, err := c.fetcher.Fetch(ctx, d)
 	if err != nil {
-		fe := asFetchError(err)
+		fe := mtasts.AsFailure(err)
 		c.noteFailure(d, id, fe, false)
 		return c.failedResult(d, id, e, fe), e
 	}
-	ne := c.store(d, id, p, body)
+	ne := c.storeFetched(d, id, p, body)
 	return Result{Policy: ne.policy, ID: id, Domain: d}, ne
+}
+
+// validEntry is the cached policy of d while it has not expired, else nil.
+func (c *Cache) validEntry(d string) *entry {
+	now := c.now()
+	c.mu.RLock()
+	e := c.entries[d]
+	c.mu.RUnlock()
+	if e != nil && !e.validAt(now) {
+		return nil
+	}
+	return e
 }
 
 // failedResult: the cached policy (if any) with the failure attached. A
 // fetch failure while a valid TXT record exists is reportable even when
 // nothing is cached (RFC 8461 §6).
-func (c *Cache) failedResult(d, id string, e *entry, fe *FetchError) Result {
+func (c *Cache) failedResult(d, id string, e *entry, fe *mtasts.Failure) Result {
 	if e != nil {
 		res := e.result()
 		res.Failure = fe
@@ -441,41 +438,14 @@ func (c *Cache) failedResult(d, id string, e *entry, fe *FetchError) Result {
 	return Result{Domain: d, ID: id, Failure: fe}
 }
 
-// reasonOf is the failure-reason-code of a failure that is not a fetch:
-// the TXT discovery (RFC 8461 §3.1).
-func reasonOf(err error) string {
-	var fe *FetchError
-	switch {
-	case errors.As(err, &fe):
-		return fe.Reason
-	case errors.Is(err, ErrDNS):
-		return "dns-error"
-	case errors.Is(err, ErrNoRecord):
-		return "no-record"
-	case errors.Is(err, ErrMultipleRecords):
-		return "multiple-records"
-	case errors.Is(err, ErrRecordSyntax):
-		return "record-syntax"
-	}
-	return "unknown"
-}
-
-func asFetchError(err error) *FetchError {
-	var fe *FetchError
-	if errors.As(err, &fe) {
-		return fe
-	}
-	return &FetchError{ResultType: ResultType(err), Reason: reasonOf(err), Err: err}
-}
-
 // noteFailure records a failed fetch: the backoff for (d, id), the
 // entry's last error, the log line and the hook.
-func (c *Cache) noteFailure(d, id string, fe *FetchError, refresh bool) {
+func (c *Cache) noteFailure(d, id string, fe *mtasts.Failure, refresh bool) {
 	now := c.now()
 	c.mu.Lock()
 	c.failures[d] = &failure{id: id, until: now.Add(c.backoff), err: fe}
 	e := c.entries[d]
-	var mode Mode
+	var mode mtasts.Mode
 	if e != nil {
 		e.lastError = fe.Error()
 		e.lastErrorAt = now
@@ -491,7 +461,7 @@ func (c *Cache) noteFailure(d, id string, fe *FetchError, refresh bool) {
 		c.onFetch(d, id, mode, string(fe.ResultType))
 	}
 	if e != nil {
-		if refresh && mode != ModeNone {
+		if refresh && mode != mtasts.ModeNone {
 			// RFC 8461 §3.3, §10.2: alert when refreshes fail, unless
 			// the cached mode is none.
 			c.log.Warn("mtasts_refresh_failed", zap.String("domain", d), zap.String("id", e.id),
@@ -501,8 +471,9 @@ func (c *Cache) noteFailure(d, id string, fe *FetchError, refresh bool) {
 	}
 }
 
-// store makes a freshly fetched policy the cached one for d.
-func (c *Cache) store(d, id string, p *Policy, body []byte) *entry {
+// storeFetched makes a freshly fetched policy the cached one for d: in
+// memory, on disk or in the shared store, the log line and the hook.
+func (c *Cache) storeFetched(d, id string, p *mtasts.Policy, body []byte) *entry {
 	now := c.now()
 	ne := &entry{domain: d, id: id, policy: p, body: body, fetched: now}
 	ne.lastUsed.Store(now.UnixNano())
@@ -549,54 +520,10 @@ func (c *Cache) remember(d string, res Result, based *entry, now time.Time, ttl 
 	c.mu.Unlock()
 }
 
-// Refresh fetches the policy of domain now, whatever the TXT id says (the
-// operator's `policy refresh`, and the refresher). A valid policy replaces
-// the cached one; on failure the cached one stays and the error is
-// returned. The id stored is that of the current TXT record, or the
-// cached one when the record cannot be read.
-func (c *Cache) Refresh(ctx context.Context, domain string) (Entry, error) {
-	d, ok := normalizeDomain(domain)
-	if !ok {
-		return Entry{}, fmt.Errorf("refresh MTA-STS policy: %q is not a domain name", domain)
-	}
-	c.mu.RLock()
-	e := c.entries[d]
-	c.mu.RUnlock()
-	rec, _, _, lerr := lookupRecordTTL(ctx, c.resolver, d, true)
-	id := ""
-	switch {
-	case lerr == nil:
-		id = rec.ID
-	case e != nil:
-		id = e.id
-	default:
-		return Entry{}, fmt.Errorf("refresh MTA-STS policy of %s: nothing cached and %w", d, lerr)
-	}
-	return c.refresh(ctx, d, id)
-}
-
-func (c *Cache) refresh(ctx context.Context, d, id string) (Entry, error) {
-	v, _, _ := c.flight.Do("refresh\x00"+d, func() (any, error) {
-		p, body, err := c.fetcher.Fetch(ctx, d)
-		if err != nil {
-			fe := asFetchError(err)
-			c.noteFailure(d, id, fe, true)
-			return fe, nil
-		}
-		c.store(d, id, p, body)
-		return nil, nil
-	})
-	ent, _ := c.Entry(d)
-	if fe, ok := v.(*FetchError); ok && fe != nil {
-		return ent, fe
-	}
-	return ent, nil
-}
-
 // Forget removes the cached policy of domain, in memory and on disk (the
 // operator's `policy forget`).
 func (c *Cache) Forget(domain string) error {
-	d, ok := normalizeDomain(domain)
+	d, ok := mtasts.NormalizeDomain(domain)
 	if !ok {
 		return fmt.Errorf("forget MTA-STS policy: %q is not a domain name", domain)
 	}
@@ -629,297 +556,4 @@ func (c *Cache) drop(d string, e *entry) bool {
 		c.shareDrop(d, e)
 	}
 	return true
-}
-
-// Entries lists the cached policies, sorted by domain.
-func (c *Cache) Entries() []Entry {
-	now := c.now()
-	c.mu.RLock()
-	out := make([]Entry, 0, len(c.entries))
-	for _, e := range c.entries {
-		out = append(out, c.entryLocked(e, now))
-	}
-	c.mu.RUnlock()
-	sort.Slice(out, func(i, j int) bool { return out[i].Domain < out[j].Domain })
-	return out
-}
-
-// Entry returns the cached policy of domain, if any.
-func (c *Cache) Entry(domain string) (Entry, bool) {
-	d, ok := normalizeDomain(domain)
-	if !ok {
-		return Entry{}, false
-	}
-	now := c.now()
-	c.mu.RLock()
-	defer c.mu.RUnlock()
-	e := c.entries[d]
-	if e == nil {
-		return Entry{}, false
-	}
-	return c.entryLocked(e, now), true
-}
-
-func (c *Cache) entryLocked(e *entry, now time.Time) Entry {
-	return Entry{
-		Domain:        e.domain,
-		ID:            e.id,
-		Mode:          e.policy.Mode,
-		MX:            append([]string(nil), e.policy.MX...),
-		MaxAge:        e.policy.MaxAge,
-		MaxAgeSeconds: int64(e.policy.MaxAge / time.Second),
-		Fetched:       e.fetched,
-		Expires:       e.expires(),
-		Expired:       !e.validAt(now),
-		LastUsed:      time.Unix(0, e.lastUsed.Load()).UTC(),
-		LastError:     e.lastError,
-		LastErrorAt:   e.lastErrorAt,
-		Policy:        e.policy,
-	}
-}
-
-// Run is the background refresher (RFC 8461 §3.3, §10.2). Every
-// RefreshInterval (jittered) it refreshes each cached policy that expires
-// within RefreshBeforeExpiry or was fetched a day (or half its max_age)
-// ago, logging a warning when the refresh of a policy other than mode none
-// fails; it drops expired policies, policies unused for MaxUnused, and
-// mode-none policies whose TXT record is gone; and it writes changed
-// last-use times. It returns when ctx is done, after a last write.
-func (c *Cache) Run(ctx context.Context) {
-	t := time.NewTimer(c.jitter())
-	defer t.Stop()
-	for {
-		select {
-		case <-ctx.Done():
-			c.flushLastUsed(true)
-			return
-		case <-t.C:
-		}
-		c.refreshDue(ctx)
-		t.Reset(c.jitter())
-	}
-}
-
-func (c *Cache) jitter() time.Duration {
-	j := time.Duration(rand.Int64N(int64(c.interval)/5+1)) - c.interval/10
-	return c.interval + j
-}
-
-// refreshDue is one pass of the refresher.
-func (c *Cache) refreshDue(ctx context.Context) {
-	now := c.now()
-	c.mu.Lock()
-	entries := make([]*entry, 0, len(c.entries))
-	for _, e := range c.entries {
-		entries = append(entries, e)
-	}
-	// Prune what the delivery path accumulates.
-	for d, dec := range c.recent {
-		if !now.Before(dec.until) {
-			delete(c.recent, d)
-		}
-	}
-	for d, f := range c.failures {
-		if !now.Before(f.until) {
-			delete(c.failures, d)
-		}
-	}
-	c.mu.Unlock()
-	sort.Slice(entries, func(i, j int) bool { return entries[i].domain < entries[j].domain })
-
-	// A few refreshes at a time: one slow policy host must not hold up
-	// the others for its whole timeout.
-	var g errgroup.Group
-	g.SetLimit(refreshParallel)
-	defer g.Wait()
-	for _, e := range entries {
-		if ctx.Err() != nil {
-			return
-		}
-		d := e.domain
-		lastUsed := time.Unix(0, e.lastUsed.Load())
-		switch {
-		case now.Sub(lastUsed) >= c.maxUnused:
-			if c.drop(d, e) {
-				c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "unused"), zap.Time("last_used", lastUsed))
-			}
-			continue
-		case !e.validAt(now):
-			if c.drop(d, e) {
-				c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "expired"), zap.Time("expires", e.expires()))
-			}
-			continue
-		}
-		age := now.Sub(e.fetched)
-		due := e.expires().Sub(now) <= c.refreshBefore || age >= min(refreshEvery, e.policy.MaxAge/2)
-		if !due {
-			continue
-		}
-		c.mu.RLock()
-		lastErrAt := e.lastErrorAt
-		c.mu.RUnlock()
-		if lastErrAt.After(e.fetched) && now.Sub(lastErrAt) < c.backoff {
-			continue
-		}
-		g.Go(func() error { c.refreshEntry(ctx, e); return nil })
-	}
-	g.Wait()
-	c.flushLastUsed(false)
-}
-
-// refreshEntry refreshes one due entry: it reads the TXT id (a new id is
-// stored with the new policy), drops a mode-none policy whose record is
-// gone, and otherwise fetches whatever the TXT state (checklist STS-3.3-j:
-// a refresh may fetch the live policy even when DNS is blocked).
-func (c *Cache) refreshEntry(ctx context.Context, e *entry) {
-	d := e.domain
-	id := e.id
-	if c.shared != nil {
-		// One node of the fleet refreshes a policy.
-		unlock, ok := c.claimRefresh(ctx, e)
-		if !ok {
-			return
-		}
-		defer unlock()
-	}
-	rec, _, _, lerr := lookupRecordTTL(ctx, c.resolver, d, true)
-	switch {
-	case lerr == nil:
-		id = rec.ID
-	case e.policy.Mode == ModeNone && errors.Is(lerr, ErrNoRecord):
-		// RFC 8461 §8.3: the domain has opted out and removed its record.
-		if c.drop(d, e) {
-			c.log.Info("mtasts_policy_dropped", zap.String("domain", d), zap.String("reason", "mode none and no TXT record"))
-		}
-		return
-	}
-	_, _ = c.refresh(ctx, d, id)
-}
-
-// flushLastUsed writes entries whose last use moved by more than an hour
-// since written (all changed ones when final).
-func (c *Cache) flushLastUsed(final bool) {
-	c.mu.RLock()
-	var dirty []string
-	for d, e := range c.entries {
-		moved := time.Duration(e.lastUsed.Load() - e.persistedUsed.Load())
-		if moved >= lastUsedPersistSlack || (final && moved > 0) {
-			dirty = append(dirty, d)
-		}
-	}
-	c.mu.RUnlock()
-	if c.shared != nil {
-		c.shareLastUsed(dirty)
-		return
-	}
-	for _, d := range dirty {
-		c.persist(d)
-	}
-}
-
-// fileEntry is the on-disk form of an entry: data_dir/mtasts/<domain>.json.
-// The policy is kept as fetched and parsed again on load.
-type fileEntry struct {
-	Domain      string    `json:"domain"`
-	ID          string    `json:"id"`
-	Policy      string    `json:"policy"`
-	Fetched     time.Time `json:"fetched"`
-	LastUsed    time.Time `json:"last_used"`
-	LastError   string    `json:"last_error,omitempty"`
-	LastErrorAt time.Time `json:"last_error_at,omitzero"`
-}
-
-// persist writes the current state of d to disk, or removes its file when
-// nothing is cached. Errors are logged: the in-memory cache still works.
-func (c *Cache) persist(d string) {
-	if c.dir == "" {
-		return
-	}
-	c.diskMu.Lock()
-	defer c.diskMu.Unlock()
-	c.mu.RLock()
-	e := c.entries[d]
-	var fe fileEntry
-	var used int64
-	if e != nil {
-		used = e.lastUsed.Load()
-		fe = fileEntry{Domain: d, ID: e.id, Policy: string(e.body), Fetched: e.fetched.UTC(),
-			LastUsed: time.Unix(0, used).UTC(), LastError: e.lastError, LastErrorAt: e.lastErrorAt.UTC()}
-		if e.lastErrorAt.IsZero() {
-			fe.LastErrorAt = time.Time{}
-		}
-	}
-	c.mu.RUnlock()
-	path := filepath.Join(c.dir, domain.FileName(d)+".json")
-	if e == nil {
-		if err := os.Remove(path); err != nil && !errors.Is(err, os.ErrNotExist) {
-			c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
-		} else if err == nil {
-			atomicfile.SyncDir(c.dir)
-		}
-		return
-	}
-	data, err := json.MarshalIndent(fe, "", "  ")
-	if err == nil {
-		err = atomicfile.Write(path, append(data, '\n'))
-	}
-	if err != nil {
-		c.log.Error("mtasts_cache_write", zap.String("domain", d), zap.Error(err))
-		return
-	}
-	e.persistedUsed.Store(used)
-}
-
-// load reads every stored entry. A file that cannot be read or whose
-// policy no longer parses is logged and skipped (and left in place for the
-// operator); leftover temporary files are removed.
-func (c *Cache) load() error {
-	des, err := os.ReadDir(c.dir)
-	if err != nil {
-		return fmt.Errorf("mtasts cache: %w", err)
-	}
-	for _, de := range des {
-		name := de.Name()
-		if strings.HasPrefix(name, ".") && strings.HasSuffix(name, ".tmp") {
-			os.Remove(filepath.Join(c.dir, name))
-			continue
-		}
-		if de.IsDir() || !strings.HasSuffix(name, ".json") {
-			continue
-		}
-		e, err := c.loadFile(filepath.Join(c.dir, name))
-		if err != nil {
-			c.log.Warn("mtasts_cache_load", zap.String("file", name), zap.Error(err))
-			continue
-		}
-		c.entries[e.domain] = e
-	}
-	return nil
-}
-
-func (c *Cache) loadFile(path string) (*entry, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
-	var fe fileEntry
-	if err := json.Unmarshal(data, &fe); err != nil {
-		return nil, err
-	}
-	d, ok := normalizeDomain(fe.Domain)
-	if !ok || d != fe.Domain || filepath.Base(path) != domain.FileName(d)+".json" {
-		return nil, fmt.Errorf("domain %q does not match the file name", fe.Domain)
-	}
-	if !validID(fe.ID) && fe.ID != "" {
-		return nil, fmt.Errorf("invalid id %q", fe.ID)
-	}
-	p, err := ParsePolicy([]byte(fe.Policy))
-	if err != nil {
-		return nil, err
-	}
-	e := &entry{domain: d, id: fe.ID, policy: p, body: []byte(fe.Policy), fetched: fe.Fetched,
-		lastError: fe.LastError, lastErrorAt: fe.LastErrorAt}
-	e.lastUsed.Store(fe.LastUsed.UnixNano())
-	e.persistedUsed.Store(fe.LastUsed.UnixNano())
-	return e, nil
 }

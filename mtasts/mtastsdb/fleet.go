@@ -1,4 +1,4 @@
-package mtasts
+package mtastsdb
 
 import (
 	"context"
@@ -8,74 +8,8 @@ import (
 
 	"go.uber.org/zap"
 
-	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/mtasts"
 )
-
-// Shared is the policy cache state a fleet of relays shares (fleet mode:
-// internal/fleet/kvcache implements it on a JetStream key-value bucket).
-// With Options.Shared set, the shared store is the cache's store of
-// record: Options.Dir is not used, and the Cache's in-memory map is a
-// read-through copy that Watch keeps current, so a cached lookup never
-// leaves the process. One HTTPS fetch per domain and TXT id serves the
-// whole fleet: a node that finds neither the policy nor a back-off for
-// the id takes the domain's fetch lock; the others Wait for its result,
-// and fetch themselves only when the lock goes away without one (its
-// holder died) and they win the lock in turn.
-//
-// This package only uses the interface: it holds no protocol code.
-type Shared interface {
-	// Load returns the shared entry of domain and its revision, or nil
-	// when there is none.
-	Load(ctx context.Context, domain string) (e *SharedEntry, rev uint64, err error)
-	// Update changes the shared entry of domain atomically: fn gets the
-	// current entry (nil when there is none) and returns the next one
-	// and whether to write it; writing nil deletes the entry. fn may run
-	// again when another writer got in first, so it must not have side
-	// effects.
-	Update(ctx context.Context, domain string, fn func(cur *SharedEntry) (next *SharedEntry, write bool)) error
-	// Lock takes the fetch lock of domain (for TXT id) when no one holds
-	// it. The lock goes away by itself after ttl if it is not released,
-	// so that a dead holder does not block the fleet. unlock releases it
-	// (only if it is still this holder's).
-	Lock(ctx context.Context, domain, id string, ttl time.Duration) (unlock func(), acquired bool, err error)
-	// Wait returns when nobody holds the fetch lock of domain (at once
-	// when nobody does), or with ctx's error.
-	Wait(ctx context.Context, domain string) error
-	// Watch calls fn with every shared entry (rev is its revision),
-	// returns once it has seen them all (or with ctx's error), and then
-	// goes on calling fn, in order, for every change until the store
-	// is closed. A nil e means the entry of domain was removed. The
-	// calls are never concurrent.
-	Watch(ctx context.Context, fn func(domain string, e *SharedEntry, rev uint64)) error
-}
-
-// SharedEntry is one domain's shared state: the cached policy (what the
-// file of a standalone cache holds) and the negative back-off. Its JSON
-// form is what the shared store keeps.
-type SharedEntry struct {
-	Domain string `json:"domain"`
-	// ID is the TXT id of Policy.
-	ID string `json:"id,omitempty"`
-	// Policy is the policy body as fetched; empty when no policy is
-	// cached (an entry holding only a back-off).
-	Policy      string    `json:"policy,omitempty"`
-	Fetched     time.Time `json:"fetched,omitzero"`
-	LastUsed    time.Time `json:"last_used,omitzero"`
-	LastError   string    `json:"last_error,omitempty"`
-	LastErrorAt time.Time `json:"last_error_at,omitzero"`
-	// Failure is the back-off after a failed fetch: no node fetches the
-	// policy for Failure.ID before Failure.Until (RFC 8461 §3.3).
-	Failure *SharedFailure `json:"failure,omitempty"`
-}
-
-// SharedFailure is a failed fetch for a TXT id, shared as back-off.
-type SharedFailure struct {
-	ID         string    `json:"id"`
-	Until      time.Time `json:"until"`
-	ResultType string    `json:"result_type"`
-	Reason     string    `json:"reason"`
-	Error      string    `json:"error"`
-}
 
 const (
 	// sharedOpTimeout bounds one request to the shared store.
@@ -90,33 +24,11 @@ const (
 	sharedLockRounds = 3
 )
 
-// sharedError is a fetch error learnt from another node: its text, and
-// the sentinel of its result type for errors.Is.
-type sharedError struct {
-	msg  string
-	kind error
-}
-
-func (e *sharedError) Error() string { return e.msg }
-func (e *sharedError) Unwrap() error { return e.kind }
-
-func (f *SharedFailure) fetchError() *FetchError {
-	rt := tlsrpt.ResultType(f.ResultType)
-	kind := ErrPolicyFetch
-	switch rt {
-	case tlsrpt.ResultSTSWebPKIInvalid:
-		kind = ErrWebPKI
-	case tlsrpt.ResultSTSPolicyInvalid:
-		kind = ErrPolicySyntax
-	}
-	return &FetchError{ResultType: rt, Reason: f.Reason, Err: &sharedError{msg: f.Error, kind: kind}}
-}
-
 // lockTTL is how long a fetch lock lives when its holder dies.
 func (c *Cache) lockTTL() time.Duration {
 	t := c.fetcher.Timeout
 	if t <= 0 {
-		t = DefaultFetchTimeout
+		t = mtasts.DefaultFetchTimeout
 	}
 	return t + sharedLockMargin
 }
@@ -144,13 +56,20 @@ func (c *Cache) applyShared(d string, se *SharedEntry, rev uint64) {
 		}
 		c.sharedRev[d] = rev
 	}
-	cur := c.entries[d]
 	if se == nil {
 		delete(c.entries, d)
 		delete(c.recent, d)
 		delete(c.failures, d)
 		return
 	}
+	c.applySharedPolicyLocked(d, se)
+	c.applySharedFailureLocked(d, se.Failure)
+}
+
+// applySharedPolicyLocked makes the cached policy of d the one se holds
+// (none when its Policy is empty). c.mu is held.
+func (c *Cache) applySharedPolicyLocked(d string, se *SharedEntry) {
+	cur := c.entries[d]
 	switch {
 	case se.Policy == "":
 		if cur != nil {
@@ -171,10 +90,10 @@ func (c *Cache) applyShared(d string, se *SharedEntry, rev uint64) {
 			cur.lastError, cur.lastErrorAt = se.LastError, se.LastErrorAt
 		}
 	default:
-		p, err := ParsePolicy([]byte(se.Policy))
+		p, err := mtasts.ParsePolicy([]byte(se.Policy))
 		if err != nil {
 			c.log.Warn("mtasts_shared_entry", zap.String("domain", d), zap.Error(err))
-			break
+			return
 		}
 		ne := &entry{domain: d, id: se.ID, policy: p, body: []byte(se.Policy), fetched: se.Fetched,
 			lastError: se.LastError, lastErrorAt: se.LastErrorAt}
@@ -187,35 +106,18 @@ func (c *Cache) applyShared(d string, se *SharedEntry, rev uint64) {
 		c.entries[d] = ne
 		delete(c.recent, d)
 	}
-	if f := se.Failure; f != nil {
-		if old := c.failures[d]; old == nil || old.id != f.ID || !old.until.Equal(f.Until) {
-			c.failures[d] = &failure{id: f.ID, until: f.Until, err: f.fetchError()}
-		}
-	} else {
-		delete(c.failures, d)
-	}
 }
 
-// localDecision is what the in-memory copy says about (d, id): the
-// cached policy for id, or the back-off for id. ok is false when
-// neither applies; e is then the valid cached policy, if any.
-func (c *Cache) localDecision(d, id string) (res Result, e *entry, ok bool) {
-	now := c.now()
-	c.mu.RLock()
-	e = c.entries[d]
-	f := c.failures[d]
-	c.mu.RUnlock()
-	if e != nil && !e.validAt(now) {
-		e = nil
+// applySharedFailureLocked makes the back-off of d the shared one f (none
+// when f is nil). c.mu is held.
+func (c *Cache) applySharedFailureLocked(d string, f *SharedFailure) {
+	if f == nil {
+		delete(c.failures, d)
+		return
 	}
-	if e != nil && e.id == id {
-		e.touch(now)
-		return e.result(), e, true
+	if old := c.failures[d]; old == nil || old.id != f.ID || !old.until.Equal(f.Until) {
+		c.failures[d] = &failure{id: f.ID, until: f.Until, err: f.fetchError()}
 	}
-	if f != nil && f.id == id && now.Before(f.until) {
-		return c.failedResult(d, id, e, f.err), e, true
-	}
-	return Result{}, e, false
 }
 
 // fromShared reads d from the shared store into the in-memory copy and
@@ -234,7 +136,7 @@ func (c *Cache) fromShared(ctx context.Context, d, id string) (Result, *entry, b
 	return res, e, ok, nil
 }
 
-// fetchShared is fetchLocked in fleet mode, once the in-memory copy has
+// fetchShared is fetchUnlessCached in fleet mode, once the in-memory copy has
 // neither the policy for id nor a back-off: it takes the policy or the
 // back-off from the shared store, or fetches under the fleet's fetch
 // lock, or waits for the node holding it. When the shared store cannot
@@ -284,26 +186,6 @@ func (c *Cache) fetchShared(ctx context.Context, d, id string) (Result, *entry) 
 	return c.fetchNow(ctx, d, id)
 }
 
-// fetchNow fetches the policy of d for id and records the outcome (in the
-// shared store too, through store and noteFailure).
-func (c *Cache) fetchNow(ctx context.Context, d, id string) (Result, *entry) {
-	now := c.now()
-	c.mu.RLock()
-	e := c.entries[d]
-	c.mu.RUnlock()
-	if e != nil && !e.validAt(now) {
-		e = nil
-	}
-	p, body, err := c.fetcher.Fetch(ctx, d)
-	if err != nil {
-		fe := asFetchError(err)
-		c.noteFailure(d, id, fe, false)
-		return c.failedResult(d, id, e, fe), e
-	}
-	ne := c.store(d, id, p, body)
-	return Result{Policy: ne.policy, ID: id, Domain: d}, ne
-}
-
 // sharedUpdate is Shared.Update with a bounded time and logged errors:
 // the in-memory copy goes on working without the shared store.
 func (c *Cache) sharedUpdate(d, op string, fn func(cur *SharedEntry) (*SharedEntry, bool)) bool {
@@ -335,7 +217,7 @@ func (c *Cache) shareStore(d string, ne *entry) {
 
 // shareFailure writes the back-off after a failed fetch of (d, id), and
 // the error on the shared policy.
-func (c *Cache) shareFailure(d, id string, fe *FetchError, now time.Time) {
+func (c *Cache) shareFailure(d, id string, fe *mtasts.Failure, now time.Time) {
 	sf := &SharedFailure{ID: id, Until: now.Add(c.backoff).UTC(), ResultType: string(fe.ResultType),
 		Reason: fe.Reason, Error: fe.Error()}
 	c.sharedUpdate(d, "failure", func(cur *SharedEntry) (*SharedEntry, bool) {
