@@ -35,7 +35,7 @@ type PolicySource interface {
 	Recheck(ctx context.Context, domain string) (mtastsdb.Result, error)
 }
 
-// TLSRecorder counts TLS-RPT sessions (a *tlsrpt.Recorder): one call per
+// TLSRecorder counts TLS-RPT sessions (a *tlsrptdb.Recorder; delivery imports only tlsrpt for Session): one call per
 // session, with the result policy.CheckConn or policy.CheckMX decided.
 type TLSRecorder interface {
 	Record(tlsrpt.Session)

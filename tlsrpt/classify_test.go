@@ -167,7 +167,7 @@ func TestClassify(t *testing.T) {
 			if rt != tt.result || reason != tt.reason {
 				t.Errorf("Classify(%T %q) = %s, %s; want %s, %s", err, err, rt, reason, tt.result, tt.reason)
 			}
-			if !rt.Valid() || !reasonSyntax.MatchString(reason) || len(reason) > maxReasonLen {
+			if !rt.Valid() || !reasonSyntax.MatchString(reason) || len(reason) > MaxReasonLen {
 				t.Errorf("Classify(%q) = %q, %q: not a valid type and short code", err, rt, reason)
 			}
 		})

@@ -1,34 +1,42 @@
-// Package tlsrpt implements the sending side of SMTP TLS Reporting
-// (RFC 8460): it counts the relay's own TLS sessions towards each policy
-// domain, discovers where that domain wants reports (the _smtp._tls TXT
-// record, §3), builds the aggregate JSON report (§4), and delivers it,
-// gzip-compressed, by HTTPS POST or by mail through the relay's queue (§5).
+// Package tlsrpt is the protocol of SMTP TLS Reporting (RFC 8460), with no
+// state: the vocabulary, the DNS record, the report and its mail. What
+// the relay counts, and how it sends, live in two packages beside it, cut
+// as mox cuts tlsrpt / tlsrptdb / tlsrptsend:
 //
-// The package has these parts:
+//   - tlsrpt (this package): pure protocol, used by delivery, mtasts,
+//     the checker and the two below.
+//   - tlsrpt/tlsrptdb: the state of counting. The Recorder aggregates
+//     the relay's sessions per period and policy domain and keeps them
+//     on disk; in fleet mode it hands finished periods to a Sink, and
+//     MergeCounts adds up the counts of several relays.
+//   - tlsrpt/tlsrptsend: the state of sending. The Reporter turns each
+//     finished period into one durable report job per policy domain,
+//     then discovers, sends (https POST, or mail through an EnqueueFunc
+//     the relay passes in) and retries, and prunes old jobs.
+//
+// Import rules: tlsrpt imports neither of them, nor the queue, delivery
+// or any fleet package; tlsrptdb imports tlsrpt only; tlsrptsend imports
+// tlsrpt and tlsrptdb, never the queue. Delivery needs only this package:
+// it calls a TLSRecorder with a Session.
+//
+// This package holds:
 //
 //   - The vocabulary (result.go) and Classify (classify.go): the RFC 8460
 //     policy and result types, and the one mapping from a STARTTLS reply
 //     or TLS/certificate error to a result type and a short, stable
 //     failure-reason-code. Delivery and mtasts use them, so the log line,
 //     the metric and the report carry the same value.
-//   - Recorder (recorder.go) is what delivery calls once per SMTP session —
-//     one connection / TLS negotiation attempt to one MX IP (§4.2), not per
-//     message or recipient. Record aggregates in memory under a mutex;
-//     Run writes the aggregates to disk about once a second, so a crash
-//     loses at most about a second of counts. Record bounds every string
-//     a peer can influence (host and HELO names, reason codes) in length
-//     and to printable ASCII.
-//   - LookupRecord (record.go) and BuildReport (report.go) are the pure
-//     protocol parts.
-//   - Reporter (reporter.go, mail.go) turns each finished period into one
-//     durable report job per policy domain, then discovers, sends and
-//     retries.
-//   - Fleet mode (fleet.go): several relays, one report per policy domain
-//     and period. Each Recorder hands its finished periods to a Sink
-//     (Recorder.HandOff); the Reporter reads merged counts from a Source
-//     (MergeCounts adds them up), keeps its jobs in a JobStore, and acts
-//     only while Options.Active says so. internal/fleet/rptfleet
-//     implements them on NATS JetStream; this package imports no NATS.
+//   - Session (session.go): the outcome of one SMTP session — one
+//     connection / TLS negotiation attempt to one MX IP (§4.2), not per
+//     message or recipient — and Bound, with the limits on every string
+//     a peer can influence (host and HELO names, reason codes): at most
+//     so long, printable ASCII.
+//   - LookupRecord and ParseRecord (record.go): the _smtp._tls TXT
+//     record (§3) and its rua URIs.
+//   - BuildReport and Report (report.go): the aggregate JSON report (§4)
+//     from PolicyCounts, its §5.1 filename and gzip form.
+//   - ComposeMail (mail.go): the §5.3 multipart/report message, DKIM
+//     signed with DKIMOptions; ContactMatchesSubmitter (contact.go).
 //
 // Periods: the interval is aligned to multiples of Unix time, which for the
 // default 24h interval is exactly the UTC day 00:00:00Z–23:59:59Z (§4.1).
@@ -37,20 +45,20 @@
 //
 // Submitter: the report submitter ("sender" in the §5.1 filename,
 // TLS-Report-Submitter and the Subject, §5.3) is the relay's hostname
-// (Options.Hostname) — a domain, never the organization name
+// (tlsrptsend.Options.Hostname) — a domain, never the organization name
 // (sys4/tlsrpt-reporter#56). RFC 8460 §5.3 says it MUST match the domain of
 // contact-info, so operators should use a contact address in that domain;
-// NewReporter logs a warning when they differ.
+// tlsrptsend.NewReporter logs a warning when they differ.
 //
 // Loop prevention (RFC 8460 §3, §5.3): reports sent by mail are handed to
-// the Enqueuer, which queues them as TLS-RPT reports (queue.KindTLSRPT),
-// with the header "TLS-Required: No" (RFC 8689 §3).
-// Delivery must deliver them despite MTA-STS/DANE failures and must not call
-// Recorder.Record for their sessions, otherwise reports about reports would
-// loop forever (stalwart#1301, tlsrpt-reporter#50). That check lives in
-// delivery, which knows the message kind; this package does not.
+// the relay's queue as TLS-RPT reports (queue.KindTLSRPT), with the header
+// "TLS-Required: No" (RFC 8689 §3). Delivery must deliver them despite
+// MTA-STS/DANE failures and must not record their sessions, otherwise
+// reports about reports would loop forever (stalwart#1301,
+// tlsrpt-reporter#50). That check lives in delivery, which knows the
+// message kind; these packages do not.
 //
-// Choices where the RFC leaves room:
+// Choices where the RFC leaves room (made in tlsrptsend):
 //   - HTTPS report endpoints are verified against the Web PKI (RFC 8460 §3
 //     allows ignoring certificate errors; we don't, so that a report is not
 //     handed to an impostor). Redirects are not followed: a 3xx is a failed

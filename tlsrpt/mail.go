@@ -74,8 +74,8 @@ func LoadDKIMKey(path string) (crypto.Signer, error) {
 	return nil, fmt.Errorf("dkim key %s: unsupported key type %T (want RSA or Ed25519)", path, key)
 }
 
-// mailReport is what composeMail needs.
-type mailReport struct {
+// MailReport is what ComposeMail needs.
+type MailReport struct {
 	From, To     string
 	Submitter    string // domain
 	PolicyDomain string
@@ -86,14 +86,20 @@ type mailReport struct {
 	Filename     string
 }
 
-// composeMail builds the report message of RFC 8460 §5.3: multipart/report
+// NewMessageID returns a fresh Message-ID (without <>) for a report mail
+// from submitter.
+func NewMessageID(submitter string) string {
+	return "tlsrpt." + newUnique() + "@" + submitter
+}
+
+// ComposeMail builds the report message of RFC 8460 §5.3: multipart/report
 // with report-type="tlsrpt", a human-readable text/plain part and the
 // application/tlsrpt+gzip report as a base64 attachment; TLS-Report-Domain,
 // TLS-Report-Submitter and the §5.3 Subject; "TLS-Required: No" (RFC 8689
 // §3) so that the report reaches a domain whose TLS is broken — the very
 // case it reports. Lines end in CRLF. With sign set, a DKIM-Signature is
 // prepended.
-func composeMail(m mailReport, sign *DKIMOptions) ([]byte, error) {
+func ComposeMail(m MailReport, sign *DKIMOptions) ([]byte, error) {
 	boundary := "tlsrpt-" + newUnique() + newUnique()
 	var b bytes.Buffer
 	h := func(name, value string) { fmt.Fprintf(&b, "%s: %s\r\n", name, value) }
@@ -156,7 +162,7 @@ func composeMail(m mailReport, sign *DKIMOptions) ([]byte, error) {
 }
 
 // summaryText is the human-readable part.
-func summaryText(m mailReport) string {
+func summaryText(m MailReport) string {
 	var sb strings.Builder
 	r := m.Report
 	fmt.Fprintf(&sb, "This is an aggregate TLS report (RFC 8460) from %s", m.Submitter)

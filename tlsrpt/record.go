@@ -68,7 +68,7 @@ type RUA struct {
 
 // RecordName is the DNS name of the TLSRPT record of domain (RFC 8460 §3).
 func RecordName(domain string) string {
-	return "_smtp._tls." + normDomain(domain)
+	return "_smtp._tls." + NormDomain(domain)
 }
 
 // LookupRecord discovers the TLSRPT policy of domain (RFC 8460 §3): the TXT
@@ -259,9 +259,9 @@ func parseRUA(s string) (RUA, bool) {
 	return RUA{}, false
 }
 
-// normDomain lowercases name and drops a trailing dot; it does not allocate
+// NormDomain lowercases name and drops a trailing dot; it does not allocate
 // when name is already in that form.
-func normDomain(name string) string {
+func NormDomain(name string) string {
 	name = strings.TrimSuffix(name, ".")
 	for i := 0; i < len(name); i++ {
 		if c := name[i]; c >= 'A' && c <= 'Z' {

@@ -64,7 +64,7 @@ type Summary struct {
 // address and host fields are left out only when the failure happened
 // before any MX was tried (e.g. sts-policy-fetch-error); receiving-mx-helo,
 // additional-information and failure-reason-code are optional. Every
-// string is bounded and printable ASCII (Recorder.Record sees to it).
+// string is bounded and printable ASCII (tlsrptdb.Recorder.Record sees to it).
 type FailureDetail struct {
 	ResultType            ResultType `json:"result-type"`
 	SendingMTAIP          string     `json:"sending-mta-ip,omitempty"`
@@ -102,7 +102,7 @@ func BuildReport(opts ReportOptions, pc PolicyCounts) *Report {
 			EndDatetime:   pc.PeriodEnd.UTC().Add(-time.Second).Format(dateTimeFormat),
 		},
 		ContactInfo: ContactAddress(opts.ContactInfo),
-		ReportID:    fmt.Sprintf("%d.%s.%s@%s", pc.PeriodStart.Unix(), pc.PolicyDomain, newUnique(), normDomain(opts.Submitter)),
+		ReportID:    fmt.Sprintf("%d.%s.%s@%s", pc.PeriodStart.Unix(), pc.PolicyDomain, newUnique(), NormDomain(opts.Submitter)),
 		Policies:    policies,
 	}
 }
@@ -152,7 +152,7 @@ func (r *Report) period() (start, end time.Time, err error) {
 // timestamps of the first and last second of the period.
 func (r *Report) Filename(submitter, policyDomain string) string {
 	start, end, _ := r.period()
-	name := fmt.Sprintf("%s!%s!%d!%d", fileSafe(normDomain(submitter)), fileSafe(policyDomain), start.Unix(), end.Unix())
+	name := fmt.Sprintf("%s!%s!%d!%d", fileSafe(NormDomain(submitter)), fileSafe(policyDomain), start.Unix(), end.Unix())
 	if u := r.unique(); u != "" {
 		name += "!" + fileSafe(u)
 	}
@@ -188,4 +188,21 @@ func (r *Report) Gzip() ([]byte, error) {
 		return nil, err
 	}
 	return buf.Bytes(), nil
+}
+
+// PolicyCounts is what the report for one policy domain and period will
+// say: the §4.4 "policies" array with summaries and failure details.
+type PolicyCounts struct {
+	// PeriodStart is the first second of the period; PeriodEnd the first
+	// second after it. Both UTC.
+	PeriodStart time.Time `json:"period_start"`
+	PeriodEnd   time.Time `json:"period_end"`
+	// PolicyDomain is the recipient domain.
+	PolicyDomain string `json:"policy_domain"`
+	// Successful and Failed total the sessions over all policies.
+	Successful int64 `json:"successful"`
+	Failed     int64 `json:"failed"`
+	// Policies are the report's policy entries, one per policy applied in
+	// the period (it may change, or be missing for part of it).
+	Policies []PolicyResult `json:"policies"`
 }

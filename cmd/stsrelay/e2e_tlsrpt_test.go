@@ -960,7 +960,7 @@ func rptJobFile(t testing.TB, cfg *config.Config, domain string) string {
 }
 
 // A receiver answering 500 gets the same report again later (RPT-5.4-a,
-// RPT-5.5-a). The first retry is tlsrpt.DefaultRetryBase (5 min) after the
+// RPT-5.5-a). The first retry is tlsrptsend.DefaultRetryBase (5 min) after the
 // failure and no configuration key shortens it, so the test checks that
 // the retry is scheduled that far out, then stops the relay, moves the
 // persisted job's next attempt to now and starts it again: the retry must
@@ -1016,7 +1016,7 @@ func TestE2ETLSRPTRetryAfter500(t *testing.T) {
 		t.Fatalf("job target %v: want state pending with a next_attempt", tg)
 	}
 	if gap := next.Sub(failedAt); gap < 4*time.Minute || gap > 6*time.Minute {
-		t.Errorf("next attempt %v after the failure, want about tlsrpt.DefaultRetryBase (5m)", gap)
+		t.Errorf("next attempt %v after the failure, want about tlsrptsend.DefaultRetryBase (5m)", gap)
 	}
 	tg["next_attempt"] = time.Now().Add(-time.Second).UTC().Format(time.RFC3339Nano)
 	data, _ = json.Marshal(job)

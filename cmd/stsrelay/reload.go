@@ -14,6 +14,7 @@ import (
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/relay"
 	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptsend"
 )
 
 // reloader applies a configuration file read again on SIGHUP to the
@@ -29,7 +30,7 @@ type reloader struct {
 	log      *zap.Logger
 	level    *zap.AtomicLevel // nil: fixed
 	srv      *relay.Server
-	reporter *tlsrpt.Reporter // nil when TLS-RPT is off
+	reporter *tlsrptsend.Reporter // nil when TLS-RPT is off
 	met      *metrics.Metrics
 	// delivery, when set, applies the [[route]] and [[tls_policy]]
 	// tables (and whatever else delivery can take at run time) and

@@ -3,14 +3,9 @@ package main
 import (
 	"context"
 	"crypto/x509"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 	"sync"
-	"text/tabwriter"
-	"time"
 
 	"go.uber.org/zap"
 
@@ -21,6 +16,8 @@ import (
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptdb"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptsend"
 )
 
 func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
@@ -32,12 +29,12 @@ func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "t
 // shutdown. In fleet mode (fl not nil) the node hands its counts to the
 // fleet, and only the elected node sends the fleet's reports
 // (internal/fleet/rptfleet); isReporter says whether this node is it.
-func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st queue.Queue, fl *fleet.Fleet, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (rec *tlsrpt.Recorder, rep *tlsrpt.Reporter, stop func(), isReporter func() bool, err error) {
+func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolver, roots *x509.CertPool, st queue.Queue, fl *fleet.Fleet, log *zap.Logger, met *metrics.Metrics, bg *sync.WaitGroup) (rec *tlsrptdb.Recorder, rep *tlsrptsend.Reporter, stop func(), isReporter func() bool, err error) {
 	isReporter = func() bool { return false }
 	if !cfg.TLSRPT.Enabled {
 		return nil, nil, func() {}, isReporter, nil
 	}
-	rec, err = tlsrpt.NewRecorder(tlsrptDir(cfg), nil, log, tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
+	rec, err = tlsrptdb.NewRecorder(tlsrptDir(cfg), nil, log, tlsrptdb.WithInterval(cfg.TLSRPT.Interval.Duration))
 	if err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("tlsrpt: %w", err)
 	}
@@ -59,10 +56,9 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 		}
 		isReporter = fn.IsReporter
 	}
-	opts := tlsrpt.Options{
+	opts := tlsrptsend.Options{
 		Recorder:         rec,
 		Resolver:         res,
-		Queue:            st,
 		RootCAs:          roots,
 		AllowPrivateRUA:  cfg.TLSRPT.AllowPrivateRUA,
 		Hostname:         cfg.Hostname,
@@ -73,12 +69,15 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 		DKIM:             dkim,
 		Logger:           log,
 		OnReport:         func(result string) { met.TLSRPTReports.WithLabelValues(result).Inc() },
-		SendDelay:        tlsrpt.DefaultSendDelay(cfg.TLSRPT.Interval.Duration),
+		SendDelay:        tlsrptsend.DefaultSendDelay(cfg.TLSRPT.Interval.Duration),
+	}
+	if st != nil {
+		opts.Enqueue = st.EnqueueReport
 	}
 	if fn != nil {
 		opts.Source, opts.Jobs, opts.Active = fn, fn, fn.IsReporter
 	}
-	rep, err = tlsrpt.NewReporter(opts)
+	rep, err = tlsrptsend.NewReporter(opts)
 	if err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("tlsrpt: %w", err)
 	}
@@ -107,71 +106,9 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 
 // tlsrecPending returns what `tlsrpt pending` shows, from the live
 // recorder.
-func tlsrecPending(rec *tlsrpt.Recorder) func() any {
+func tlsrecPending(rec *tlsrptdb.Recorder) func() any {
 	if rec == nil {
 		return nil
 	}
 	return func() any { return rec.Pending() }
-}
-
-func cmdTLSRPT(args []string) error {
-	var cf commonFlags
-	fs := newFlagSet("tlsrpt", &cf)
-	pos, err := parseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 || pos[0] != "pending" {
-		return &usageError{"tlsrpt: want pending"}
-	}
-	cfg, err := loadConfig(cf.config)
-	if err != nil {
-		return err
-	}
-	var pending []tlsrpt.PolicyCounts
-	err = callControl(cfg.DataDir, controlRequest{Op: "tlsrpt.pending"}, &pending)
-	if errors.Is(err, errNoServer) {
-		// The relay is stopped: read the counts it flushed.
-		rec, rerr := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, zap.NewNop(), tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
-		if rerr != nil {
-			return rerr
-		}
-		pending, err = rec.Pending(), nil
-	}
-	if err != nil {
-		return err
-	}
-	if cf.json {
-		if pending == nil {
-			pending = []tlsrpt.PolicyCounts{}
-		}
-		enc := jsonOut()
-		enc.SetIndent("", "  ")
-		return enc.Encode(pending)
-	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PERIOD (UTC)\tPOLICY DOMAIN\tPOLICY\tSUCCESS\tFAILURE\tFAILURES BY TYPE")
-	for _, p := range pending {
-		for _, pol := range p.Policies {
-			byType := map[tlsrpt.ResultType]int64{}
-			var types []tlsrpt.ResultType
-			for _, fd := range pol.FailureDetails {
-				if byType[fd.ResultType] == 0 {
-					types = append(types, fd.ResultType)
-				}
-				byType[fd.ResultType] += fd.FailedSessionCount
-			}
-			var parts []string
-			for _, t := range types {
-				parts = append(parts, fmt.Sprintf("%s=%d", t, byType[t]))
-			}
-			fmt.Fprintf(tw, "%s – %s\t%s\t%s\t%d\t%d\t%s\n", p.PeriodStart.UTC().Format(time.RFC3339), p.PeriodEnd.UTC().Format(time.RFC3339),
-				termSafe(p.PolicyDomain), pol.Policy.PolicyType, pol.Summary.TotalSuccessfulSessionCount, pol.Summary.TotalFailureSessionCount, termSafe(strings.Join(parts, " ")))
-		}
-	}
-	if err := tw.Flush(); err != nil {
-		return err
-	}
-	fmt.Printf("%d report(s) pending\n", len(pending))
-	return nil
 }

@@ -37,10 +37,10 @@
 //
 // # The reporter
 //
-// Only the lease holder's tlsrpt.Reporter does anything (Options.Active is
+// Only the lease holder's tlsrptsend.Reporter does anything (Options.Active is
 // IsReporter). MergeAfter after a period ends (later than every node's
 // hand-off) it reads all counts of that period per domain (Closed), adds
-// them up (tlsrpt.MergeCounts), creates the job, then writes the done
+// them up (tlsrptdb.MergeCounts), creates the job, then writes the done
 // marker and deletes the counts it read (Done; a count key rewritten
 // since is kept and dropped at the next pass as late). It then sends as a
 // standalone relay does, writing each rua's state to the job key after
@@ -97,6 +97,8 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptdb"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptsend"
 )
 
 // Defaults of Config.
@@ -157,8 +159,8 @@ type Config struct {
 	Logger *zap.Logger
 }
 
-// Node is one relay's part in the fleet's TLS reporting: tlsrpt.Sink for
-// its Recorder, and tlsrpt.Source and tlsrpt.JobStore for its Reporter,
+// Node is one relay's part in the fleet's TLS reporting: tlsrptdb.Sink for
+// its Recorder, and tlsrptdb.Source and tlsrptsend.JobStore for its Reporter,
 // which sends only while IsReporter. Its methods are safe for concurrent
 // use.
 type Node struct {
@@ -318,7 +320,7 @@ func (n *Node) op() (context.Context, context.CancelFunc) {
 // releases the lease if it holds it, so that another node takes over at
 // once. Cancel it before closing the NATS connection. rec may be nil (a
 // node that only reports).
-func (n *Node) Run(ctx context.Context, rec *tlsrpt.Recorder) {
+func (n *Node) Run(ctx context.Context, rec *tlsrptdb.Recorder) {
 	var wg sync.WaitGroup
 	wg.Go(func() { n.runLease(ctx) })
 	if rec != nil {
@@ -469,7 +471,7 @@ func wrongLastSeq(err error) bool {
 
 // runCounts hands finished periods off every tick and writes the open
 // period's counts every SnapshotEvery.
-func (n *Node) runCounts(ctx context.Context, rec *tlsrpt.Recorder) {
+func (n *Node) runCounts(ctx context.Context, rec *tlsrptdb.Recorder) {
 	tick := min(time.Second, max(n.cfg.HandOffGrace/4, 20*time.Millisecond))
 	t := time.NewTicker(tick)
 	defer t.Stop()
@@ -492,7 +494,7 @@ func (n *Node) runCounts(ctx context.Context, rec *tlsrpt.Recorder) {
 	}
 }
 
-// PutCounts is tlsrpt.Sink: it writes this node's final counts of a
+// PutCounts is tlsrptdb.Sink: it writes this node's final counts of a
 // period, one key per domain.
 func (n *Node) PutCounts(periodStart time.Time, counts []tlsrpt.PolicyCounts) error {
 	for _, pc := range counts {
@@ -513,7 +515,7 @@ func (n *Node) PutCounts(periodStart time.Time, counts []tlsrpt.PolicyCounts) er
 
 // snapshot writes the counts of the periods rec still holds, those that
 // changed since they were last written (all with force).
-func (n *Node) snapshot(rec *tlsrpt.Recorder, force bool) error {
+func (n *Node) snapshot(rec *tlsrptdb.Recorder, force bool) error {
 	var errs []error
 	for _, pc := range rec.Pending() {
 		if _, err := n.put(pc.PeriodStart.Unix(), pc, force); err != nil {
@@ -570,7 +572,7 @@ func (n *Node) listKeys(filter string) ([]string, error) {
 	return slices.Compact(keys), nil
 }
 
-// Closed is tlsrpt.Source: the fleet's merged counts of every period and
+// Closed is tlsrptdb.Source: the fleet's merged counts of every period and
 // domain that ended MergeAfter ago and has no report yet. Counts that
 // come too late (a report was made, or the period ended more than DoneTTL
 // ago) are deleted and logged.
@@ -685,7 +687,7 @@ func (n *Node) merge(now time.Time, iv int64, g pdKey, keys []string) (*tlsrpt.P
 		all = append(all, pc)
 	}
 	n.read[g] = revs
-	merged := tlsrpt.MergeCounts(all)
+	merged := tlsrptdb.MergeCounts(all)
 	if len(merged) != 1 {
 		return nil, nil // nothing (valid) left
 	}
@@ -754,7 +756,7 @@ func periodStartOf(sec, iv int64) int64 {
 	return p
 }
 
-// Done is tlsrpt.Source: the job of that period and domain exists. It
+// Done is tlsrptdb.Source: the job of that period and domain exists. It
 // writes the done marker, then deletes the counts Closed read, unless
 // rewritten since (those are dropped as late at the next Closed).
 func (n *Node) Done(periodStart time.Time, policyDomain string) error {
@@ -780,7 +782,7 @@ func (n *Node) Done(periodStart time.Time, policyDomain string) error {
 	return errors.Join(errs...)
 }
 
-// LoadJobs is tlsrpt.JobStore.
+// LoadJobs is tlsrptsend.JobStore.
 func (n *Node) LoadJobs() ([][]byte, error) {
 	keys, err := n.listKeys("job.>")
 	if err != nil {
@@ -807,7 +809,7 @@ func (n *Node) LoadJobs() ([][]byte, error) {
 	return out, nil
 }
 
-// CreateJob is tlsrpt.JobStore: the first job created for a period and
+// CreateJob is tlsrptsend.JobStore: the first job created for a period and
 // domain wins, fleet-wide.
 func (n *Node) CreateJob(periodStart time.Time, policyDomain string, data []byte) ([]byte, error) {
 	key := jobKey(periodStart, policyDomain)
@@ -829,7 +831,7 @@ func (n *Node) CreateJob(periodStart time.Time, policyDomain string, data []byte
 	return e.Value(), nil
 }
 
-// UpdateJob is tlsrpt.JobStore. It refuses while this node is not the
+// UpdateJob is tlsrptsend.JobStore. It refuses while this node is not the
 // reporter, and when the job changed since this node last saw it (another
 // node took over meanwhile).
 func (n *Node) UpdateJob(periodStart time.Time, policyDomain string, data []byte) error {
@@ -857,7 +859,7 @@ func (n *Node) UpdateJob(periodStart time.Time, policyDomain string, data []byte
 	return nil
 }
 
-// RemoveJob is tlsrpt.JobStore.
+// RemoveJob is tlsrptsend.JobStore.
 func (n *Node) RemoveJob(periodStart time.Time, policyDomain string) error {
 	key := jobKey(periodStart, policyDomain)
 	n.jobMu.Lock()
@@ -886,7 +888,7 @@ func (n *Node) setJobRev(key string, rev uint64) {
 
 // Interface checks.
 var (
-	_ tlsrpt.Sink     = (*Node)(nil)
-	_ tlsrpt.Source   = (*Node)(nil)
-	_ tlsrpt.JobStore = (*Node)(nil)
+	_ tlsrptdb.Sink       = (*Node)(nil)
+	_ tlsrptdb.Source     = (*Node)(nil)
+	_ tlsrptsend.JobStore = (*Node)(nil)
 )

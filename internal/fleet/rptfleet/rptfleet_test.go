@@ -28,6 +28,8 @@ import (
 	"github.com/stsrelay/stsrelay/internal/fleet/natstest"
 	"github.com/stsrelay/stsrelay/internal/fleet/rptfleet"
 	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptdb"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptsend"
 )
 
 const (
@@ -65,11 +67,12 @@ func (resolver) LookupTXT(_ context.Context, name string) ([][]string, error) {
 }
 
 // queue is the fleet's (shared) queue: it keeps the report mails, or
-// refuses them while failing.
+// refuses them while failing (and keeps those apart).
 type queue struct {
 	mu      sync.Mutex
 	failing bool
 	mails   [][]byte
+	refused [][]byte
 }
 
 func (q *queue) EnqueueReport(from, to string, msg io.Reader) (string, error) {
@@ -80,6 +83,7 @@ func (q *queue) EnqueueReport(from, to string, msg io.Reader) (string, error) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	if q.failing {
+		q.refused = append(q.refused, b)
 		return "", errors.New("queue unavailable")
 	}
 	if to != ruaAddr {
@@ -96,6 +100,19 @@ func (q *queue) reports(t *testing.T) []tlsrpt.Report {
 	t.Helper()
 	q.mu.Lock()
 	mails := slices.Clone(q.mails)
+	q.mu.Unlock()
+	var out []tlsrpt.Report
+	for _, m := range mails {
+		out = append(out, parseReportMail(t, m))
+	}
+	return out
+}
+
+// refusedReports decodes the reports refused while failing: attempts made.
+func (q *queue) refusedReports(t *testing.T) []tlsrpt.Report {
+	t.Helper()
+	q.mu.Lock()
+	mails := slices.Clone(q.refused)
 	q.mu.Unlock()
 	var out []tlsrpt.Report
 	for _, m := range mails {
@@ -141,9 +158,9 @@ func parseReportMail(t *testing.T, raw []byte) tlsrpt.Report {
 type node struct {
 	name   string
 	nc     *nats.Conn
-	rec    *tlsrpt.Recorder
+	rec    *tlsrptdb.Recorder
 	fn     *rptfleet.Node
-	rp     *tlsrpt.Reporter
+	rp     *tlsrptsend.Reporter
 	cancel context.CancelFunc
 	wg     sync.WaitGroup
 	down   bool
@@ -187,7 +204,7 @@ func (f *fleetT) startNode(name string, runReporter bool) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rec, err := tlsrpt.NewRecorder(t.TempDir(), f.clock.Now, log, tlsrpt.WithInterval(f.interval))
+	rec, err := tlsrptdb.NewRecorder(t.TempDir(), f.clock.Now, log, tlsrptdb.WithInterval(f.interval))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -202,8 +219,8 @@ func (f *fleetT) startNode(name string, runReporter bool) *node {
 	if err != nil {
 		t.Fatal(err)
 	}
-	rp, err := tlsrpt.NewReporter(tlsrpt.Options{
-		Recorder: rec, Resolver: resolver{}, Queue: f.q,
+	rp, err := tlsrptsend.NewReporter(tlsrptsend.Options{
+		Recorder: rec, Resolver: resolver{}, Enqueue: f.q.EnqueueReport,
 		Hostname: "relay.example.net", OrganizationName: "Example", ContactInfo: "mailto:postmaster@example.net",
 		Now: f.clock.Now, Logger: log, RetryBase: time.Minute,
 		Source: fn, Jobs: fn, Active: fn.IsReporter,
@@ -509,8 +526,8 @@ func TestReporterDiesAnotherTakesOver(t *testing.T) {
 		for _, n := range f.alive() {
 			n.rp.SendDue(context.Background())
 		}
-		for _, r := range old.rp.Reports() {
-			if r.PeriodStart.Equal(p2) && len(r.Targets) == 1 && r.Targets[0].Attempts > 0 {
+		for _, r := range f.q.refusedReports(t) {
+			if r.DateRange.StartDatetime == p2.UTC().Format(time.RFC3339) {
 				id2 = r.ReportID
 				return true
 			}

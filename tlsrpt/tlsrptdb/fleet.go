@@ -1,4 +1,4 @@
-package tlsrpt
+package tlsrptdb
 
 import (
 	"cmp"
@@ -7,20 +7,23 @@ import (
 	"slices"
 	"strings"
 	"time"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // Fleet mode (several relays, one report per policy domain and period)
-// plugs in through three seams; the package itself knows nothing of where
+// plugs in through three seams; the tlsrpt packages know nothing of where
 // the shared state lives (internal/fleet/rptfleet keeps it in a NATS
 // JetStream key-value bucket):
 //
 //   - every relay's Recorder hands its finished periods to a Sink
 //     (Recorder.HandOff) instead of to a local Reporter;
-//   - the Reporter takes finished periods from a Source (Options.Source),
-//     which merges the counts of all relays, instead of from its Recorder;
-//   - the Reporter keeps its report jobs in a JobStore (Options.Jobs), shared
-//     by the fleet, instead of files, and only the relay for which
-//     Options.Active says true makes and sends reports.
+//   - the tlsrptsend.Reporter takes finished periods from a Source
+//     (tlsrptsend.Options.Source), which merges the counts of all relays,
+//     instead of from its Recorder;
+//   - the Reporter keeps its report jobs in a tlsrptsend.JobStore
+//     (Options.Jobs), shared by the fleet, instead of files, and only the
+//     relay for which Options.Active says true makes and sends reports.
 //
 // Without them (the default) the Reporter works on its own Recorder and
 // files exactly as a standalone relay always has.
@@ -31,37 +34,21 @@ type Sink interface {
 	// PutCounts stores what this relay counted in the period starting at
 	// periodStart: one PolicyCounts per policy domain. It must be
 	// idempotent, since after a crash the same period may be put again.
-	PutCounts(periodStart time.Time, counts []PolicyCounts) error
+	PutCounts(periodStart time.Time, counts []tlsrpt.PolicyCounts) error
 }
 
-// Source gives a Reporter the counts of finished periods in place of its
+// Source gives a tlsrptsend.Reporter the counts of finished periods in place of its
 // Recorder.
 type Source interface {
 	// Closed returns the counts ready to be reported at now: at most one
 	// PolicyCounts per period and policy domain, holding everything
 	// counted for it.
-	Closed(now time.Time) ([]PolicyCounts, error)
+	Closed(now time.Time) ([]tlsrpt.PolicyCounts, error)
 	// Done says that the report job of that period and policy domain is
 	// durable (or was given up): the source may forget the counts it
 	// returned for them and must never return that period and domain
 	// again.
 	Done(periodStart time.Time, policyDomain string) error
-}
-
-// JobStore keeps a Reporter's report jobs in place of the files under its
-// Recorder's directory. A job is an opaque JSON document, identified by
-// its period start and policy domain.
-type JobStore interface {
-	// LoadJobs returns every job kept.
-	LoadJobs() ([][]byte, error)
-	// CreateJob stores data as the job of that period and domain unless
-	// there is one already, and returns the job stored: data, or the
-	// existing job, which then wins (its report-id is the report's).
-	CreateJob(periodStart time.Time, policyDomain string, data []byte) (stored []byte, err error)
-	// UpdateJob replaces the job (delivery state changed).
-	UpdateJob(periodStart time.Time, policyDomain string, data []byte) error
-	// RemoveJob deletes a finished job.
-	RemoveJob(periodStart time.Time, policyDomain string) error
 }
 
 // HandOff hands the counts of every period that ended at least grace
@@ -75,16 +62,16 @@ type JobStore interface {
 func (r *Recorder) HandOff(now time.Time, grace time.Duration, sink Sink) error {
 	closed := false
 	var err error
-	for _, start := range r.pendingPeriods() {
+	for _, start := range r.PendingPeriods() {
 		if now.Before(time.Unix(start+r.interval, 0).Add(grace)) {
 			break
 		}
-		counts := r.collect(func(s int64) bool { return s == start })
+		counts := r.Collect(func(s int64) bool { return s == start })
 		if err = sink.PutCounts(time.Unix(start, 0).UTC(), counts); err != nil {
 			err = fmt.Errorf("tlsrpt: hand off period %s: %w", time.Unix(start, 0).UTC().Format(time.RFC3339), err)
 			break
 		}
-		r.closePeriod(start, nil)
+		r.ClosePeriod(start, nil)
 		closed = true
 	}
 	if closed {
@@ -103,34 +90,34 @@ func (r *Recorder) HandOff(now time.Time, grace time.Duration, sink Sink) error 
 // bounded as Record bounds them, since the counts come from elsewhere. The
 // result is ordered by period and domain, with policies and details in
 // the order Pending gives them.
-func MergeCounts(counts []PolicyCounts) []PolicyCounts {
+func MergeCounts(counts []tlsrpt.PolicyCounts) []tlsrpt.PolicyCounts {
 	type pdKey struct {
 		start  int64
 		domain string
 	}
 	type detKey struct {
-		result                                   ResultType
+		result                                   tlsrpt.ResultType
 		sendingIP, mx, receivingIP, helo, reason string
 	}
 	type polAcc struct {
-		res     PolicyResult
-		details map[detKey]*FailureDetail
+		res     tlsrpt.PolicyResult
+		details map[detKey]*tlsrpt.FailureDetail
 	}
 	type pdAcc struct {
-		pc       PolicyCounts
+		pc       tlsrpt.PolicyCounts
 		policies map[string]*polAcc
 	}
 	byPD := map[pdKey]*pdAcc{}
 	var order []*pdAcc
 	for _, in := range counts {
-		dom := bound(normDomain(in.PolicyDomain), maxNameLen)
+		dom := tlsrpt.Bound(tlsrpt.NormDomain(in.PolicyDomain), tlsrpt.MaxNameLen)
 		if dom == "" {
 			continue
 		}
 		k := pdKey{in.PeriodStart.Unix(), dom}
 		acc := byPD[k]
 		if acc == nil {
-			acc = &pdAcc{pc: PolicyCounts{PeriodStart: in.PeriodStart.UTC(), PeriodEnd: in.PeriodEnd.UTC(), PolicyDomain: dom},
+			acc = &pdAcc{pc: tlsrpt.PolicyCounts{PeriodStart: in.PeriodStart.UTC(), PeriodEnd: in.PeriodEnd.UTC(), PolicyDomain: dom},
 				policies: map[string]*polAcc{}}
 			byPD[k] = acc
 			order = append(order, acc)
@@ -138,14 +125,14 @@ func MergeCounts(counts []PolicyCounts) []PolicyCounts {
 		for _, p := range in.Policies {
 			typ := p.Policy.PolicyType
 			if !typ.Valid() {
-				typ = PolicyTypeNoPolicyFound
+				typ = tlsrpt.PolicyTypeNoPolicyFound
 			}
 			pk := policyKey(policyDef{Type: typ, Lines: p.Policy.PolicyString, MX: p.Policy.MXHost})
 			pa := acc.policies[pk]
 			if pa == nil {
-				pa = &polAcc{res: PolicyResult{Policy: PolicyDesc{PolicyType: typ, PolicyString: nonNil(p.Policy.PolicyString),
-					PolicyDomain: dom, MXHost: nonNil(p.Policy.MXHost)}, FailureDetails: []FailureDetail{}},
-					details: map[detKey]*FailureDetail{}}
+				pa = &polAcc{res: tlsrpt.PolicyResult{Policy: tlsrpt.PolicyDesc{PolicyType: typ, PolicyString: nonNil(p.Policy.PolicyString),
+					PolicyDomain: dom, MXHost: nonNil(p.Policy.MXHost)}, FailureDetails: []tlsrpt.FailureDetail{}},
+					details: map[detKey]*tlsrpt.FailureDetail{}}
 				acc.policies[pk] = pa
 			}
 			// The summary is authoritative: details may have been cut
@@ -159,24 +146,24 @@ func MergeCounts(counts []PolicyCounts) []PolicyCounts {
 				n := max(d.FailedSessionCount, 0)
 				rt := d.ResultType
 				if !rt.Valid() {
-					rt = ResultValidationFailure
+					rt = tlsrpt.ResultValidationFailure
 				}
-				dk := detKey{result: rt, sendingIP: bound(d.SendingMTAIP, maxIPLen), mx: bound(normDomain(d.ReceivingMXHostname), maxNameLen),
-					receivingIP: bound(d.ReceivingIP, maxIPLen), helo: bound(d.ReceivingMXHelo, maxNameLen), reason: bound(d.FailureReasonCode, maxReasonLen)}
+				dk := detKey{result: rt, sendingIP: tlsrpt.Bound(d.SendingMTAIP, tlsrpt.MaxIPLen), mx: tlsrpt.Bound(tlsrpt.NormDomain(d.ReceivingMXHostname), tlsrpt.MaxNameLen),
+					receivingIP: tlsrpt.Bound(d.ReceivingIP, tlsrpt.MaxIPLen), helo: tlsrpt.Bound(d.ReceivingMXHelo, tlsrpt.MaxNameLen), reason: tlsrpt.Bound(d.FailureReasonCode, tlsrpt.MaxReasonLen)}
 				if fd := pa.details[dk]; fd != nil {
 					fd.FailedSessionCount += n
 					if fd.AdditionalInformation == "" {
-						fd.AdditionalInformation = bound(d.AdditionalInformation, maxInfoLen)
+						fd.AdditionalInformation = tlsrpt.Bound(d.AdditionalInformation, tlsrpt.MaxInfoLen)
 					}
 					continue
 				}
-				pa.details[dk] = &FailureDetail{ResultType: rt, SendingMTAIP: dk.sendingIP, ReceivingMXHostname: dk.mx,
+				pa.details[dk] = &tlsrpt.FailureDetail{ResultType: rt, SendingMTAIP: dk.sendingIP, ReceivingMXHostname: dk.mx,
 					ReceivingMXHelo: dk.helo, ReceivingIP: dk.receivingIP, FailedSessionCount: n,
-					AdditionalInformation: bound(d.AdditionalInformation, maxInfoLen), FailureReasonCode: dk.reason}
+					AdditionalInformation: tlsrpt.Bound(d.AdditionalInformation, tlsrpt.MaxInfoLen), FailureReasonCode: dk.reason}
 			}
 		}
 	}
-	out := make([]PolicyCounts, 0, len(order))
+	out := make([]tlsrpt.PolicyCounts, 0, len(order))
 	for _, acc := range order {
 		pc := acc.pc
 		for _, pa := range acc.policies {
@@ -186,14 +173,14 @@ func MergeCounts(counts []PolicyCounts) []PolicyCounts {
 			slices.SortFunc(pa.res.FailureDetails, compareDetail)
 			pc.Policies = append(pc.Policies, pa.res)
 		}
-		slices.SortFunc(pc.Policies, func(a, b PolicyResult) int {
+		slices.SortFunc(pc.Policies, func(a, b tlsrpt.PolicyResult) int {
 			return cmp.Or(cmp.Compare(a.Policy.PolicyType, b.Policy.PolicyType),
 				slices.Compare(a.Policy.PolicyString, b.Policy.PolicyString),
 				slices.Compare(a.Policy.MXHost, b.Policy.MXHost))
 		})
 		out = append(out, pc)
 	}
-	slices.SortFunc(out, func(a, b PolicyCounts) int {
+	slices.SortFunc(out, func(a, b tlsrpt.PolicyCounts) int {
 		return cmp.Or(a.PeriodStart.Compare(b.PeriodStart), strings.Compare(a.PolicyDomain, b.PolicyDomain))
 	})
 	return out

@@ -1,8 +1,9 @@
-package tlsrpt
+package tlsrptsend
 
 import (
 	"bytes"
 	"context"
+	"crypto/tls"
 	"errors"
 	"fmt"
 	"io"
@@ -14,6 +15,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // ErrRUAAddressRefused is wrapped by the error of posting to an https: rua
@@ -32,7 +34,7 @@ type ipResolver interface {
 // before connect(2): the address checked is the address connected to,
 // whatever DNS said earlier (rebinding).
 type ruaDialer struct {
-	resolver     TXTResolver // used when it is also an ipResolver
+	resolver     tlsrpt.TXTResolver // used when it is also an ipResolver
 	timeout      time.Duration
 	allowPrivate bool
 	httpsPort    int
@@ -156,6 +158,32 @@ func PublicAddr(a netip.Addr) bool {
 	return true
 }
 
+// newHTTPClient is the client of https: reports: Web PKI verification
+// against opts.RootCAs, the ruaDialer's address checks, no proxy, no
+// keep-alives, and no redirects followed (a 3xx is a failed attempt).
+func newHTTPClient(opts Options) *http.Client {
+	rd := &ruaDialer{
+		resolver:     opts.Resolver,
+		timeout:      opts.Timeout,
+		allowPrivate: opts.AllowPrivateRUA,
+		httpsPort:    opts.HTTPSPort,
+	}
+	transport := &http.Transport{
+		Proxy:               nil,
+		DialContext:         rd.DialContext,
+		TLSClientConfig:     &tls.Config{RootCAs: opts.RootCAs, MinVersion: tls.VersionTLS12},
+		TLSHandshakeTimeout: opts.Timeout,
+		DisableKeepAlives:   true,
+		ForceAttemptHTTP2:   true,
+	}
+	return &http.Client{
+		Transport: transport,
+		Timeout:   opts.Timeout,
+		// Never follow redirects: a 3xx is a failed attempt.
+		CheckRedirect: func(*http.Request, []*http.Request) error { return http.ErrUseLastResponse },
+	}
+}
+
 // post sends the gzip report to an https: rua (§5.4): any 2xx is success;
 // redirects are not followed.
 func (rp *Reporter) post(ctx context.Context, uri string, gz []byte) error {
@@ -163,7 +191,7 @@ func (rp *Reporter) post(ctx context.Context, uri string, gz []byte) error {
 	if err != nil {
 		return err
 	}
-	req.Header.Set("Content-Type", MediaTypeGzip)
+	req.Header.Set("Content-Type", tlsrpt.MediaTypeGzip)
 	req.Header.Set("User-Agent", "stsrelay-tlsrpt")
 	resp, err := rp.client.Do(req)
 	if err != nil {
@@ -173,9 +201,9 @@ func (rp *Reporter) post(ctx context.Context, uri string, gz []byte) error {
 	io.Copy(io.Discard, io.LimitReader(resp.Body, 64<<10))
 	if resp.StatusCode < 200 || resp.StatusCode > 299 {
 		if loc := resp.Header.Get("Location"); loc != "" {
-			return fmt.Errorf("HTTP %s (redirect to %s not followed)", bound(resp.Status, 64), bound(loc, 255))
+			return fmt.Errorf("HTTP %s (redirect to %s not followed)", tlsrpt.Bound(resp.Status, 64), tlsrpt.Bound(loc, 255))
 		}
-		return fmt.Errorf("HTTP %s", bound(resp.Status, 64))
+		return fmt.Errorf("HTTP %s", tlsrpt.Bound(resp.Status, 64))
 	}
 	return nil
 }

@@ -1,4 +1,4 @@
-package tlsrpt
+package tlsrptdb
 
 import (
 	"context"
@@ -16,6 +16,8 @@ import (
 	"time"
 
 	"go.uber.org/zap/zaptest"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // clock is a settable test clock.
@@ -48,13 +50,13 @@ var (
 	day1       = time.Date(2026, 3, 14, 0, 0, 0, 0, time.UTC)
 	stsLines   = []string{"version: STSv1", "mode: enforce", "mx: mx1.ex.test", "mx: *.backup.ex.test", "max_age: 86400"}
 	stsMX      = []string{"mx1.ex.test", "*.backup.ex.test"}
-	okSession  = Session{PolicyDomain: "ex.test", PolicyType: "sts", PolicyString: stsLines, MXPatterns: stsMX, Success: true}
-	badSession = Session{PolicyDomain: "ex.test", PolicyType: "sts", PolicyString: stsLines, MXPatterns: stsMX,
-		ResultType: ResultCertificateNotTrusted, SendingIP: "192.0.2.1", ReceivingMX: "mx1.ex.test",
+	okSession  = tlsrpt.Session{PolicyDomain: "ex.test", PolicyType: "sts", PolicyString: stsLines, MXPatterns: stsMX, Success: true}
+	badSession = tlsrpt.Session{PolicyDomain: "ex.test", PolicyType: "sts", PolicyString: stsLines, MXPatterns: stsMX,
+		ResultType: tlsrpt.ResultCertificateNotTrusted, SendingIP: "192.0.2.1", ReceivingMX: "mx1.ex.test",
 		ReceivingHelo: "mx1.ex.test", ReceivingIP: "198.51.100.7", FailureReasonCode: "certificate-unknown-authority"}
 )
 
-func at(s Session, t time.Time) Session { s.Time = t; return s }
+func at(s tlsrpt.Session, t time.Time) tlsrpt.Session { s.Time = t; return s }
 
 func newTestRecorder(t testing.TB, dir string, c *clock, opts ...RecorderOption) *Recorder {
 	t.Helper()
@@ -86,11 +88,11 @@ func TestDayBoundaries(t *testing.T) {
 	if !p[1].PeriodStart.Equal(day1.Add(24*time.Hour)) || p[1].Successful != 1 {
 		t.Errorf("day D+1 = %v successful %d", p[1].PeriodStart, p[1].Successful)
 	}
-	rep := BuildReport(ReportOptions{Submitter: "relay.test"}, p[0])
+	rep := tlsrpt.BuildReport(tlsrpt.ReportOptions{Submitter: "relay.test"}, p[0])
 	if rep.DateRange.StartDatetime != "2026-03-14T00:00:00Z" || rep.DateRange.EndDatetime != "2026-03-14T23:59:59Z" {
 		t.Errorf("date-range = %+v", rep.DateRange)
 	}
-	rep = BuildReport(ReportOptions{Submitter: "relay.test"}, p[1])
+	rep = tlsrpt.BuildReport(tlsrpt.ReportOptions{Submitter: "relay.test"}, p[1])
 	if rep.DateRange.StartDatetime != "2026-03-15T00:00:00Z" {
 		t.Errorf("D+1 date-range = %+v", rep.DateRange)
 	}
@@ -126,7 +128,7 @@ func TestAggregation(t *testing.T) {
 	other := badSession
 	other.ReceivingIP = "198.51.100.8"
 	r.Record(other)
-	r.Record(Session{PolicyDomain: "EX.TEST.", PolicyType: "no-policy-found", Success: true})
+	r.Record(tlsrpt.Session{PolicyDomain: "EX.TEST.", PolicyType: "no-policy-found", Success: true})
 
 	p := r.Pending()
 	if len(p) != 1 {
@@ -140,7 +142,7 @@ func TestAggregation(t *testing.T) {
 	if np.Policy.PolicyType != "no-policy-found" || np.Summary.TotalSuccessfulSessionCount != 1 || len(np.FailureDetails) != 0 {
 		t.Errorf("no-policy-found entry = %+v", np)
 	}
-	if sts.Summary != (Summary{3, 3}) || len(sts.FailureDetails) != 2 ||
+	if sts.Summary != (tlsrpt.Summary{TotalSuccessfulSessionCount: 3, TotalFailureSessionCount: 3}) || len(sts.FailureDetails) != 2 ||
 		sts.FailureDetails[0].FailedSessionCount != 2 || sts.FailureDetails[1].FailedSessionCount != 1 {
 		t.Errorf("sts entry = %+v", sts)
 	}
@@ -207,7 +209,7 @@ func TestRecordLateSessionDropped(t *testing.T) {
 	c := newClock(day1.Add(25 * time.Hour))
 	r := newTestRecorder(t, t.TempDir(), c)
 	r.Record(at(okSession, day1.Add(time.Hour)))
-	r.closePeriod(day1.Unix(), nil)
+	r.ClosePeriod(day1.Unix(), nil)
 	r.Record(at(okSession, day1.Add(2*time.Hour))) // period already reported
 	r.Record(at(okSession, day1.Add(24*time.Hour)))
 	p := r.Pending()
@@ -233,7 +235,7 @@ func TestRecordNoAllocs(t *testing.T) {
 func BenchmarkRecord(b *testing.B) {
 	c := newClock(day1.Add(time.Hour))
 	r := newTestRecorder(b, b.TempDir(), c)
-	var sessions []Session
+	var sessions []tlsrpt.Session
 	for d := range 8 {
 		s := at(okSession, day1.Add(time.Hour))
 		s.PolicyDomain = fmt.Sprintf("d%d.test", d)
@@ -303,9 +305,9 @@ func TestRecordBoundsPeerStrings(t *testing.T) {
 	for _, d := range p[0].Policies[0].FailureDetails {
 		for name, v := range map[string]string{"helo": d.ReceivingMXHelo, "mx": d.ReceivingMXHostname,
 			"reason": d.FailureReasonCode, "info": d.AdditionalInformation, "ip": d.ReceivingIP, "sending ip": d.SendingMTAIP} {
-			limit := map[string]int{"reason": maxReasonLen, "ip": maxIPLen, "sending ip": maxIPLen}[name]
+			limit := map[string]int{"reason": tlsrpt.MaxReasonLen, "ip": tlsrpt.MaxIPLen, "sending ip": tlsrpt.MaxIPLen}[name]
 			if limit == 0 {
-				limit = maxNameLen
+				limit = tlsrpt.MaxNameLen
 			}
 			if len(v) > limit {
 				t.Errorf("%s of %d bytes", name, len(v))
@@ -337,36 +339,36 @@ func TestRecordBoundsPeerStrings(t *testing.T) {
 func TestRecordSTSFetchFailure(t *testing.T) {
 	c := newClock(day1.Add(time.Hour))
 	r := newTestRecorder(t, t.TempDir(), c)
-	for _, pt := range []PolicyType{"", PolicyTypeNoPolicyFound, PolicyTypeSTS} {
-		r.Record(Session{PolicyDomain: "ex.test", PolicyType: pt, ResultType: ResultSTSPolicyFetchError, FailureReasonCode: "http-status-404"})
+	for _, pt := range []tlsrpt.PolicyType{"", tlsrpt.PolicyTypeNoPolicyFound, tlsrpt.PolicyTypeSTS} {
+		r.Record(tlsrpt.Session{PolicyDomain: "ex.test", PolicyType: pt, ResultType: tlsrpt.ResultSTSPolicyFetchError, FailureReasonCode: "http-status-404"})
 	}
-	r.Record(Session{PolicyDomain: "ex.test", ResultType: ResultSTSWebPKIInvalid, FailureReasonCode: "certificate-expired"})
+	r.Record(tlsrpt.Session{PolicyDomain: "ex.test", ResultType: tlsrpt.ResultSTSWebPKIInvalid, FailureReasonCode: "certificate-expired"})
 	// The delivery that followed, with no policy applied.
-	r.Record(Session{PolicyDomain: "ex.test", PolicyType: PolicyTypeNoPolicyFound, Success: true})
+	r.Record(tlsrpt.Session{PolicyDomain: "ex.test", PolicyType: tlsrpt.PolicyTypeNoPolicyFound, Success: true})
 	// An unknown result type is validation-failure.
-	r.Record(Session{PolicyDomain: "ex.test", PolicyType: "bogus", ResultType: "bogus", ReceivingMX: "mx1.ex.test"})
+	r.Record(tlsrpt.Session{PolicyDomain: "ex.test", PolicyType: "bogus", ResultType: "bogus", ReceivingMX: "mx1.ex.test"})
 
 	p := r.Pending()
 	if len(p) != 1 || len(p[0].Policies) != 2 {
 		t.Fatalf("pending = %+v", p)
 	}
 	np, sts := p[0].Policies[0], p[0].Policies[1]
-	if np.Policy.PolicyType != PolicyTypeNoPolicyFound || np.Summary != (Summary{1, 1}) ||
-		len(np.FailureDetails) != 1 || np.FailureDetails[0].ResultType != ResultValidationFailure {
+	if np.Policy.PolicyType != tlsrpt.PolicyTypeNoPolicyFound || np.Summary != (tlsrpt.Summary{TotalSuccessfulSessionCount: 1, TotalFailureSessionCount: 1}) ||
+		len(np.FailureDetails) != 1 || np.FailureDetails[0].ResultType != tlsrpt.ResultValidationFailure {
 		t.Errorf("no-policy-found entry = %+v", np)
 	}
-	if sts.Policy.PolicyType != PolicyTypeSTS || sts.Policy.PolicyString == nil || len(sts.Policy.PolicyString) != 0 ||
-		sts.Policy.MXHost == nil || len(sts.Policy.MXHost) != 0 || sts.Summary != (Summary{0, 4}) {
+	if sts.Policy.PolicyType != tlsrpt.PolicyTypeSTS || sts.Policy.PolicyString == nil || len(sts.Policy.PolicyString) != 0 ||
+		sts.Policy.MXHost == nil || len(sts.Policy.MXHost) != 0 || sts.Summary != (tlsrpt.Summary{TotalSuccessfulSessionCount: 0, TotalFailureSessionCount: 4}) {
 		t.Fatalf("sts entry = %+v", sts)
 	}
-	want := []FailureDetail{
-		{ResultType: ResultSTSPolicyFetchError, FailedSessionCount: 3, FailureReasonCode: "http-status-404"},
-		{ResultType: ResultSTSWebPKIInvalid, FailedSessionCount: 1, FailureReasonCode: "certificate-expired"},
+	want := []tlsrpt.FailureDetail{
+		{ResultType: tlsrpt.ResultSTSPolicyFetchError, FailedSessionCount: 3, FailureReasonCode: "http-status-404"},
+		{ResultType: tlsrpt.ResultSTSWebPKIInvalid, FailedSessionCount: 1, FailureReasonCode: "certificate-expired"},
 	}
 	if !reflect.DeepEqual(sts.FailureDetails, want) {
 		t.Errorf("failure details = %+v", sts.FailureDetails)
 	}
-	raw, err := json.Marshal(BuildReport(ReportOptions{Submitter: "relay.example.net"}, p[0]))
+	raw, err := json.Marshal(tlsrpt.BuildReport(tlsrpt.ReportOptions{Submitter: "relay.example.net"}, p[0]))
 	if err != nil {
 		t.Fatal(err)
 	}

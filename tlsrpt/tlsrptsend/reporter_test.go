@@ -1,4 +1,4 @@
-package tlsrpt
+package tlsrptsend
 
 import (
 	"bytes"
@@ -35,9 +35,12 @@ import (
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptdb"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrpttest"
 )
 
-// memQueue is an Enqueuer that keeps the report mails.
+// memQueue is a queue that keeps the report mails.
 type memQueue struct {
 	mu   sync.Mutex
 	msgs []queuedMail
@@ -77,7 +80,7 @@ type env struct {
 	logs    *observer.ObservedLogs
 	results *resultLog
 	opts    Options // template for newReporter
-	rec     *Recorder
+	rec     *tlsrptdb.Recorder
 	rp      *Reporter
 }
 
@@ -126,7 +129,7 @@ func newEnv(t *testing.T) *env {
 func (e *env) restart() {
 	e.t.Helper()
 	var err error
-	if e.rec, err = NewRecorder(e.dir, e.clock.Now, e.opts.Logger); err != nil {
+	if e.rec, err = tlsrptdb.NewRecorder(e.dir, e.clock.Now, e.opts.Logger); err != nil {
 		e.t.Fatal(err)
 	}
 	o := e.opts
@@ -150,7 +153,7 @@ func (e *env) recordDay1(domain string) {
 	f := at(badSession, day1.Add(5*time.Hour))
 	f.PolicyDomain = domain
 	e.rec.Record(f)
-	f.ResultType, f.FailureReasonCode = ResultSTARTTLSNotSupported, ""
+	f.ResultType, f.FailureReasonCode = tlsrpt.ResultSTARTTLSNotSupported, ""
 	e.rec.Record(f)
 }
 
@@ -221,7 +224,7 @@ func TestSendHTTPS(t *testing.T) {
 	if reps[0].Host != "rua.rep.test" || reps[0].SNI != "rua.rep.test" || reps[0].Path != "/report" {
 		t.Errorf("request host %q SNI %q path %q", reps[0].Host, reps[0].SNI, reps[0].Path)
 	}
-	top := checkReportSchema(t, decodeReport(t, reps[0]))
+	top := tlsrpttest.CheckReportSchema(t, decodeReport(t, reps[0]))
 	sum := top["policies"].([]any)[0].(map[string]any)["summary"].(map[string]any)
 	if fmt.Sprint(sum["total-successful-session-count"], "/", sum["total-failure-session-count"]) != "3/2" {
 		t.Errorf("summary = %v", sum)
@@ -297,7 +300,7 @@ func TestHTTPSRetryThenSuccess(t *testing.T) {
 	// The same report each time.
 	ids := map[string]bool{}
 	for _, r := range rr.Reports() {
-		ids[checkReportSchema(t, decodeReport(t, r))["report-id"].(string)] = true
+		ids[tlsrpttest.CheckReportSchema(t, decodeReport(t, r))["report-id"].(string)] = true
 	}
 	if len(ids) != 1 {
 		t.Errorf("retries carried %d report-ids", len(ids))
@@ -466,13 +469,13 @@ func TestCrashBetweenJobAndCounts(t *testing.T) {
 	if err := e.rec.Flush(); err != nil {
 		t.Fatal(err)
 	}
-	old, err := os.ReadFile(filepath.Join(e.dir, countsFile))
+	old, err := os.ReadFile(filepath.Join(e.dir, "counts.json"))
 	if err != nil {
 		t.Fatal(err)
 	}
 	e.clock.Set(afterDay1)
 	e.sendDue()
-	if err := os.WriteFile(filepath.Join(e.dir, countsFile), old, 0o600); err != nil {
+	if err := os.WriteFile(filepath.Join(e.dir, "counts.json"), old, 0o600); err != nil {
 		t.Fatal(err)
 	}
 	e.restart()
@@ -517,8 +520,8 @@ func TestSendMailto(t *testing.T) {
 			e := newEnv(t)
 			st := &memQueue{}
 			keyFile, pubRecord := writeDKIMKey(t, keyType)
-			e.opts.Queue = st
-			e.opts.DKIM = &DKIMOptions{Domain: "relay.example.net", Selector: "tls", KeyFile: keyFile}
+			e.opts.Enqueue = st.EnqueueReport
+			e.opts.DKIM = &tlsrpt.DKIMOptions{Domain: "relay.example.net", Selector: "tls", KeyFile: keyFile}
 			e.restart()
 
 			e.w.DNS.SetTXT("_smtp._tls.ex.test", []string{"v=TLSRPTv1;rua=mailto:tls-reports@rep.test"})
@@ -617,7 +620,7 @@ func checkReportMail(t *testing.T, raw []byte, dkimRecord string) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	top := checkReportSchema(t, decodeReport(t, testworld.Request{Method: "POST", Body: gz,
+	top := tlsrpttest.CheckReportSchema(t, decodeReport(t, testworld.Request{Method: "POST", Body: gz,
 		Header: http.Header{"Content-Type": {"application/tlsrpt+gzip"}}}))
 	if top["report-id"] != sm[1] {
 		t.Errorf("Subject Report-ID %q != report-id %q", sm[1], top["report-id"])
@@ -694,7 +697,7 @@ func writeDKIMKey(t *testing.T, keyType string) (string, string) {
 	if err := os.WriteFile(path, pem.EncodeToMemory(blk), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	if s, err := LoadDKIMKey(path); err != nil || !s.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(signer.Public()) {
+	if s, err := tlsrpt.LoadDKIMKey(path); err != nil || !s.Public().(interface{ Equal(crypto.PublicKey) bool }).Equal(signer.Public()) {
 		t.Fatalf("LoadDKIMKey: %v", err)
 	}
 	return path, fmt.Sprintf("v=DKIM1; k=%s; s=email:tlsrpt; p=%s", k, base64.StdEncoding.EncodeToString(pub))
@@ -704,7 +707,7 @@ func writeDKIMKey(t *testing.T, keyType string) (string, string) {
 func TestMailtoWithoutDKIM(t *testing.T) {
 	e := newEnv(t)
 	st := &memQueue{}
-	e.opts.Queue = st
+	e.opts.Enqueue = st.EnqueueReport
 	e.restart()
 	if e.logs.FilterMessage("tlsrpt_no_dkim").Len() == 0 {
 		t.Error("no warning about the missing DKIM key")
@@ -742,7 +745,7 @@ func (q *failingQueue) EnqueueReport(from, to string, body io.Reader) (string, e
 func TestMailtoEnqueueFailureRetried(t *testing.T) {
 	e := newEnv(t)
 	q := &failingQueue{fails: 1}
-	e.opts.Queue = q
+	e.opts.Enqueue = q.EnqueueReport
 	e.restart()
 	e.w.DNS.SetTXT("_smtp._tls.ex.test", []string{"v=TLSRPTv1;rua=mailto:r@rep.test"})
 	e.recordDay1("ex.test")
@@ -768,7 +771,7 @@ func TestRunLoop(t *testing.T) {
 	}
 	rr := w.ReportReceiver("rua.rep.test")
 	w.DNS.SetTXT("_smtp._tls.ex.test", []string{"v=TLSRPTv1; rua=" + rr.URL()})
-	rec, err := NewRecorder(t.TempDir(), nil, zap.NewNop(), WithInterval(time.Second))
+	rec, err := tlsrptdb.NewRecorder(t.TempDir(), nil, zap.NewNop(), tlsrptdb.WithInterval(time.Second))
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -793,7 +796,7 @@ func TestRunLoop(t *testing.T) {
 	if len(reps) != 1 {
 		t.Fatalf("%d reports", len(reps))
 	}
-	top := checkReportSchema(t, decodeReport(t, reps[0]))
+	top := tlsrpttest.CheckReportSchema(t, decodeReport(t, reps[0]))
 	dr := top["date-range"].(map[string]any)
 	s, _ := time.Parse(time.RFC3339, dr["start-datetime"].(string))
 	en, _ := time.Parse(time.RFC3339, dr["end-datetime"].(string))
@@ -803,7 +806,7 @@ func TestRunLoop(t *testing.T) {
 }
 
 func TestNewReporterChecks(t *testing.T) {
-	rec, _ := NewRecorder(t.TempDir(), nil, nil)
+	rec, _ := tlsrptdb.NewRecorder(t.TempDir(), nil, nil)
 	res := &fakeTXT{}
 	if _, err := NewReporter(Options{Recorder: rec, Resolver: res}); err == nil {
 		t.Error("no hostname accepted")
@@ -812,7 +815,7 @@ func TestNewReporterChecks(t *testing.T) {
 		t.Error("interval mismatch accepted")
 	}
 	if _, err := NewReporter(Options{Recorder: rec, Resolver: res, Hostname: "r.test",
-		DKIM: &DKIMOptions{Domain: "r.test", Selector: "s", KeyFile: "/nonexistent"}}); err == nil {
+		DKIM: &tlsrpt.DKIMOptions{Domain: "r.test", Selector: "s", KeyFile: "/nonexistent"}}); err == nil {
 		t.Error("missing DKIM key file accepted")
 	}
 	core, logs := observer.New(zapcore.WarnLevel)

@@ -1,112 +1,23 @@
-package tlsrpt
+package tlsrptsend
 
 import (
 	"context"
-	"errors"
-	"reflect"
 	"sync"
 	"testing"
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/stsrelay/stsrelay/tlsrpt"
+	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptdb"
 )
 
 // The sessions of one period spread over three recorders merge into what
 // one recorder given all of them would have counted.
-func TestMergeCountsEqualsOneRecorder(t *testing.T) {
-	c := newClock(day1.Add(time.Hour))
-	all := newTestRecorder(t, t.TempDir(), c)
-	parts := []*Recorder{newTestRecorder(t, t.TempDir(), c), newTestRecorder(t, t.TempDir(), c), newTestRecorder(t, t.TempDir(), c)}
-	other := badSession
-	other.ReceivingIP, other.AdditionalInfo = "198.51.100.8", "https://info.test/x"
-	npf := Session{PolicyDomain: "two.test", Success: true}
-	sessions := []Session{okSession, badSession, okSession, other, npf, badSession, okSession, other, npf,
-		at(okSession, day1.Add(25*time.Hour))}
-	for i, s := range sessions {
-		all.Record(s)
-		parts[i%3].Record(s)
-	}
-	var in []PolicyCounts
-	for _, p := range parts {
-		in = append(in, p.Pending()...)
-	}
-	got := MergeCounts(in)
-	if want := all.Pending(); !reflect.DeepEqual(got, want) {
-		t.Errorf("merged:\n got %+v\nwant %+v", got, want)
-	}
-	if got := MergeCounts(nil); len(got) != 0 {
-		t.Errorf("MergeCounts(nil) = %+v", got)
-	}
-}
-
-// MergeCounts bounds what it is given, as Record does.
-func TestMergeCountsBounds(t *testing.T) {
-	long := string(make([]byte, 1000))
-	got := MergeCounts([]PolicyCounts{{PeriodStart: day1, PeriodEnd: day1.Add(24 * time.Hour), PolicyDomain: "EX.test",
-		Policies: []PolicyResult{{Policy: PolicyDesc{PolicyType: "bogus"}, Summary: Summary{TotalFailureSessionCount: 1},
-			FailureDetails: []FailureDetail{{ResultType: "bogus", ReceivingMXHelo: long, FailedSessionCount: 1}}}}}})
-	if len(got) != 1 || got[0].PolicyDomain != "ex.test" || got[0].Failed != 1 {
-		t.Fatalf("got %+v", got)
-	}
-	p := got[0].Policies[0]
-	if p.Policy.PolicyType != PolicyTypeNoPolicyFound || p.FailureDetails[0].ResultType != ResultValidationFailure ||
-		len(p.FailureDetails[0].ReceivingMXHelo) != maxNameLen {
-		t.Errorf("not bounded: %+v", p)
-	}
-}
-
-type sinkFunc func(time.Time, []PolicyCounts) error
-
-func (f sinkFunc) PutCounts(s time.Time, c []PolicyCounts) error { return f(s, c) }
-
-// HandOff gives each finished period to the sink once, closes it, and
-// keeps a period whose PutCounts failed.
-func TestHandOff(t *testing.T) {
-	c := newClock(day1.Add(time.Hour))
-	dir := t.TempDir()
-	r := newTestRecorder(t, dir, c)
-	r.Record(okSession)
-	r.Record(badSession)
-	r.Record(at(okSession, day1.Add(25*time.Hour)))
-	var got []time.Time
-	fail := errors.New("down")
-	var failing bool
-	sink := sinkFunc(func(s time.Time, pc []PolicyCounts) error {
-		if failing {
-			return fail
-		}
-		if len(pc) != 1 || pc[0].Successful != 1 || pc[0].Failed != 1 {
-			t.Errorf("handed %+v", pc)
-		}
-		got = append(got, s)
-		return nil
-	})
-	grace := 30 * time.Second
-	if err := r.HandOff(day1.Add(24*time.Hour+grace-time.Second), grace, sink); err != nil || len(got) != 0 {
-		t.Fatalf("before grace: %v %v", got, err)
-	}
-	failing = true
-	if err := r.HandOff(day1.Add(24*time.Hour+grace), grace, sink); !errors.Is(err, fail) || len(r.Pending()) != 2 {
-		t.Fatalf("failing sink: %v, pending %d", err, len(r.Pending()))
-	}
-	failing = false
-	if err := r.HandOff(day1.Add(24*time.Hour+grace), grace, sink); err != nil || len(got) != 1 || !got[0].Equal(day1) {
-		t.Fatalf("handed %v, %v", got, err)
-	}
-	r.Record(at(okSession, day1.Add(2*time.Hour))) // late: dropped
-	if p := r.Pending(); len(p) != 1 || !p[0].PeriodStart.Equal(day1.Add(24*time.Hour)) {
-		t.Errorf("pending after hand-off = %+v", p)
-	}
-	// Durable: a restart does not hand the period off again.
-	if p := newTestRecorder(t, dir, c).Pending(); len(p) != 1 {
-		t.Errorf("after restart %+v", p)
-	}
-}
-
 // memFleet is a Source and JobStore in memory, shared by reporters.
 type memFleet struct {
 	mu     sync.Mutex
-	counts []PolicyCounts
+	counts []tlsrpt.PolicyCounts
 	done   map[string]bool
 	jobs   map[string][]byte
 }
@@ -115,11 +26,11 @@ func newMemFleet() *memFleet { return &memFleet{done: map[string]bool{}, jobs: m
 
 func fkey(s time.Time, d string) string { return s.UTC().Format(time.RFC3339) + " " + d }
 
-func (m *memFleet) Closed(now time.Time) ([]PolicyCounts, error) {
+func (m *memFleet) Closed(now time.Time) ([]tlsrpt.PolicyCounts, error) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	var out []PolicyCounts
-	for _, pc := range MergeCounts(m.counts) {
+	var out []tlsrpt.PolicyCounts
+	for _, pc := range tlsrptdb.MergeCounts(m.counts) {
 		if !m.done[fkey(pc.PeriodStart, pc.PolicyDomain)] && !now.Before(pc.PeriodEnd) {
 			out = append(out, pc)
 		}
@@ -187,7 +98,7 @@ func TestReporterSourceJobsActive(t *testing.T) {
 	var rps [2]*Reporter
 	for i := range rps {
 		o := e.opts
-		o.Recorder, o.Queue, o.Source, o.Jobs, o.Active = newTestRecorder(t, t.TempDir(), e.clock), st, fl, fl, isActive(i)
+		o.Recorder, o.Enqueue, o.Source, o.Jobs, o.Active = newTestRecorder(t, t.TempDir(), e.clock), st.EnqueueReport, fl, fl, isActive(i)
 		rp, err := NewReporter(o)
 		if err != nil {
 			t.Fatal(err)
@@ -199,11 +110,11 @@ func TestReporterSourceJobsActive(t *testing.T) {
 			rp.SendDue(context.Background())
 		}
 	}
-	ex := PolicyCounts{PeriodStart: day1, PeriodEnd: day1.Add(24 * time.Hour), PolicyDomain: "ex.test",
-		Policies: []PolicyResult{{Policy: PolicyDesc{PolicyType: PolicyTypeSTS}, Summary: Summary{TotalSuccessfulSessionCount: 2}}}}
+	ex := tlsrpt.PolicyCounts{PeriodStart: day1, PeriodEnd: day1.Add(24 * time.Hour), PolicyDomain: "ex.test",
+		Policies: []tlsrpt.PolicyResult{{Policy: tlsrpt.PolicyDesc{PolicyType: tlsrpt.PolicyTypeSTS}, Summary: tlsrpt.Summary{TotalSuccessfulSessionCount: 2}}}}
 	two := ex
 	two.PolicyDomain = "two.test"
-	fl.counts = []PolicyCounts{ex, ex, two}
+	fl.counts = []tlsrpt.PolicyCounts{ex, ex, two}
 
 	e.clock.Set(afterDay1)
 	pass()
@@ -249,12 +160,12 @@ func TestReporterJobStoreExistingWins(t *testing.T) {
 	st := &memQueue{}
 	fl := newMemFleet()
 	e.w.DNS.SetTXT("_smtp._tls.ex.test", []string{"v=TLSRPTv1;rua=mailto:a@rep.test"})
-	pc := PolicyCounts{PeriodStart: day1, PeriodEnd: day1.Add(24 * time.Hour), PolicyDomain: "ex.test",
-		Policies: []PolicyResult{{Policy: PolicyDesc{PolicyType: PolicyTypeSTS}, Summary: Summary{TotalSuccessfulSessionCount: 2}}}}
-	fl.counts = []PolicyCounts{pc}
+	pc := tlsrpt.PolicyCounts{PeriodStart: day1, PeriodEnd: day1.Add(24 * time.Hour), PolicyDomain: "ex.test",
+		Policies: []tlsrpt.PolicyResult{{Policy: tlsrpt.PolicyDesc{PolicyType: tlsrpt.PolicyTypeSTS}, Summary: tlsrpt.Summary{TotalSuccessfulSessionCount: 2}}}}
+	fl.counts = []tlsrpt.PolicyCounts{pc}
 	mk := func() *Reporter {
 		o := e.opts
-		o.Recorder, o.Queue, o.Source, o.Jobs = newTestRecorder(t, t.TempDir(), e.clock), st, fl, fl
+		o.Recorder, o.Enqueue, o.Source, o.Jobs = newTestRecorder(t, t.TempDir(), e.clock), st.EnqueueReport, fl, fl
 		rp, err := NewReporter(o)
 		if err != nil {
 			t.Fatal(err)

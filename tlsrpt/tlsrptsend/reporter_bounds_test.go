@@ -1,4 +1,4 @@
-package tlsrpt
+package tlsrptsend
 
 import (
 	"net/netip"
@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/domain"
+	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
 // Issue #9 finding 6: a 240-octet policy domain gets a report like any
@@ -147,7 +148,7 @@ func TestPrivateRUARefused(t *testing.T) {
 func TestRUACapped(t *testing.T) {
 	e := newEnv(t)
 	q := &memQueue{}
-	e.opts.Queue = q
+	e.opts.Enqueue = q.EnqueueReport
 	e.restart()
 	var ruas []string
 	for i := range 25 {
@@ -163,8 +164,8 @@ func TestRUACapped(t *testing.T) {
 	e.recordDay1("ex.test")
 	e.clock.Set(afterDay1)
 	e.sendDue()
-	if n := len(q.List()); n != MaxRUA {
-		t.Errorf("%d report mails, want %d", n, MaxRUA)
+	if n := len(q.List()); n != tlsrpt.MaxRUA {
+		t.Errorf("%d report mails, want %d", n, tlsrpt.MaxRUA)
 	}
 	if n := e.logs.FilterMessage("tlsrpt_rua_excess").Len(); n != 1 {
 		t.Errorf("%d tlsrpt_rua_excess warnings", n)
