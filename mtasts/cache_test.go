@@ -16,7 +16,6 @@ import (
 	"go.uber.org/zap/zaptest/observer"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
-
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
