@@ -858,4 +858,3 @@ func checkListen(addr string) error {
 	}
 	return nil
 }
-
