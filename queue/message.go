@@ -189,13 +189,6 @@ func nextDue(rcpts []Recipient) time.Time {
 	return m.NextDue()
 }
 
-func (m *Message) clone() *Message {
-	c := *m
-	c.Rcpts = append([]Recipient(nil), m.Rcpts...)
-	c.Env.Rcpts = append([]RcptSpec(nil), m.Env.Rcpts...)
-	return &c
-}
-
 // Schedule turns the configured retry schedule and lifetime into times
 // (RFC 5321 §4.5.4.1: retry intervals and give-up time MUST be
 // configurable).

@@ -114,10 +114,7 @@ type Store struct {
 	records     atomic.Uint64
 	compactions atomic.Uint64
 	copied      atomic.Uint64
-	// checkpointed is the log position of the last checkpoint written.
-	ckptSeq, ckptOff int64
-	ckptDirty        bool
-	fullScan         bool // Open had to scan the whole log
+	fullScan    bool // Open had to scan the whole log
 }
 
 // Open opens (creating if needed) the queue in opts.Dir and recovers its

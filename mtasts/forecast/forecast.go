@@ -104,7 +104,6 @@ type Counter struct {
 	mu      sync.Mutex
 	domains map[string]*domain
 	dirty   bool
-	closed  bool
 }
 
 // domain is one domain's counts, as stored.

@@ -96,7 +96,7 @@ func TestDeliveryEngineOnFleetQueue(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	got := dest.WaitMessages(t, n-bounced, 30*time.Second)
+	dest.WaitMessages(t, n-bounced, 30*time.Second)
 	dsns := senders.WaitMessages(t, bounced, 30*time.Second)
 	deadline := time.Now().Add(15 * time.Second)
 	for qs[0].Len() != 0 {
@@ -106,7 +106,7 @@ func TestDeliveryEngineOnFleetQueue(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(500 * time.Millisecond) // any duplicate would show now
-	got = dest.Messages()
+	got := dest.Messages()
 	if len(got) != n-bounced {
 		t.Fatalf("destination got %d messages, want %d", len(got), n-bounced)
 	}
