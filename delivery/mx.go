@@ -10,7 +10,6 @@ import (
 
 	"github.com/stsrelay/stsrelay/delivery/policy"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
-
 	dom "github.com/stsrelay/stsrelay/internal/domain"
 )
 

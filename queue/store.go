@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"io"
 	"os"
 	"path/filepath"
@@ -24,6 +23,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 )
 
 // ErrNotFound is returned for an ID the queue does not hold.
