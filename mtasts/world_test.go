@@ -1,12 +1,12 @@
 package mtasts
 
 import (
-	"sync"
 	"testing"
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/internal/testworld/worldres"
 )
 
 // env is a test world with the real DNS client and a Fetcher wired to it.
@@ -19,10 +19,7 @@ type env struct {
 func newEnv(t *testing.T) *env {
 	t.Helper()
 	w := testworld.New(t)
-	r, err := dnsclient.New([]string{w.DNS.Addr()}, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := worldres.New(t, w)
 	return &env{
 		w:   w,
 		dns: r,
@@ -45,22 +42,7 @@ func (e *env) stsDomain(domain, id, body string) *testworld.PolicyServer {
 	return ps
 }
 
-// fakeClock is a controllable clock.
-type fakeClock struct {
-	mu sync.Mutex
-	t  time.Time
-}
+// fakeClock is the test kit's clock.
+type fakeClock = testworld.Clock
 
-func newClock() *fakeClock { return &fakeClock{t: time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)} }
-
-func (c *fakeClock) Now() time.Time {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	return c.t
-}
-
-func (c *fakeClock) Advance(d time.Duration) {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	c.t = c.t.Add(d)
-}
+func newClock() *fakeClock { return testworld.NewClock(time.Date(2030, 1, 2, 3, 4, 5, 0, time.UTC)) }

@@ -12,10 +12,10 @@ import (
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
-	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/fleet/jsqueue"
 	"github.com/stsrelay/stsrelay/internal/fleet/natstest"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/internal/testworld/worldres"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -43,10 +43,7 @@ func TestDeliveryEngineOnFleetQueue(t *testing.T) {
 	cfg.Delivery.Port = w.MXPort()
 	cfg.Delivery.ConnectTimeout.Duration = 5 * time.Second
 	cfg.Delivery.CommandTimeout.Duration = 10 * time.Second
-	res, err := dnsclient.New([]string{w.DNS.Addr()}, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := worldres.New(t, w)
 	var qs []*jsqueue.Queue
 	ctx, cancel := context.WithCancel(context.Background())
 	var done []chan struct{}
