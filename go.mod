@@ -1,6 +1,6 @@
 module github.com/stsrelay/stsrelay
 
-go 1.26.8
+go 1.26.0
 
 require (
 	github.com/emersion/go-msgauth v0.7.0

@@ -819,7 +819,7 @@ func (e *Engine) complete(ms *msgState) {
 			for _, i := range ms.bounced {
 				r := &m.Rcpts[i]
 				r.Status = queue.Deferred
-				r.NextAttempt = now.Add(e.cfg.Queue.RetryDelay(1))
+				r.NextAttempt = now.Add(RetrySchedule(&e.cfg.Queue).Delay(1))
 			}
 		}
 	}
@@ -909,7 +909,7 @@ func (e *Engine) sourceIP(dst net.IP) string {
 // suspend marks domain unreachable until its first retry interval has
 // passed (at most five minutes).
 func (e *Engine) suspend(domain, reason string) {
-	d := min(e.cfg.Queue.RetryDelay(1), 5*time.Minute)
+	d := min(RetrySchedule(&e.cfg.Queue).Delay(1), 5*time.Minute)
 	e.mu.Lock()
 	until := e.now().Add(d)
 	e.dead[domain] = deadDest{until: until, reason: reason}

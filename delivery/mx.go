@@ -10,7 +10,6 @@ import (
 
 	"github.com/stsrelay/stsrelay/delivery/policy"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
-
 	dom "github.com/stsrelay/stsrelay/internal/domain"
 )
 
@@ -86,7 +85,7 @@ func route(ctx context.Context, r Resolver, domain, self string, wantV6, dane bo
 	case errors.Is(err, dnsclient.ErrNoData):
 		// RFC 5321 §5.1: no MX records → the domain itself is the
 		// implicit MX, with preference 0.
-		mxs = []dnsclient.MX{{Host: strings.TrimSuffix(strings.ToLower(domain), "."), Pref: 0}}
+		mxs = []dnsclient.MX{{Host: dom.Key(domain), Pref: 0}}
 		hosts, err := resolveHosts(ctx, r, mxs, self, wantV6, tlsa)
 		for i := range hosts {
 			hosts[i].Implicit = true
@@ -126,7 +125,7 @@ func route(ctx context.Context, r Resolver, domain, self string, wantV6, dane bo
 // whose address records are secure gets its TLSA records looked up too,
 // in the same goroutine.
 func resolveHosts(ctx context.Context, r Resolver, mxs []dnsclient.MX, self string, wantV6, tlsa bool) ([]Host, error) {
-	self = strings.ToLower(strings.TrimSuffix(self, "."))
+	self = dom.Key(self)
 	hosts := make([]Host, 0, len(mxs))
 	for _, mx := range mxs {
 		// The relay's own name is never a destination: that would loop

@@ -4,21 +4,17 @@ import (
 	"context"
 	"errors"
 	"testing"
-	"time"
 
 	"github.com/miekg/dns"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/internal/testworld/worldres"
 )
 
 func worldResolver(t *testing.T, w *testworld.World) *dnsclient.Resolver {
 	t.Helper()
-	r, err := dnsclient.New([]string{w.DNS.Addr()}, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return r
+	return worldres.New(t, w)
 }
 
 func hostNames(hs []Host) []string {

@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/delivery/policy"
+	"github.com/stsrelay/stsrelay/internal/certexpiry"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -87,7 +88,7 @@ func Probe(ctx context.Context, host string, ip net.IP, o ProbeOptions) ProbeRes
 	if s.leaf != nil {
 		res.CertNames = s.leaf.DNSNames
 		res.CertNotAfter = s.leaf.NotAfter
-		days := int(s.leaf.NotAfter.Sub(o.Now()).Hours() / 24)
+		days := certexpiry.DaysLeft(s.leaf.NotAfter, o.Now())
 		res.CertDaysLeft = &days
 	}
 	return res

@@ -11,6 +11,8 @@ import (
 	"github.com/stsrelay/stsrelay/delivery/policy"
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/domain"
+	"github.com/stsrelay/stsrelay/queue"
 )
 
 // Routing is the [[route]] and [[tls_policy]] tables in force. The
@@ -78,7 +80,7 @@ func NewRouting(routes []config.Route, tlsPolicies []config.TLSPolicy, defaultPo
 			r.Password = strings.TrimRight(string(b), "\r\n")
 		}
 		for _, d := range c.Domains {
-			d = strings.TrimSuffix(strings.ToLower(d), ".")
+			d = domain.Key(d)
 			if d == "*" {
 				rt.wildcard = r
 			} else {
@@ -88,7 +90,7 @@ func NewRouting(routes []config.Route, tlsPolicies []config.TLSPolicy, defaultPo
 	}
 	for _, p := range tlsPolicies {
 		for _, d := range p.Domains {
-			rt.tls[strings.TrimSuffix(strings.ToLower(d), ".")] = p
+			rt.tls[domain.Key(d)] = p
 		}
 	}
 	return rt, errors.Join(errs...)
@@ -150,4 +152,15 @@ func (r *Route) hosts(ctx context.Context, res Resolver, wantV6 bool) ([]Host, e
 		return nil, &routeError{Enhanced: "4.4.3", Msg: fmt.Sprintf("next hop %s: address lookup failed: %v", r.Host, err)}
 	}
 	return []Host{{Name: r.Host, IPs: ips}}, nil
+}
+
+// RetrySchedule is the queue.Schedule that the [queue] section describes:
+// the one place the configured retry intervals and lifetime become a
+// schedule (queue.Schedule.Delay computes the waits).
+func RetrySchedule(q *config.Queue) queue.Schedule {
+	s := queue.Schedule{MaxQueueTime: q.MaxQueueTime.Duration}
+	for _, d := range q.RetrySchedule {
+		s.Retry = append(s.Retry, d.Duration)
+	}
+	return s
 }

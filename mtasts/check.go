@@ -8,6 +8,7 @@ import (
 	"strings"
 	"time"
 
+	"github.com/stsrelay/stsrelay/internal/certexpiry"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -85,9 +86,6 @@ type SyntaxProblem struct {
 	Message string `json:"message"`
 }
 
-// certWarnDays: a policy host certificate expiring sooner gets an advice.
-const certWarnDays = 21
-
 // CheckPolicy checks the MTA-STS setup of domain as a sender would see it
 // and reports every finding. It does not use or change any cache.
 func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) *PolicyReport {
@@ -161,15 +159,12 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 		leaf := fr.PeerCerts[0]
 		fe.CertNames = leaf.DNSNames
 		fe.CertNotAfter = leaf.NotAfter.UTC()
-		days := int(time.Until(leaf.NotAfter).Hours() / 24)
-		if time.Until(leaf.NotAfter) < 0 {
-			days = -int(time.Since(leaf.NotAfter).Hours()/24) - 1
-		}
+		days := certexpiry.DaysLeft(leaf.NotAfter, time.Now())
 		fe.CertDaysLeft = &days
 		fe.TLSCertOK = fr.CertErr == nil
 		if fr.CertErr != nil {
 			fe.TLSCertError = fr.CertErr.Error()
-		} else if days < certWarnDays {
+		} else if certexpiry.Soon(days) {
 			advise("the certificate of mta-sts.%s expires in %d day(s) (%s)", d, days, fe.CertNotAfter.Format(time.RFC3339))
 		}
 	}

@@ -7,7 +7,6 @@ import (
 	"testing"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
-
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 

@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/testworld"
-
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 

@@ -2,6 +2,8 @@ package mtasts
 
 import (
 	"strings"
+
+	"github.com/stsrelay/stsrelay/internal/message"
 )
 
 // Matches reports whether host, an MX record name, is allowed by one of
@@ -19,7 +21,7 @@ func (p *Policy) Matches(host string) bool {
 		return false
 	}
 	host = strings.TrimSuffix(host, ".")
-	if !isASCII(host) {
+	if !message.IsASCII(host) {
 		a, err := toASCII(host)
 		if err != nil {
 			return false
@@ -83,15 +85,6 @@ func asciiEqualFold(a, b string) bool {
 			y += 'a' - 'A'
 		}
 		if x != y {
-			return false
-		}
-	}
-	return true
-}
-
-func isASCII(s string) bool {
-	for i := 0; i < len(s); i++ {
-		if s[i] >= 0x80 {
 			return false
 		}
 	}

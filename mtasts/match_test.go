@@ -3,6 +3,8 @@ package mtasts
 import (
 	"strings"
 	"testing"
+
+	"github.com/stsrelay/stsrelay/internal/message"
 )
 
 func mustPolicy(t testing.TB, mx ...string) *Policy {
@@ -145,7 +147,7 @@ func FuzzMatches(f *testing.F) {
 		}
 		h := strings.TrimSuffix(host, ".")
 		pat := strings.TrimSuffix(strings.TrimSpace(pattern), ".")
-		if !isASCII(h) || !validHostname(h) {
+		if !message.IsASCII(h) || !validHostname(h) {
 			return
 		}
 		var want bool

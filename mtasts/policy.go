@@ -7,6 +7,8 @@ import (
 	"strings"
 	"time"
 	"unicode/utf8"
+
+	"github.com/stsrelay/stsrelay/internal/txtrec"
 )
 
 // Mode is a policy's "mode" (RFC 8461 §5).
@@ -205,7 +207,7 @@ func parsePolicy(b []byte) (*Policy, []*SyntaxError) {
 			p.MX = append(p.MX, value)
 			p.pats = append(p.pats, pat)
 		default:
-			if !validExtName(key) {
+			if !txtrec.ValidExtName(key) {
 				bad(n, "invalid key %q (1-32 of letters, digits, \"_-.\", starting with a letter or digit)", key)
 			} else if msg := checkExtValue(value); msg != "" {
 				bad(n, "value of %q: %s", key, msg)

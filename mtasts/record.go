@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/txtrec"
 )
 
 // Errors returned (wrapped) by this package. Use errors.Is.
@@ -30,13 +31,9 @@ var (
 	ErrWebPKI = errors.New("MTA-STS policy host certificate not valid")
 )
 
-// TXTResolver looks up TXT records, each returned as its list of
-// character-strings. *dnsclient.Resolver implements it; errors should wrap
-// dnsclient.ErrNotFound / ErrNoData for an authoritative "no" and
-// dnsclient.ErrTemporary for anything that may succeed later.
-type TXTResolver interface {
-	LookupTXT(ctx context.Context, name string) ([][]string, error)
-}
+// TXTResolver is dnsclient.TXTResolver, the module's one TXT lookup
+// interface, under the name this package's API has used.
+type TXTResolver = dnsclient.TXTResolver
 
 // Record is a parsed "_mta-sts" TXT record (RFC 8461 §3.1).
 type Record struct {
@@ -91,7 +88,7 @@ func ParseRecord(s string) (*Record, error) {
 		if eq == len(s) || s[eq] != '=' {
 			return nil, fmt.Errorf("%w: %q: field %q has no \"=value\"", ErrRecordSyntax, s, name)
 		}
-		if !validExtName(name) {
+		if !txtrec.ValidExtName(name) {
 			return nil, fmt.Errorf("%w: %q: invalid field name %q (1-32 of letters, digits, \"_-.\", starting with a letter or digit)", ErrRecordSyntax, s, name)
 		}
 		vs := eq + 1
@@ -254,22 +251,6 @@ func skipWSP(s string, i int) int {
 
 func isAlnum(c byte) bool {
 	return c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
-}
-
-// validExtName checks sts-ext-name (RFC 8461 §3.1), which has the same
-// shape as sts-policy-ext-name (§3.2):
-// (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".").
-func validExtName(s string) bool {
-	if len(s) == 0 || len(s) > 32 || !isAlnum(s[0]) {
-		return false
-	}
-	for i := 1; i < len(s); i++ {
-		c := s[i]
-		if !isAlnum(c) && c != '_' && c != '-' && c != '.' {
-			return false
-		}
-	}
-	return true
 }
 
 // isTXTValueChar checks sts-ext-value characters: %x21-3A / %x3C / %x3E-7E,

@@ -58,15 +58,6 @@ type entry struct {
 
 func (e *entry) idString() string { return string(e.id[:]) }
 
-// recordBytes is how many bytes of log the entry keeps alive.
-func (e *entry) recordBytes() int64 {
-	n := headerLen + int64(e.msg.metaLen) + e.bodyLen
-	if e.state.valid() {
-		n += headerLen + int64(e.state.metaLen)
-	}
-	return n
-}
-
 const pageBits = 12
 const pageSize = 1 << pageBits
 

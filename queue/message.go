@@ -125,7 +125,7 @@ func AddrDomain(addr string) string {
 			return d.ASCII()
 		}
 	}
-	return strings.ToLower(strings.TrimSuffix(raw, "."))
+	return domain.Key(raw)
 }
 
 // Message is a queued message: envelope, recipients' states and where its
@@ -189,13 +189,6 @@ func nextDue(rcpts []Recipient) time.Time {
 	return m.NextDue()
 }
 
-func (m *Message) clone() *Message {
-	c := *m
-	c.Rcpts = append([]Recipient(nil), m.Rcpts...)
-	c.Env.Rcpts = append([]RcptSpec(nil), m.Env.Rcpts...)
-	return &c
-}
-
 // Schedule turns the configured retry schedule and lifetime into times
 // (RFC 5321 §4.5.4.1: retry intervals and give-up time MUST be
 // configurable).
@@ -214,24 +207,28 @@ func (s Schedule) Next(received time.Time, attempts int, now time.Time) (time.Ti
 	if !now.Before(expire) {
 		return time.Time{}, true
 	}
-	d := 5 * time.Minute
-	if len(s.Retry) > 0 {
-		i := attempts - 1
-		if i < 0 {
-			i = 0
-		}
-		if i >= len(s.Retry) {
-			i = len(s.Retry) - 1
-		}
-		d = s.Retry[i]
-	}
-	next := now.Add(d)
+	next := now.Add(s.Delay(attempts))
 	if next.After(expire) {
 		// One last try at the end of the lifetime rather than a bounce
 		// long before it.
 		next = expire
 	}
 	return next, false
+}
+
+// DefaultRetry is the wait of a Schedule with no Retry entries.
+const DefaultRetry = 5 * time.Minute
+
+// Delay is the wait after attempts failed attempts (attempts ≥ 1; less
+// counts as 1): Retry[attempts-1], the last entry repeating, or
+// DefaultRetry when Retry is empty. It is the module's one retry-delay
+// computation; Next adds it and caps it at the lifetime.
+func (s Schedule) Delay(attempts int) time.Duration {
+	if len(s.Retry) == 0 {
+		return DefaultRetry
+	}
+	i := min(max(attempts-1, 0), len(s.Retry)-1)
+	return s.Retry[i]
 }
 
 // Expired reports whether a message received at received has outlived

@@ -12,7 +12,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/stsrelay/stsrelay/internal/atomicfile"
 	"io"
 	"os"
 	"path/filepath"
@@ -24,6 +23,8 @@ import (
 	"time"
 
 	"golang.org/x/sys/unix"
+
+	"github.com/stsrelay/stsrelay/internal/atomicfile"
 )
 
 // ErrNotFound is returned for an ID the queue does not hold.
@@ -114,10 +115,7 @@ type Store struct {
 	records     atomic.Uint64
 	compactions atomic.Uint64
 	copied      atomic.Uint64
-	// checkpointed is the log position of the last checkpoint written.
-	ckptSeq, ckptOff int64
-	ckptDirty        bool
-	fullScan         bool // Open had to scan the whole log
+	fullScan    bool // Open had to scan the whole log
 }
 
 // Open opens (creating if needed) the queue in opts.Dir and recovers its

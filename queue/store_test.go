@@ -703,7 +703,7 @@ func TestSegmentGC(t *testing.T) {
 		if segs := segFiles(t, dir); len(segs) > 2 {
 			t.Fatalf("after finishing every message %d segments remain: %v", len(segs), segs)
 		}
-		s = reopen(t, s, small)
+		reopen(t, s, small)
 		if segs := segFiles(t, dir); len(segs) != 1 {
 			t.Fatalf("after reopen of an empty queue %d segments remain, want only the active one: %v", len(segs), segs)
 		}

@@ -10,6 +10,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // access is the part of the [submission] configuration that Reload
@@ -72,11 +73,11 @@ func newAccess(sub config.Submission) (*access, error) {
 		switch {
 		case s == "":
 		case strings.HasPrefix(s, "@"):
-			a.allowedDomains[strings.TrimSuffix(s[1:], ".")] = true
+			a.allowedDomains[domain.Key(s[1:])] = true
 		case strings.Contains(s, "@"):
 			a.allowedAddrs[s] = true
 		default:
-			a.allowedDomains[strings.TrimSuffix(s, ".")] = true
+			a.allowedDomains[domain.Key(s)] = true
 		}
 	}
 	return a, nil

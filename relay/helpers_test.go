@@ -3,18 +3,10 @@ package relay
 import (
 	"bufio"
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"io"
-	"math/big"
 	"net"
 	"net/netip"
-	"os"
 	"path/filepath"
 	"regexp"
 	"strings"
@@ -30,6 +22,7 @@ import (
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -57,49 +50,21 @@ func passwordHash(t *testing.T) string {
 	return testHash
 }
 
-// writeCert makes a self-signed certificate for "localhost" and 127.0.0.1
-// and returns the PEM file names and a client config trusting it.
+// writeCert issues a certificate for "localhost" from a fresh test CA of
+// internal/testworld and returns the PEM file names and a client config
+// trusting that CA only (so a second call's certificate does not verify
+// against the first call's config).
 func writeCert(t *testing.T) (certFile, keyFile string, client *tls.Config) {
 	t.Helper()
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
+	ca, err := testworld.NewCA(t.TempDir())
 	if err != nil {
 		t.Fatal(err)
 	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "localhost"},
-		DNSNames:              []string{"localhost"},
-		IPAddresses:           []net.IP{net.IPv4(127, 0, 0, 1)},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(time.Hour),
-		KeyUsage:              x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:           []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-		BasicConstraintsValid: true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
+	c, err := ca.IssueCert(testworld.CertValid, "localhost")
 	if err != nil {
 		t.Fatal(err)
 	}
-	kder, err := x509.MarshalPKCS8PrivateKey(key)
-	if err != nil {
-		t.Fatal(err)
-	}
-	dir := t.TempDir()
-	certFile = filepath.Join(dir, "cert.pem")
-	keyFile = filepath.Join(dir, "key.pem")
-	if err := os.WriteFile(certFile, pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	if err := os.WriteFile(keyFile, pem.EncodeToMemory(&pem.Block{Type: "PRIVATE KEY", Bytes: kder}), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		t.Fatal(err)
-	}
-	pool := x509.NewCertPool()
-	pool.AddCert(cert)
-	return certFile, keyFile, &tls.Config{RootCAs: pool, ServerName: "localhost"}
+	return c.CertFile, c.KeyFile, &tls.Config{RootCAs: ca.Pool(), ServerName: "localhost"}
 }
 
 type countingCounter struct{ n atomic.Int64 }

@@ -10,14 +10,13 @@ import (
 	"strings"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/domain"
+	"github.com/stsrelay/stsrelay/internal/txtrec"
 )
 
-// TXTResolver looks up TXT records: one []string (its character-strings)
-// per record. *dnsclient.Resolver satisfies it; its errors wrap
-// dnsclient.ErrNotFound, ErrNoData or ErrTemporary.
-type TXTResolver interface {
-	LookupTXT(ctx context.Context, name string) ([][]string, error)
-}
+// TXTResolver is dnsclient.TXTResolver, the module's one TXT lookup
+// interface, under the name this package's API has used.
+type TXTResolver = dnsclient.TXTResolver
 
 // Errors of LookupRecord, wrapped; use errors.Is. All but ErrDNS mean "this
 // domain does not do TLSRPT" (RFC 8460 §3).
@@ -148,7 +147,7 @@ func ParseRecord(txt string) (*Record, error) {
 			return bad("empty field")
 		}
 		name, value, ok := strings.Cut(f, "=")
-		if !ok || !validExtName(name) {
+		if !ok || !txtrec.ValidExtName(name) {
 			return bad("field %q is not name=value", f)
 		}
 		switch name {
@@ -198,21 +197,6 @@ func ParseRecord(txt string) (*Record, error) {
 	return rec, nil
 }
 
-// validExtName: tlsrpt-ext-name = (ALPHA / DIGIT) *31(ALPHA / DIGIT / "_" / "-" / ".")
-func validExtName(s string) bool {
-	if s == "" || len(s) > 32 {
-		return false
-	}
-	for i := 0; i < len(s); i++ {
-		c := s[i]
-		alnum := c >= 'a' && c <= 'z' || c >= 'A' && c <= 'Z' || c >= '0' && c <= '9'
-		if !alnum && (i == 0 || c != '_' && c != '-' && c != '.') {
-			return false
-		}
-	}
-	return true
-}
-
 // same reports whether a and b name the same destination: the same
 // mailbox (domain case-insensitive), or the same https URI.
 func (a RUA) same(b RUA) bool {
@@ -259,14 +243,6 @@ func parseRUA(s string) (RUA, bool) {
 	return RUA{}, false
 }
 
-// NormDomain lowercases name and drops a trailing dot; it does not allocate
-// when name is already in that form.
-func NormDomain(name string) string {
-	name = strings.TrimSuffix(name, ".")
-	for i := 0; i < len(name); i++ {
-		if c := name[i]; c >= 'A' && c <= 'Z' {
-			return strings.ToLower(name)
-		}
-	}
-	return name
-}
+// NormDomain lowercases name and drops a trailing dot (domain.Key, under
+// the name this package's users know).
+func NormDomain(name string) string { return domain.Key(name) }

@@ -7,10 +7,10 @@ import (
 	"slices"
 	"strings"
 	"testing"
-	"time"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/internal/testworld/worldres"
 )
 
 // fakeTXT answers LookupTXT from a map; err, when set, is returned for
@@ -127,10 +127,7 @@ func TestParseRecordMailtoAddress(t *testing.T) {
 // character-strings on the wire.
 func TestLookupRecordRealDNS(t *testing.T) {
 	w := testworld.New(t)
-	res, err := dnsclient.New([]string{w.DNS.Addr()}, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := worldres.New(t, w)
 	w.DNS.SetTXT("_smtp._tls.ex.test", []string{"v=TLSRPTv1; rua=https://ru", "a.test/r"}, []string{"v=spf1 -all"})
 	rec, err := LookupRecord(context.Background(), res, "ex.test")
 	if err != nil {

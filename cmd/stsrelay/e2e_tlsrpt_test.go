@@ -681,9 +681,9 @@ func TestE2ETLSRPTSessionNotMessage(t *testing.T) {
 	if sessions >= n {
 		t.Fatalf("the MX saw %d connections for %d messages: no connection reuse to test with", sessions, n)
 	}
-	docs := rptWaitTotal(t, r, rcv, rptInterval, (*rptDoc).successes, sessions, rptWait)
+	rptWaitTotal(t, r, rcv, rptInterval, (*rptDoc).successes, sessions, rptWait)
 	time.Sleep(rptInterval)
-	docs = rptReports(t, rcv, rptInterval)
+	docs := rptReports(t, rcv, rptInterval)
 	var got int64
 	for _, d := range docs {
 		got += d.successes()

@@ -7,6 +7,7 @@ package atomicfile
 import (
 	"os"
 	"path/filepath"
+	"strings"
 )
 
 // Write replaces path with data. The temporary file is named
@@ -53,4 +54,40 @@ func SyncDir(dir string) error {
 	}
 	defer d.Close()
 	return d.Sync()
+}
+
+// IsTemp reports whether name (a base name) is a leftover temporary file
+// of Write: "."+base+".*.tmp".
+func IsTemp(name string) bool {
+	return strings.HasPrefix(name, ".") && strings.HasSuffix(name, ".tmp")
+}
+
+// ReadDirJSON is the module's one "load a directory of JSON files": it
+// calls fn with the path and contents of every file (not directory) in
+// dir whose name ends in ".json" and does not begin with ".", in name
+// order, and removes the leftover temporary files of Write (IsTemp). readErr
+// is the error reading that file, if any (data is then nil). An error of
+// fn stops the walk and is returned: fn decides what a file it cannot use
+// means (skip it, rename it aside, fail).
+func ReadDirJSON(dir string, fn func(path string, data []byte, readErr error) error) error {
+	ents, err := os.ReadDir(dir)
+	if err != nil {
+		return err
+	}
+	for _, e := range ents {
+		name := e.Name()
+		if IsTemp(name) {
+			os.Remove(filepath.Join(dir, name))
+			continue
+		}
+		if e.IsDir() || !strings.HasSuffix(name, ".json") || strings.HasPrefix(name, ".") {
+			continue
+		}
+		path := filepath.Join(dir, name)
+		data, err := os.ReadFile(path)
+		if err := fn(path, data, err); err != nil {
+			return err
+		}
+	}
+	return nil
 }

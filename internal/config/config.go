@@ -18,6 +18,7 @@ import (
 	"github.com/pelletier/go-toml/v2"
 
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // Duration is a time.Duration written in TOML as a Go duration string
@@ -764,7 +765,7 @@ func checkDomains(ds []string, seen map[string]bool, wildcard bool) error {
 		return errors.New("must list at least one domain")
 	}
 	for i, d := range ds {
-		d = strings.TrimSuffix(strings.ToLower(strings.TrimSpace(d)), ".")
+		d = domain.Key(strings.TrimSpace(d))
 		switch {
 		case d == "*" && !wildcard:
 			return errors.New(`"*" is not allowed here`)
@@ -815,7 +816,7 @@ func ParseNextHop(s string, defPort int) (host string, port int, ip net.IP, err 
 			return "", 0, nil, fmt.Errorf("bad next hop %q: %v", s, err)
 		}
 	}
-	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	host = domain.Key(host)
 	if net.ParseIP(host) != nil {
 		return "", 0, nil, fmt.Errorf("bad next hop %q: write an IP address as [IP]:port", s)
 	}
@@ -856,16 +857,4 @@ func checkListen(addr string) error {
 		return fmt.Errorf("bad listen address %q: bad port", addr)
 	}
 	return nil
-}
-
-// RetryDelay returns the wait before attempt n+1 after n failed attempts
-// (n ≥ 1): the n-th entry of the schedule, the last one repeating.
-func (q *Queue) RetryDelay(n int) time.Duration {
-	if n < 1 {
-		n = 1
-	}
-	if n > len(q.RetrySchedule) {
-		n = len(q.RetrySchedule)
-	}
-	return q.RetrySchedule[n-1].Duration
 }

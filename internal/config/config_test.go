@@ -294,28 +294,6 @@ interval = "10s"
 	}
 }
 
-func TestRetryDelay(t *testing.T) {
-	q := Queue{RetrySchedule: []Duration{{time.Minute}, {10 * time.Minute}, {time.Hour}}}
-	tests := []struct {
-		name string
-		n    int
-		want time.Duration
-	}{
-		{"after the first failure the first interval", 1, time.Minute},
-		{"after the second failure the second interval", 2, 10 * time.Minute},
-		{"after the last listed failure the last interval", 3, time.Hour},
-		{"later failures repeat the last interval", 50, time.Hour},
-		{"zero failures count as one", 0, time.Minute},
-	}
-	for _, tt := range tests {
-		t.Run(tt.name, func(t *testing.T) {
-			if got := q.RetryDelay(tt.n); got != tt.want {
-				t.Fatalf("RetryDelay(%d) = %v, want %v", tt.n, got, tt.want)
-			}
-		})
-	}
-}
-
 func TestDurationRoundTrip(t *testing.T) {
 	d := Duration{90 * time.Minute}
 	b, err := d.MarshalText()

@@ -473,8 +473,8 @@ func TestMatchName(t *testing.T) {
 }
 
 // handshake runs a TLS server presenting chain and a client with cfg over a
-// net.Pipe, returning the client's error and the SNI the server saw.
-func handshake(t *testing.T, chain []*testCert, cfg *tls.Config) (clientErr error, sni string) {
+// net.Pipe, returning the SNI the server saw and the client's error.
+func handshake(t *testing.T, chain []*testCert, cfg *tls.Config) (sni string, clientErr error) {
 	t.Helper()
 	cert := tls.Certificate{PrivateKey: chain[0].key, Leaf: chain[0].cert}
 	for _, c := range chain {
@@ -518,7 +518,7 @@ func handshake(t *testing.T, chain []*testCert, cfg *tls.Config) (clientErr erro
 	<-done
 	mu.Lock()
 	defer mu.Unlock()
-	return clientErr, sni
+	return sni, clientErr
 }
 
 func TestConfigHandshake(t *testing.T) {
@@ -545,7 +545,7 @@ func TestConfigHandshake(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			cfg := Config(base, "mx.example.com", tc.rrs, tc.names, tc.nowFn)
-			err, sni := handshake(t, []*testCert{w.leaf, w.inter}, cfg)
+			sni, err := handshake(t, []*testCert{w.leaf, w.inter}, cfg)
 			if sni != "mx.example.com" {
 				t.Errorf("server saw SNI %q, want mx.example.com", sni)
 			}

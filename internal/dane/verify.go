@@ -11,6 +11,8 @@ import (
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // Errors returned (wrapped) by Verify. Test them with errors.Is.
@@ -269,7 +271,7 @@ func nameMatches(leaf *x509.Certificate, names []string) bool {
 }
 
 func normalizeName(n string) string {
-	return strings.ToLower(strings.TrimSuffix(strings.TrimSpace(n), "."))
+	return domain.Key(strings.TrimSpace(n))
 }
 
 // matchName matches one presented identifier against one reference

@@ -4,12 +4,13 @@ import (
 	"context"
 	"fmt"
 	"math"
-	"strings"
 	"sync"
 	"sync/atomic"
 	"time"
 
 	"github.com/miekg/dns"
+
+	"github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // DefaultCacheMaxTTL is the longest an answer is cached when
@@ -34,7 +35,7 @@ type cacheKey struct {
 // canonicalName returns name as a cacheKey holds it. It allocates only when
 // name has upper-case letters.
 func canonicalName(name string) string {
-	return strings.ToLower(strings.TrimSuffix(name, "."))
+	return domain.Key(name)
 }
 
 // entry is one lookup outcome: an answer or an error, and when it expires.

@@ -117,6 +117,15 @@ func trusts(servers []string, mode string) bool {
 	return true
 }
 
+// TXTResolver looks up TXT records, each returned as its list of
+// character-strings: the one interface the MTA-STS and TLSRPT record
+// lookups take. *Resolver implements it; errors should wrap ErrNotFound /
+// ErrNoData for an authoritative "no" and ErrTemporary for anything that
+// may succeed later.
+type TXTResolver interface {
+	LookupTXT(ctx context.Context, name string) ([][]string, error)
+}
+
 // Resolver sends queries to a list of recursive servers, in order, and
 // keeps their answers in its cache. It is safe for concurrent use.
 type Resolver struct {

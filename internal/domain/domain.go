@@ -284,3 +284,19 @@ func clip(s string) string {
 	}
 	return s[:n] + "…"
 }
+
+// Key is the relay's one lenient normaliser, for names that need not be
+// valid domains (configured domains, MX host names from DNS, cache and map
+// keys, "*"): s lower-cased, without a trailing dot. It never fails and
+// does not map U-labels to A-labels; use Parse for a checked Domain. For a
+// valid ASCII name, Key(s) == Parse(s).ASCII(). It allocates only when s
+// has upper-case or non-ASCII letters.
+func Key(s string) string {
+	s = strings.TrimSuffix(s, ".")
+	for i := 0; i < len(s); i++ {
+		if c := s[i]; c >= 'A' && c <= 'Z' || c >= 0x80 {
+			return strings.ToLower(s)
+		}
+	}
+	return s
+}

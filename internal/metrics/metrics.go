@@ -22,14 +22,13 @@ type Metrics struct {
 	Deliveries       *prometheus.CounterVec
 	// DeliveryLatency is stsrelay_delivery_latency_seconds: from the 250
 	// at submission to the recipient's delivery.
-	DeliveryLatency   prometheus.Histogram
-	MTASTSFetches     *prometheus.CounterVec
-	TLSSessions       *prometheus.CounterVec
-	TLSRPTReports     *prometheus.CounterVec
-	policiesByMode    *prometheus.GaugeVec
-	ready             atomic.Bool
-	readyCheck        atomic.Pointer[func() (bool, string)]
-	queueLen, oldestS func() float64
+	DeliveryLatency prometheus.Histogram
+	MTASTSFetches   *prometheus.CounterVec
+	TLSSessions     *prometheus.CounterVec
+	TLSRPTReports   *prometheus.CounterVec
+	policiesByMode  *prometheus.GaugeVec
+	ready           atomic.Bool
+	readyCheck      atomic.Pointer[func() (bool, string)]
 
 	// SubmissionRejected is stsrelay_submission_connections_rejected_total{reason}.
 	SubmissionRejected *prometheus.CounterVec

@@ -114,7 +114,7 @@ func TestCertFilesAndCAFile(t *testing.T) {
 	if _, err := c.Leaf.Verify(x509.VerifyOptions{DNSName: "mx1.ex.test", Roots: pool}); err != nil {
 		t.Errorf("verify against CA file: %v", err)
 	}
-	if w.CAFile() != w.CAFile() {
+	if first := w.CAFile(); w.CAFile() != first {
 		t.Errorf("CAFile should be written once")
 	}
 }
@@ -140,7 +140,7 @@ func TestWorldAddresses(t *testing.T) {
 		}
 		seen[ip.String()] = true
 	}
-	if w.MXPort() == 0 || w.MXPort() != w.MXPort() || w.HTTPSPort() == 0 || w.HTTPSPort() == w.MXPort() {
+	if mx := w.MXPort(); mx == 0 || w.MXPort() != mx || w.HTTPSPort() == 0 || w.HTTPSPort() == w.MXPort() {
 		t.Errorf("ports: MX %d, HTTPS %d", w.MXPort(), w.HTTPSPort())
 	}
 }

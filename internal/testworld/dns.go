@@ -62,16 +62,30 @@ type DNSServer struct {
 	queries  []Query
 }
 
-func newDNSServer(ip string) (*DNSServer, error) {
-	d := &DNSServer{
-		done:     make(chan struct{}),
-		ttl:      DefaultTTL,
-		rrs:      map[string]map[uint16][]dns.RR{},
-		servfail: map[string]map[uint16]bool{},
-		truncate: map[string]bool{},
-		delay:    map[string]time.Duration{},
-		ad:       map[string]bool{},
+// NewDNSServer starts a DNSServer outside a World, on UDP and TCP at addr
+// (host:port; port 0 picks a free one for both), for programs such as the
+// benchmark's loopback world. Stop it with Close.
+func NewDNSServer(addr string) (*DNSServer, error) {
+	host, port, err := net.SplitHostPort(addr)
+	if err != nil {
+		return nil, fmt.Errorf("testworld: dns: %w", err)
 	}
+	if port == "0" {
+		return newDNSServer(host)
+	}
+	pc, err := net.ListenPacket("udp", addr)
+	if err != nil {
+		return nil, fmt.Errorf("testworld: dns: listen udp: %w", err)
+	}
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		pc.Close()
+		return nil, fmt.Errorf("testworld: dns: listen tcp: %w", err)
+	}
+	return serveDNS(pc, l)
+}
+
+func newDNSServer(ip string) (*DNSServer, error) {
 	// UDP and TCP must share the port: take a free UDP port, then the same
 	// TCP port, and start over if TCP has it taken.
 	var pc net.PacketConn
@@ -91,6 +105,20 @@ func newDNSServer(ip string) (*DNSServer, error) {
 		if !errors.Is(err, syscall.EADDRINUSE) || tries >= 20 {
 			return nil, fmt.Errorf("testworld: dns: listen tcp: %w", err)
 		}
+	}
+	return serveDNS(pc, l)
+}
+
+// serveDNS serves on pc and l (the same address) until Close.
+func serveDNS(pc net.PacketConn, l net.Listener) (*DNSServer, error) {
+	d := &DNSServer{
+		done:     make(chan struct{}),
+		ttl:      DefaultTTL,
+		rrs:      map[string]map[uint16][]dns.RR{},
+		servfail: map[string]map[uint16]bool{},
+		truncate: map[string]bool{},
+		delay:    map[string]time.Duration{},
+		ad:       map[string]bool{},
 	}
 	d.addr = pc.LocalAddr().String()
 

@@ -268,3 +268,41 @@ func TestDNSRemove(t *testing.T) {
 		t.Errorf("TLSA: answers %v AD=%v, want one record with AD", r.Answer, r.AuthenticatedData)
 	}
 }
+
+// NewDNSServer serves outside a World, at a fixed address when one is
+// given (benchworld's use), on UDP and TCP alike.
+func TestNewDNSServerFixedAddr(t *testing.T) {
+	free, err := NewDNSServer("127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	addr := free.Addr()
+	free.Close()
+	d, err := NewDNSServer(addr)
+	if err != nil {
+		t.Skipf("port %s taken again meanwhile: %v", addr, err)
+	}
+	defer d.Close()
+	if d.Addr() != addr {
+		t.Fatalf("Addr = %s, want %s", d.Addr(), addr)
+	}
+	d.SetA("mx.bench.test", "127.0.0.9")
+	for _, netw := range []string{"udp", "tcp"} {
+		m := new(dns.Msg)
+		m.SetQuestion("MX.Bench.Test.", dns.TypeA)
+		c := &dns.Client{Net: netw, Timeout: 2 * time.Second}
+		r, _, err := c.Exchange(m, addr)
+		if err != nil {
+			t.Fatalf("%s: %v", netw, err)
+		}
+		if len(r.Answer) != 1 || r.Answer[0].(*dns.A).A.String() != "127.0.0.9" {
+			t.Fatalf("%s: answer %v", netw, r.Answer)
+		}
+	}
+	if _, err := NewDNSServer(addr); err == nil {
+		t.Fatal("a second server on the same address started")
+	}
+	if _, err := NewDNSServer("no-port"); err == nil {
+		t.Fatal("an address without a port was accepted")
+	}
+}

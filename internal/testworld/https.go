@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	domainpkg "github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // maxLoggedBody bounds how much of a request body an HTTPS server keeps.
@@ -240,7 +242,7 @@ func (w *World) PolicyHost(domain string, kind CertKind) *PolicyServer {
 
 // StartPolicyHost is PolicyHost returning its error.
 func (w *World) StartPolicyHost(domain string, kind CertKind) (*PolicyServer, error) {
-	domain = strings.TrimSuffix(strings.ToLower(domain), ".")
+	domain = domainpkg.Key(domain)
 	host := "mta-sts." + domain
 	ip, err := w.nextIP()
 	if err != nil {
@@ -453,7 +455,7 @@ func (w *World) ReportReceiver(host string) *ReportReceiver {
 
 // StartReportReceiver is ReportReceiver returning its error.
 func (w *World) StartReportReceiver(host string) (*ReportReceiver, error) {
-	host = strings.TrimSuffix(strings.ToLower(host), ".")
+	host = domainpkg.Key(host)
 	cert, err := w.CA.IssueCert(CertValid, host)
 	if err != nil {
 		return nil, err

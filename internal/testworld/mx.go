@@ -14,6 +14,8 @@ import (
 
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
+
+	domainpkg "github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // MXOptions configures an MX server. The zero value is a plain SMTP server
@@ -243,7 +245,7 @@ func (w *World) Mailbox(domain string) *MXServer {
 	if w.t != nil {
 		w.t.Helper()
 	}
-	host := "mx." + strings.TrimSuffix(strings.ToLower(domain), ".")
+	host := "mx." + domainpkg.Key(domain)
 	mx := w.NewMX(MXOptions{Hostname: host, Cert: w.CA.Issue(CertValid, host)})
 	w.DNS.SetMX(domain, MX{Pref: 10, Host: host})
 	w.DNS.SetA(host, mx.IP())

@@ -34,6 +34,7 @@ import (
 	"time"
 
 	"github.com/stsrelay/stsrelay/internal/atomicfile"
+	domainpkg "github.com/stsrelay/stsrelay/internal/domain"
 )
 
 // Modes a session is counted under.
@@ -103,7 +104,6 @@ type Counter struct {
 	mu      sync.Mutex
 	domains map[string]*domain
 	dirty   bool
-	closed  bool
 }
 
 // domain is one domain's counts, as stored.
@@ -189,8 +189,8 @@ func (c *Counter) Record(s Session) {
 	if s.Time.IsZero() {
 		s.Time = c.o.Now()
 	}
-	s.Domain = strings.ToLower(strings.TrimSuffix(s.Domain, "."))
-	s.MX = trunc(strings.ToLower(strings.TrimSuffix(s.MX, ".")), maxMXLen)
+	s.Domain = domainpkg.Key(s.Domain)
+	s.MX = trunc(domainpkg.Key(s.MX), maxMXLen)
 	s.Reason = trunc(s.Reason, maxReasonLen)
 	if s.Refused && s.Reason == "" {
 		s.Reason = "unknown"
@@ -421,7 +421,7 @@ func (c *Counter) Summaries() []Summary {
 
 // Summary returns domain's summary.
 func (c *Counter) Summary(name string) (Summary, bool) {
-	name = strings.ToLower(strings.TrimSuffix(name, "."))
+	name = domainpkg.Key(name)
 	now := c.o.Now()
 	c.mu.Lock()
 	defer c.mu.Unlock()

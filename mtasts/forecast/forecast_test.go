@@ -5,24 +5,15 @@ import (
 	"os"
 	"path/filepath"
 	"strings"
-	"sync"
 	"testing"
 	"time"
+
+	"github.com/stsrelay/stsrelay/internal/testworld"
 )
 
-type clock struct {
-	mu sync.Mutex
-	t  time.Time
+func newClock() *testworld.Clock {
+	return testworld.NewClock(time.Date(2026, 3, 10, 12, 30, 0, 0, time.UTC))
 }
-
-func (c *clock) now() time.Time { c.mu.Lock(); defer c.mu.Unlock(); return c.t }
-func (c *clock) add(d time.Duration) {
-	c.mu.Lock()
-	c.t = c.t.Add(d)
-	c.mu.Unlock()
-}
-
-func newClock() *clock { return &clock{t: time.Date(2026, 3, 10, 12, 30, 0, 0, time.UTC)} }
 
 // A testing domain with one good and one bad MX: the counts, the reasons,
 // the verdict, and the same after a restart.
@@ -30,21 +21,21 @@ func TestTestingDomainGoodAndBadMX(t *testing.T) {
 	dir := t.TempDir()
 	clk := newClock()
 	var metric []string
-	c, err := Open(Options{Dir: dir, Now: clk.now, OnRefusal: func(r string) { metric = append(metric, r) }})
+	c, err := Open(Options{Dir: dir, Now: clk.Now, OnRefusal: func(r string) { metric = append(metric, r) }})
 	if err != nil {
 		t.Fatal(err)
 	}
 	for i := 0; i < 10; i++ {
-		c.Record(Session{Time: clk.now(), Domain: "Rollout.Example.", Mode: ModeTesting, MX: "mx1.rollout.example"})
+		c.Record(Session{Time: clk.Now(), Domain: "Rollout.Example.", Mode: ModeTesting, MX: "mx1.rollout.example"})
 	}
 	for i := 0; i < 3; i++ {
-		c.Record(Session{Time: clk.now(), Domain: "rollout.example", Mode: ModeTesting, MX: "mx3.rollout.example", Refused: true, Reason: "certificate-expired"})
+		c.Record(Session{Time: clk.Now(), Domain: "rollout.example", Mode: ModeTesting, MX: "mx3.rollout.example", Refused: true, Reason: "certificate-expired"})
 	}
 	// Two days ago: in the week, not in the day.
-	old := clk.now().Add(-48 * time.Hour)
+	old := clk.Now().Add(-48 * time.Hour)
 	c.Record(Session{Time: old, Domain: "rollout.example", Mode: ModeTesting, MX: "mx9.rollout.example", Refused: true, Reason: ReasonMXNotInPolicy})
 	// Eight days ago: gone.
-	c.Record(Session{Time: clk.now().Add(-8 * Day), Domain: "rollout.example", Mode: ModeTesting, MX: "mx1.rollout.example"})
+	c.Record(Session{Time: clk.Now().Add(-8 * Day), Domain: "rollout.example", Mode: ModeTesting, MX: "mx1.rollout.example"})
 
 	check := func(c *Counter) {
 		t.Helper()
@@ -86,13 +77,13 @@ func TestTestingDomainGoodAndBadMX(t *testing.T) {
 		t.Fatal(err)
 	}
 	// A restart keeps them.
-	c2, err := Open(Options{Dir: dir, Now: clk.now})
+	c2, err := Open(Options{Dir: dir, Now: clk.Now})
 	if err != nil {
 		t.Fatal(err)
 	}
 	check(c2)
 	// A day later the day window is empty; the week still holds them.
-	clk.add(25 * time.Hour)
+	clk.Advance(25 * time.Hour)
 	s, _ := c2.Summary("rollout.example")
 	if s.Testing.Day.Sessions != 0 || s.Testing.Week.Sessions != 14 {
 		t.Errorf("after a day: %+v", s.Testing)
@@ -101,9 +92,9 @@ func TestTestingDomainGoodAndBadMX(t *testing.T) {
 
 func TestSafeVerdictAndThousands(t *testing.T) {
 	clk := newClock()
-	c, _ := Open(Options{Now: clk.now})
+	c, _ := Open(Options{Now: clk.Now})
 	for i := 0; i < 12408; i++ {
-		c.Record(Session{Time: clk.now(), Domain: "fine.example", Mode: ModeTesting, MX: "mx.fine.example"})
+		c.Record(Session{Time: clk.Now(), Domain: "fine.example", Mode: ModeTesting, MX: "mx.fine.example"})
 	}
 	s, _ := c.Summary("fine.example")
 	if !s.Safe || s.Verdict != "safe to enforce: 0 of 12,408 sessions in 7 days would have been refused" {
@@ -122,9 +113,9 @@ func TestSafeVerdictAndThousands(t *testing.T) {
 func TestSwitchToEnforce(t *testing.T) {
 	clk := newClock()
 	var metric int
-	c, _ := Open(Options{Now: clk.now, OnRefusal: func(string) { metric++ }})
+	c, _ := Open(Options{Now: clk.Now, OnRefusal: func(string) { metric++ }})
 	c.Record(Session{Domain: "sw.example", Mode: ModeTesting, MX: "mx.sw.example", Refused: true, Reason: "certificate-not-trusted"})
-	clk.add(time.Hour)
+	clk.Advance(time.Hour)
 	c.Record(Session{Domain: "sw.example", Mode: ModeEnforce, MX: "mx.sw.example", Refused: true, Reason: "certificate-not-trusted"})
 	c.Record(Session{Domain: "sw.example", Mode: ModeEnforce, MX: "mx2.sw.example"})
 	s, _ := c.Summary("sw.example")
@@ -142,9 +133,9 @@ func TestSwitchToEnforce(t *testing.T) {
 func TestBounds(t *testing.T) {
 	dir := t.TempDir()
 	clk := newClock()
-	c, _ := Open(Options{Dir: dir, Now: clk.now, MaxDomains: 5})
+	c, _ := Open(Options{Dir: dir, Now: clk.Now, MaxDomains: 5})
 	for i := 0; i < 8; i++ {
-		clk.add(time.Second)
+		clk.Advance(time.Second)
 		c.Record(Session{Domain: fmt.Sprintf("d%d.example", i), Mode: ModeTesting, MX: "mx"})
 	}
 	if n := len(c.Summaries()); n != 5 {
@@ -191,11 +182,11 @@ func TestBounds(t *testing.T) {
 
 func TestNoData(t *testing.T) {
 	clk := newClock()
-	c, _ := Open(Options{Now: clk.now})
+	c, _ := Open(Options{Now: clk.Now})
 	c.Record(Session{Domain: "quiet.example", Mode: ModeTesting, MX: "mx"})
-	clk.add(6 * Day)
+	clk.Advance(6 * Day)
 	c.Record(Session{Domain: "other.example", Mode: ModeTesting, MX: "mx"})
-	clk.add(Day + time.Hour)
+	clk.Advance(Day + time.Hour)
 	s, ok := c.Summary("quiet.example")
 	if ok && s.Testing.Week.Sessions != 0 {
 		t.Errorf("old sessions still counted: %+v", s)

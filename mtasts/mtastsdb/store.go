@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -105,34 +104,25 @@ func (c *Cache) openDir() error {
 // policy no longer parses is logged and skipped (and left in place for the
 // operator); leftover temporary files are removed.
 func (c *Cache) load() error {
-	des, err := os.ReadDir(c.dir)
-	if err != nil {
-		return fmt.Errorf("mtasts cache: %w", err)
-	}
-	for _, de := range des {
-		name := de.Name()
-		if strings.HasPrefix(name, ".") && strings.HasSuffix(name, ".tmp") {
-			os.Remove(filepath.Join(c.dir, name))
-			continue
+	err := atomicfile.ReadDirJSON(c.dir, func(path string, data []byte, err error) error {
+		var e *entry
+		if err == nil {
+			e, err = c.loadFile(path, data)
 		}
-		if de.IsDir() || !strings.HasSuffix(name, ".json") {
-			continue
-		}
-		e, err := c.loadFile(filepath.Join(c.dir, name))
 		if err != nil {
-			c.log.Warn("mtasts_cache_load", zap.String("file", name), zap.Error(err))
-			continue
+			c.log.Warn("mtasts_cache_load", zap.String("file", filepath.Base(path)), zap.Error(err))
+			return nil
 		}
 		c.entries[e.domain] = e
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("mtasts cache: %w", err)
 	}
 	return nil
 }
 
-func (c *Cache) loadFile(path string) (*entry, error) {
-	data, err := os.ReadFile(path)
-	if err != nil {
-		return nil, err
-	}
+func (c *Cache) loadFile(path string, data []byte) (*entry, error) {
 	var fe fileEntry
 	if err := json.Unmarshal(data, &fe); err != nil {
 		return nil, err

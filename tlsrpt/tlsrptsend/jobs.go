@@ -7,7 +7,6 @@ import (
 	"os"
 	"path/filepath"
 	"strconv"
-	"strings"
 	"time"
 
 	"go.uber.org/zap"
@@ -103,27 +102,21 @@ func (j *job) clone() *job {
 }
 
 func (rp *Reporter) loadJobs() error {
-	ents, err := os.ReadDir(rp.dir)
-	if err != nil {
-		return fmt.Errorf("tlsrpt: %w", err)
-	}
-	for _, e := range ents {
-		name := e.Name()
-		if e.IsDir() || !strings.HasSuffix(name, ".json") || strings.HasPrefix(name, ".") {
-			continue
-		}
-		path := filepath.Join(rp.dir, name)
-		data, err := os.ReadFile(path)
+	err := atomicfile.ReadDirJSON(rp.dir, func(path string, data []byte, err error) error {
 		if err != nil {
-			return fmt.Errorf("tlsrpt: %w", err)
+			return err
 		}
 		j := &job{}
 		if err := json.Unmarshal(data, j); err != nil || j.Report == nil {
 			os.Rename(path, path+".bad")
 			rp.log.Error("tlsrpt_job_corrupt", zap.String("file", path+".bad"), zap.Error(err))
-			continue
+			return nil
 		}
-		rp.jobs[name] = j
+		rp.jobs[filepath.Base(path)] = j
+		return nil
+	})
+	if err != nil {
+		return fmt.Errorf("tlsrpt: %w", err)
 	}
 	return nil
 }

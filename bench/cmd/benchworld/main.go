@@ -1,7 +1,7 @@
 // Command benchworld is the loopback "Internet" of the Postfix/stsrelay
 // benchmark (bench/run.sh). It serves, all on 127.0.0.0/8:
 //
-//   - an authoritative DNS zone (miekg/dns, UDP and TCP) for a handful of
+//   - an authoritative DNS zone (internal/testworld's DNS server, UDP and TCP) for a handful of
 //     destination domains:
 //     plain.bench.test  MX mx.plain.bench.test -> -plain-ip (Postfix's smtp-sink)
 //     tls.bench.test    MX mx.tls.bench.test   -> -tls-ip   (this program's STARTTLS sink)
@@ -28,33 +28,24 @@ package main
 
 import (
 	"context"
-	"crypto/ecdsa"
-	"crypto/elliptic"
-	"crypto/rand"
 	"crypto/tls"
-	"crypto/x509"
-	"crypto/x509/pkix"
-	"encoding/pem"
 	"flag"
 	"fmt"
 	"io"
 	"log"
-	"math/big"
 	"net"
 	"net/http"
 	"os"
 	"os/signal"
 	"path/filepath"
-	"strings"
 	"sync/atomic"
 	"syscall"
 	"time"
 
 	"github.com/emersion/go-smtp"
-	"github.com/miekg/dns"
-)
 
-const zone = "bench.test."
+	"github.com/stsrelay/stsrelay/internal/testworld"
+)
 
 func main() {
 	dir := flag.String("dir", ".", "directory for ca.pem and the ready file")
@@ -87,47 +78,45 @@ func main() {
 		}
 	}
 
-	ca, err := newCA()
+	// The test CA of internal/testworld (the one the tests use); its
+	// issued files go to a temporary directory, the root to DIR/ca.pem.
+	caDir, err := os.MkdirTemp("", "benchworld-ca-")
 	if err != nil {
 		log.Fatal(err)
 	}
-	mxCert, err := ca.issue("mx.tls.bench.test", "mx.sts.bench.test", "mx.wan.bench.test", "mx.wannc.bench.test")
+	defer os.RemoveAll(caDir)
+	ca, err := testworld.NewCA(caDir)
 	if err != nil {
 		log.Fatal(err)
 	}
-	stsCert, err := ca.issue("mta-sts.sts.bench.test")
+	mx, err := ca.IssueCert(testworld.CertValid, "mx.tls.bench.test", "mx.sts.bench.test", "mx.wan.bench.test", "mx.wannc.bench.test")
 	if err != nil {
 		log.Fatal(err)
 	}
+	sts, err := ca.IssueCert(testworld.CertValid, "mta-sts.sts.bench.test")
+	if err != nil {
+		log.Fatal(err)
+	}
+	mxCert, stsCert := mx.TLS, sts.TLS
 
-	// DNS.
-	z := newZone()
-	z.a("mx.plain.bench.test.", *plainIP)
-	z.a("mx.tls.bench.test.", *tlsIP)
-	z.a("mx.sts.bench.test.", *tlsIP)
-	z.a("mx.down.bench.test.", *downIP)
-	z.a("mta-sts.sts.bench.test.", *httpsIP)
-	z.a("mx.wan.bench.test.", *wanIP)
-	z.a("mx.wannc.bench.test.", *wanNCIP)
+	// DNS: the test kit's authoritative server (internal/testworld).
+	dnsSrv, err := testworld.NewDNSServer(*dnsAddr)
+	if err != nil {
+		log.Fatalf("benchworld: dns: %v", err)
+	}
+	defer dnsSrv.Close()
+	dnsSrv.SetTTL(300)
+	dnsSrv.SetA("mx.plain.bench.test", *plainIP)
+	dnsSrv.SetA("mx.tls.bench.test", *tlsIP)
+	dnsSrv.SetA("mx.sts.bench.test", *tlsIP)
+	dnsSrv.SetA("mx.down.bench.test", *downIP)
+	dnsSrv.SetA("mta-sts.sts.bench.test", *httpsIP)
+	dnsSrv.SetA("mx.wan.bench.test", *wanIP)
+	dnsSrv.SetA("mx.wannc.bench.test", *wanNCIP)
 	for _, d := range []string{"plain", "tls", "sts", "down", "wan", "wannc"} {
-		z.mx(d+".bench.test.", "mx."+d+".bench.test.")
+		dnsSrv.SetMX(d+".bench.test", testworld.MX{Pref: 10, Host: "mx." + d + ".bench.test"})
 	}
-	z.txt("_mta-sts.sts.bench.test.", "v=STSv1; id="+*policyID+";")
-	var servers []*dns.Server
-	for _, netw := range []string{"udp", "tcp"} {
-		s := &dns.Server{Addr: *dnsAddr, Net: netw, Handler: z}
-		started := make(chan error, 1)
-		s.NotifyStartedFunc = func() { started <- nil }
-		go func() {
-			if err := s.ListenAndServe(); err != nil {
-				started <- err
-			}
-		}()
-		if err := <-started; err != nil {
-			log.Fatalf("benchworld: dns %s: %v", netw, err)
-		}
-		servers = append(servers, s)
-	}
+	dnsSrv.SetTXT("_mta-sts.sts.bench.test", []string{"v=STSv1; id=" + *policyID + ";"})
 
 	// STARTTLS sink.
 	var count atomic.Int64
@@ -195,7 +184,7 @@ func main() {
 
 	// Only now that every listener is ours: a second benchworld that
 	// failed to bind must not overwrite the running one's CA.
-	if err := os.WriteFile(filepath.Join(*dir, "ca.pem"), ca.pem, 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(*dir, "ca.pem"), ca.RootPEM(), 0o644); err != nil {
 		log.Fatal(err)
 	}
 	if err := os.WriteFile(filepath.Join(*dir, "ready"), []byte("ready\n"), 0o644); err != nil {
@@ -206,9 +195,6 @@ func main() {
 	<-sig
 	ctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 	defer cancel()
-	for _, s := range servers {
-		s.ShutdownContext(ctx)
-	}
 	srv.Close()
 	for _, ln := range wanLns {
 		ln.Close()
@@ -232,134 +218,4 @@ func (s *sinkSession) Data(r io.Reader) error {
 	}
 	s.count.Add(1)
 	return nil
-}
-
-// zoneData is a tiny authoritative zone.
-type zoneData struct {
-	rrs map[string][]dns.RR // by owner name, lower case, fully qualified
-}
-
-func newZone() *zoneData { return &zoneData{rrs: map[string][]dns.RR{}} }
-
-func (z *zoneData) add(rr dns.RR) {
-	n := strings.ToLower(rr.Header().Name)
-	z.rrs[n] = append(z.rrs[n], rr)
-}
-
-func (z *zoneData) a(name, ip string) {
-	z.add(&dns.A{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeA, Class: dns.ClassINET, Ttl: 300}, A: net.ParseIP(ip).To4()})
-}
-
-func (z *zoneData) mx(name, host string) {
-	z.add(&dns.MX{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeMX, Class: dns.ClassINET, Ttl: 300}, Preference: 10, Mx: host})
-}
-
-func (z *zoneData) txt(name, s string) {
-	z.add(&dns.TXT{Hdr: dns.RR_Header{Name: name, Rrtype: dns.TypeTXT, Class: dns.ClassINET, Ttl: 300}, Txt: []string{s}})
-}
-
-func (z *zoneData) soa() dns.RR {
-	return &dns.SOA{Hdr: dns.RR_Header{Name: zone, Rrtype: dns.TypeSOA, Class: dns.ClassINET, Ttl: 60},
-		Ns: "ns." + zone, Mbox: "hostmaster." + zone, Serial: 1, Refresh: 3600, Retry: 600, Expire: 86400, Minttl: 60}
-}
-
-func (z *zoneData) ServeDNS(w dns.ResponseWriter, req *dns.Msg) {
-	m := new(dns.Msg)
-	m.SetReply(req)
-	m.Authoritative = true
-	m.RecursionAvailable = true
-	if len(req.Question) != 1 {
-		m.Rcode = dns.RcodeFormatError
-		w.WriteMsg(m)
-		return
-	}
-	q := req.Question[0]
-	name := strings.ToLower(q.Name)
-	if !dns.IsSubDomain(zone, name) {
-		m.Rcode = dns.RcodeRefused
-		w.WriteMsg(m)
-		return
-	}
-	rrs, ok := z.rrs[name]
-	if !ok {
-		// Empty non-terminals (e.g. bench.test itself) are NODATA, the
-		// rest NXDOMAIN.
-		nx := true
-		for n := range z.rrs {
-			if dns.IsSubDomain(name, n) {
-				nx = false
-				break
-			}
-		}
-		if nx {
-			m.Rcode = dns.RcodeNameError
-		}
-		m.Ns = append(m.Ns, z.soa())
-		w.WriteMsg(m)
-		return
-	}
-	for _, rr := range rrs {
-		if rr.Header().Rrtype == q.Qtype || q.Qtype == dns.TypeANY {
-			m.Answer = append(m.Answer, dns.Copy(rr))
-		}
-	}
-	if len(m.Answer) == 0 {
-		m.Ns = append(m.Ns, z.soa())
-	}
-	w.WriteMsg(m)
-}
-
-// testCA is a throwaway certificate authority.
-type testCA struct {
-	cert *x509.Certificate
-	key  *ecdsa.PrivateKey
-	pem  []byte
-}
-
-func newCA() (*testCA, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return nil, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber:          big.NewInt(1),
-		Subject:               pkix.Name{CommonName: "stsrelay bench test CA"},
-		NotBefore:             time.Now().Add(-time.Hour),
-		NotAfter:              time.Now().Add(7 * 24 * time.Hour),
-		KeyUsage:              x509.KeyUsageCertSign | x509.KeyUsageCRLSign,
-		BasicConstraintsValid: true,
-		IsCA:                  true,
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, tmpl, &key.PublicKey, key)
-	if err != nil {
-		return nil, err
-	}
-	cert, err := x509.ParseCertificate(der)
-	if err != nil {
-		return nil, err
-	}
-	return &testCA{cert: cert, key: key, pem: pem.EncodeToMemory(&pem.Block{Type: "CERTIFICATE", Bytes: der})}, nil
-}
-
-var serial atomic.Int64
-
-func (ca *testCA) issue(names ...string) (tls.Certificate, error) {
-	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	tmpl := &x509.Certificate{
-		SerialNumber: big.NewInt(100 + serial.Add(1)),
-		Subject:      pkix.Name{CommonName: names[0]},
-		DNSNames:     names,
-		NotBefore:    time.Now().Add(-time.Hour),
-		NotAfter:     time.Now().Add(7 * 24 * time.Hour),
-		KeyUsage:     x509.KeyUsageDigitalSignature,
-		ExtKeyUsage:  []x509.ExtKeyUsage{x509.ExtKeyUsageServerAuth},
-	}
-	der, err := x509.CreateCertificate(rand.Reader, tmpl, ca.cert, &key.PublicKey, ca.key)
-	if err != nil {
-		return tls.Certificate{}, err
-	}
-	return tls.Certificate{Certificate: [][]byte{der, ca.cert.Raw}, PrivateKey: key}, nil
 }

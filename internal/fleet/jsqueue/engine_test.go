@@ -12,10 +12,10 @@ import (
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
-	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/fleet/jsqueue"
 	"github.com/stsrelay/stsrelay/internal/fleet/natstest"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/internal/testworld/worldres"
 	"github.com/stsrelay/stsrelay/queue"
 )
 
@@ -43,10 +43,7 @@ func TestDeliveryEngineOnFleetQueue(t *testing.T) {
 	cfg.Delivery.Port = w.MXPort()
 	cfg.Delivery.ConnectTimeout.Duration = 5 * time.Second
 	cfg.Delivery.CommandTimeout.Duration = 10 * time.Second
-	res, err := dnsclient.New([]string{w.DNS.Addr()}, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	res := worldres.New(t, w)
 	var qs []*jsqueue.Queue
 	ctx, cancel := context.WithCancel(context.Background())
 	var done []chan struct{}
@@ -96,7 +93,7 @@ func TestDeliveryEngineOnFleetQueue(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	got := dest.WaitMessages(t, n-bounced, 30*time.Second)
+	dest.WaitMessages(t, n-bounced, 30*time.Second)
 	dsns := senders.WaitMessages(t, bounced, 30*time.Second)
 	deadline := time.Now().Add(15 * time.Second)
 	for qs[0].Len() != 0 {
@@ -106,7 +103,7 @@ func TestDeliveryEngineOnFleetQueue(t *testing.T) {
 		time.Sleep(50 * time.Millisecond)
 	}
 	time.Sleep(500 * time.Millisecond) // any duplicate would show now
-	got = dest.Messages()
+	got := dest.Messages()
 	if len(got) != n-bounced {
 		t.Fatalf("destination got %d messages, want %d", len(got), n-bounced)
 	}

@@ -599,7 +599,7 @@ func TestOperatorsFleetWide(t *testing.T) {
 	}
 	waitLen(t, a, 4)
 	// The lock is gone: a can take the next one.
-	m, err = a.LeaseID(ids[2])
+	_, err = a.LeaseID(ids[2])
 	if err != nil {
 		t.Fatal(err)
 	}

@@ -15,10 +15,10 @@ import (
 	"go.uber.org/zap/zapcore"
 	"go.uber.org/zap/zaptest/observer"
 
-	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/fleet/kvcache"
 	"github.com/stsrelay/stsrelay/internal/fleet/natstest"
 	"github.com/stsrelay/stsrelay/internal/testworld"
+	"github.com/stsrelay/stsrelay/internal/testworld/worldres"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
 	"github.com/stsrelay/stsrelay/tlsrpt"
@@ -87,10 +87,7 @@ func (f *fleet) sharedLog(t testing.TB, name string, log *zap.Logger) (*nats.Con
 
 func (f *fleet) node(t testing.TB, name string, adjust func(*mtastsdb.Options)) *node {
 	t.Helper()
-	r, err := dnsclient.New([]string{f.w.DNS.Addr()}, 2*time.Second)
-	if err != nil {
-		t.Fatal(err)
-	}
+	r := worldres.New(t, f.w)
 	core, logs := observer.New(zapcore.InfoLevel)
 	nc, sh := f.sharedLog(t, name, zap.New(core))
 	opts := mtastsdb.Options{
