@@ -14,6 +14,7 @@ import (
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
 	"github.com/stsrelay/stsrelay/tlsrpt"
@@ -83,11 +84,11 @@ func cmdCheck(args []string) error {
 			return err
 		}
 	}
-	res, err := newResolver(cfg)
+	res, err := server.NewResolver(cfg)
 	if err != nil {
 		return err
 	}
-	roots, extra, err := trustRoots(cfg)
+	roots, extra, err := server.TrustRoots(cfg)
 	if err != nil {
 		return err
 	}

@@ -11,6 +11,7 @@ import (
 	"text/tabwriter"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/control"
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
 )
@@ -36,45 +37,17 @@ func startForecast(ctx context.Context, cfg *config.Config, met *metrics.Metrics
 	return fc, nil
 }
 
-// forecastAction answers policy.forecast: every domain ("") or one.
-func forecastAction(fc *forecast.Counter, domain string) ([]forecast.Summary, error) {
-	if fc == nil {
-		return nil, errors.New("MTA-STS is disabled (mtasts.enabled = false)")
-	}
-	if domain == "" {
-		return fc.Summaries(), nil
-	}
-	s, ok := fc.Summary(domain)
-	if !ok {
-		return nil, noForecastError{domain}
-	}
-	return []forecast.Summary{s}, nil
-}
-
-var errNoForecast = errors.New("no sessions counted for that domain in 7 days")
-
-// noForecastError is errNoForecast for one domain; it is also a "not
-// found" (errPolicyNotFound) for the control socket, so that the CLI
-// exits 1 whether the relay runs or not.
-type noForecastError struct{ domain string }
-
-func (e noForecastError) Error() string { return e.domain + ": " + errNoForecast.Error() }
-
-func (e noForecastError) Is(target error) bool {
-	return target == errNoForecast || target == errPolicyNotFound
-}
-
 // readForecast asks the running relay, or reads the files of a stopped
 // one.
 func readForecast(cfg *config.Config, domain string) ([]forecast.Summary, error) {
-	var out []forecast.Summary
-	err := callControl(cfg.DataDir, controlRequest{Op: "policy.forecast", Arg: domain}, &out)
-	if errors.Is(err, errNoServer) {
+	ctx := context.Background()
+	out, err := controlClient(cfg).Forecast(ctx, domain)
+	if errors.Is(err, control.ErrNoServer) {
 		fc, lerr := forecast.Load(forecastDir(cfg))
 		if lerr != nil {
 			return nil, lerr
 		}
-		return forecastAction(fc, domain)
+		return (&control.Service{Forecasts: fc}).Forecast(ctx, domain)
 	}
 	return out, err
 }
@@ -82,8 +55,7 @@ func readForecast(cfg *config.Config, domain string) ([]forecast.Summary, error)
 func cmdPolicyForecast(cfg *config.Config, domain string, asJSON bool) error {
 	sums, err := readForecast(cfg, domain)
 	if err != nil {
-		var nf *notFoundError
-		if errors.As(err, &nf) || errors.Is(err, errNoForecast) {
+		if control.IsNotFound(err) {
 			fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
 			return &exitError{exitFailed}
 		}

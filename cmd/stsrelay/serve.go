@@ -2,7 +2,6 @@ package main
 
 import (
 	"context"
-	"crypto/x509"
 	"errors"
 	"flag"
 	"fmt"
@@ -18,13 +17,14 @@ import (
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
-	"github.com/stsrelay/stsrelay/internal/dnsclient"
+	"github.com/stsrelay/stsrelay/internal/control"
 	"github.com/stsrelay/stsrelay/internal/fleet"
 	"github.com/stsrelay/stsrelay/internal/fleet/jsqueue"
 	"github.com/stsrelay/stsrelay/internal/fleet/kvcache"
 	"github.com/stsrelay/stsrelay/internal/logging"
 	"github.com/stsrelay/stsrelay/internal/metrics"
 	"github.com/stsrelay/stsrelay/internal/sdnotify"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/mtasts"
 	"github.com/stsrelay/stsrelay/queue"
 	"github.com/stsrelay/stsrelay/relay"
@@ -133,65 +133,6 @@ func stopOnSignal(log *zap.Logger) (context.Context, func()) {
 	}
 }
 
-// trustRoots reads tls.extra_root_ca_file once and returns the full
-// pool (system roots plus the extra ones: the Web PKI for MX certificates,
-// policy hosts and report endpoints) and the extra roots alone (nil when
-// none), which the policy fetcher adds to the system roots itself.
-func trustRoots(cfg *config.Config) (full, extra *x509.CertPool, err error) {
-	full, err = x509.SystemCertPool()
-	if err != nil || full == nil {
-		full = x509.NewCertPool()
-	}
-	f := cfg.TLS.ExtraRootCAFile
-	if f == "" {
-		return full, nil, nil
-	}
-	pem, err := os.ReadFile(f)
-	if err != nil {
-		return nil, nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": %w", cfg.Path, err)
-	}
-	extra = x509.NewCertPool()
-	if !extra.AppendCertsFromPEM(pem) {
-		return nil, nil, fmt.Errorf("config %s: key \"tls.extra_root_ca_file\": no PEM certificate in %s", cfg.Path, f)
-	}
-	full.AppendCertsFromPEM(pem)
-	return full, extra, nil
-}
-
-func newResolver(cfg *config.Config) (*dnsclient.Resolver, error) {
-	r, err := dnsclient.NewWithOptions(dnsclient.Options{
-		Servers:      cfg.DNS.Servers,
-		Timeout:      cfg.DNS.Timeout.Duration,
-		CacheEntries: cfg.DNS.CacheEntries,
-		CacheMaxTTL:  cfg.DNS.CacheMaxTTL.Duration,
-		// The AD bit of answers counts only from a resolver trusted to
-		// validate (RFC 6840 §5.8); DANE (RFC 7672) depends on it.
-		TrustAD: cfg.DNS.TrustAD,
-	})
-	if err != nil {
-		return nil, fmt.Errorf("dns: %w", err)
-	}
-	return r, nil
-}
-
-func newPolicyCache(cfg *config.Config, res *dnsclient.Resolver, extra *x509.CertPool, shared mtasts.Shared, log *zap.Logger, onFetch func(domain, id string, mode mtasts.Mode, result string)) (*mtasts.Cache, error) {
-	return mtasts.New(mtasts.Options{
-		Shared:   shared,
-		Resolver: res,
-		Fetcher: &mtasts.Fetcher{
-			HTTPSPort: cfg.MTASTS.HTTPSPort,
-			Timeout:   cfg.MTASTS.FetchTimeout.Duration,
-			MaxBytes:  cfg.MTASTS.MaxPolicyBytes,
-			RootCAs:   extra,
-			DialAddr:  res.DialContext,
-		},
-		Dir:                 filepath.Join(cfg.DataDir, "mtasts"),
-		Logger:              log,
-		RefreshBeforeExpiry: cfg.MTASTS.RefreshBeforeExpiry.Duration,
-		OnFetch:             onFetch,
-	})
-}
-
 // serveHooks are what `serve` adds to a relay run in process (demo): the
 // reload signal and the log level it may change.
 type serveHooks struct {
@@ -228,7 +169,7 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 			return fmt.Errorf("data_dir: %w", err)
 		}
 		jq, err := jsqueue.New(ctx, fl.NC, jsqueue.Options{Prefix: fl.Prefix, Replicas: fl.Replicas, NodeName: fl.Node,
-			Schedule: queueOptions(cfg).Schedule, TempDir: filepath.Join(cfg.DataDir, "spool"), AckWait: cfg.Cluster.LeaseTime.Duration})
+			Schedule: server.QueueOptions(cfg).Schedule, TempDir: filepath.Join(cfg.DataDir, "spool"), AckWait: cfg.Cluster.LeaseTime.Duration})
 		if err != nil {
 			return fmt.Errorf("fleet queue: %w", err)
 		}
@@ -236,7 +177,7 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 		defer store.Close()
 		log.Info("queue opened", zap.String("fleet", fl.Prefix), zap.Int("messages", store.Len()))
 	} else {
-		st, err := queue.Open(queueOptions(cfg))
+		st, err := queue.Open(server.QueueOptions(cfg))
 		if err != nil {
 			return err
 		}
@@ -258,12 +199,12 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 		return metrics.QueueDisk{DiskBytes: st.DiskBytes, LiveBytes: st.LiveBytes, MaxDiskBytes: cfg.Queue.MaxDiskBytes,
 			Segments: st.Segments, Compactions: st.Compactions}
 	})
-	resolver, err := newResolver(cfg)
+	resolver, err := server.NewResolver(cfg)
 	if err != nil {
 		return err
 	}
 	met.ObserveDNSCache(resolver.CacheLookups)
-	roots, extra, err := trustRoots(cfg)
+	roots, extra, err := server.TrustRoots(cfg)
 	if err != nil {
 		return err
 	}
@@ -284,7 +225,7 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 			defer sh.Close()
 			shared = sh
 		}
-		cache, err = newPolicyCache(cfg, resolver, extra, shared, log, func(domain, id string, mode mtasts.Mode, result string) {
+		cache, err = server.NewPolicyCache(cfg, resolver, extra, shared, log, func(domain, id string, mode mtasts.Mode, result string) {
 			met.MTASTSFetches.WithLabelValues(result).Inc()
 		})
 		if err != nil {
@@ -404,9 +345,14 @@ func serveWith(ctx context.Context, cfg *config.Config, log *zap.Logger, hooks s
 		stopBackground()
 		return err
 	}
-	ctl, err := serveControl(cfg.DataDir, func(req controlRequest) (any, error) {
-		return handleControl(req, store, eng, cache, tlsrecPending(tlsrec), fc)
-	}, isNotFound)
+	svc := &control.Service{Queue: store, Bounce: eng.Bounce, Forecasts: fc}
+	if cache != nil {
+		svc.Policies = cache
+	}
+	if tlsrec != nil {
+		svc.Pending = tlsrec.Pending
+	}
+	ctl, err := control.Serve(cfg.DataDir, svc)
 	if err != nil {
 		return fail(err)
 	}
@@ -453,9 +399,3 @@ wait:
 	log.Info("stopped")
 	return nil
 }
-
-func isNotFound(err error) bool {
-	return errors.Is(err, queue.ErrNotFound) || errors.Is(err, errPolicyNotFound)
-}
-
-var errPolicyNotFound = errors.New("no cached policy for that domain")

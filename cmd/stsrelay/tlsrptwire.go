@@ -15,6 +15,7 @@ import (
 	"go.uber.org/zap"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/control"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/fleet"
 	"github.com/stsrelay/stsrelay/internal/fleet/rptfleet"
@@ -105,15 +106,6 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 	return rec, rep, stop, isReporter, nil
 }
 
-// tlsrecPending returns what `tlsrpt pending` shows, from the live
-// recorder.
-func tlsrecPending(rec *tlsrpt.Recorder) func() any {
-	if rec == nil {
-		return nil
-	}
-	return func() any { return rec.Pending() }
-}
-
 func cmdTLSRPT(args []string) error {
 	var cf commonFlags
 	fs := newFlagSet("tlsrpt", &cf)
@@ -128,9 +120,8 @@ func cmdTLSRPT(args []string) error {
 	if err != nil {
 		return err
 	}
-	var pending []tlsrpt.PolicyCounts
-	err = callControl(cfg.DataDir, controlRequest{Op: "tlsrpt.pending"}, &pending)
-	if errors.Is(err, errNoServer) {
+	pending, err := controlClient(cfg).TLSRPTPending(context.Background())
+	if errors.Is(err, control.ErrNoServer) {
 		// The relay is stopped: read the counts it flushed.
 		rec, rerr := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, zap.NewNop(), tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
 		if rerr != nil {
