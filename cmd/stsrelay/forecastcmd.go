@@ -10,6 +10,7 @@ import (
 	"sync"
 	"text/tabwriter"
 
+	"github.com/stsrelay/stsrelay/internal/check"
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/control"
 	"github.com/stsrelay/stsrelay/internal/metrics"
@@ -130,22 +131,8 @@ func forecastColumn(s forecast.Summary, ok bool) string {
 	return "-"
 }
 
-// addForecast adds the relay's forecast for the checked domain to a
-// `check -config` report (best effort: no counts, no line). A testing
-// domain that enforce would hurt gets the verdict as advice.
-func addForecast(rep *checkReport, cfg *config.Config) {
-	sums, err := readForecast(cfg, rep.Domain)
-	if err != nil || len(sums) != 1 {
-		return
-	}
-	rep.Forecast = &sums[0]
-	if s := sums[0]; s.Mode == forecast.ModeTesting && !s.Safe && s.Testing.Week.Refused > 0 {
-		rep.Advice = append(rep.Advice, "this relay's enforce forecast: "+s.Verdict)
-	}
-}
-
 // printCheckForecast ends `check` with the relay's own figures.
-func printCheckForecast(r *checkReport) {
+func printCheckForecast(r *check.Report) {
 	if r.Forecast == nil {
 		return
 	}
