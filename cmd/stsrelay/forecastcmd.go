@@ -5,15 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"text/tabwriter"
 
 	"github.com/stsrelay/stsrelay/internal/check"
 	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/control"
-	"github.com/stsrelay/stsrelay/internal/metrics"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
 )
 
@@ -21,30 +19,13 @@ import (
 // the sessions enforce would have refused (testing mode) or refused
 // (enforce mode), kept under data_dir/forecast.
 
-func forecastDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "forecast") }
-
-// startForecast opens the counts and writes them every few seconds until
-// ctx ends (and once more then). It returns nil when MTA-STS is off.
-func startForecast(ctx context.Context, cfg *config.Config, met *metrics.Metrics, bg *sync.WaitGroup) (*forecast.Counter, error) {
-	if !cfg.MTASTS.Enabled {
-		return nil, nil
-	}
-	fc, err := forecast.Open(forecast.Options{Dir: forecastDir(cfg), OnRefusal: met.ForecastRefusal})
-	if err != nil {
-		return nil, err
-	}
-	bg.Add(1)
-	go func() { defer bg.Done(); fc.Run(ctx) }()
-	return fc, nil
-}
-
 // readForecast asks the running relay, or reads the files of a stopped
 // one.
 func readForecast(cfg *config.Config, domain string) ([]forecast.Summary, error) {
 	ctx := context.Background()
 	out, err := controlClient(cfg).Forecast(ctx, domain)
 	if errors.Is(err, control.ErrNoServer) {
-		fc, lerr := forecast.Load(forecastDir(cfg))
+		fc, lerr := forecast.Load(server.ForecastDir(cfg))
 		if lerr != nil {
 			return nil, lerr
 		}

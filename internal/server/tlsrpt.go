@@ -1,21 +1,15 @@
-package main
+package server
 
 import (
 	"context"
 	"crypto/x509"
-	"errors"
 	"fmt"
-	"os"
 	"path/filepath"
-	"strings"
 	"sync"
-	"text/tabwriter"
-	"time"
 
 	"go.uber.org/zap"
 
 	"github.com/stsrelay/stsrelay/internal/config"
-	"github.com/stsrelay/stsrelay/internal/control"
 	"github.com/stsrelay/stsrelay/internal/dnsclient"
 	"github.com/stsrelay/stsrelay/internal/fleet"
 	"github.com/stsrelay/stsrelay/internal/fleet/rptfleet"
@@ -24,7 +18,8 @@ import (
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
-func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
+// TLSRPTDir is where the TLS-RPT counts and report jobs are kept.
+func TLSRPTDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
 
 // startTLSRPT starts the recorder (counts flushed to disk every second)
 // and the reporter (reports after each period). It returns the recorder
@@ -38,7 +33,7 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 	if !cfg.TLSRPT.Enabled {
 		return nil, nil, func() {}, isReporter, nil
 	}
-	rec, err = tlsrpt.NewRecorder(tlsrptDir(cfg), nil, log, tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
+	rec, err = tlsrpt.NewRecorder(TLSRPTDir(cfg), nil, log, tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
 	if err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("tlsrpt: %w", err)
 	}
@@ -104,65 +99,4 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 		}
 	}
 	return rec, rep, stop, isReporter, nil
-}
-
-func cmdTLSRPT(args []string) error {
-	var cf commonFlags
-	fs := newFlagSet("tlsrpt", &cf)
-	pos, err := parseFlags(fs, args)
-	if err != nil {
-		return err
-	}
-	if len(pos) != 1 || pos[0] != "pending" {
-		return &usageError{"tlsrpt: want pending"}
-	}
-	cfg, err := loadConfig(cf.config)
-	if err != nil {
-		return err
-	}
-	pending, err := controlClient(cfg).TLSRPTPending(context.Background())
-	if errors.Is(err, control.ErrNoServer) {
-		// The relay is stopped: read the counts it flushed.
-		rec, rerr := tlsrpt.NewRecorder(tlsrptDir(cfg), nil, zap.NewNop(), tlsrpt.WithInterval(cfg.TLSRPT.Interval.Duration))
-		if rerr != nil {
-			return rerr
-		}
-		pending, err = rec.Pending(), nil
-	}
-	if err != nil {
-		return err
-	}
-	if cf.json {
-		if pending == nil {
-			pending = []tlsrpt.PolicyCounts{}
-		}
-		enc := jsonOut()
-		enc.SetIndent("", "  ")
-		return enc.Encode(pending)
-	}
-	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-	fmt.Fprintln(tw, "PERIOD (UTC)\tPOLICY DOMAIN\tPOLICY\tSUCCESS\tFAILURE\tFAILURES BY TYPE")
-	for _, p := range pending {
-		for _, pol := range p.Policies {
-			byType := map[tlsrpt.ResultType]int64{}
-			var types []tlsrpt.ResultType
-			for _, fd := range pol.FailureDetails {
-				if byType[fd.ResultType] == 0 {
-					types = append(types, fd.ResultType)
-				}
-				byType[fd.ResultType] += fd.FailedSessionCount
-			}
-			var parts []string
-			for _, t := range types {
-				parts = append(parts, fmt.Sprintf("%s=%d", t, byType[t]))
-			}
-			fmt.Fprintf(tw, "%s – %s\t%s\t%s\t%d\t%d\t%s\n", p.PeriodStart.UTC().Format(time.RFC3339), p.PeriodEnd.UTC().Format(time.RFC3339),
-				termSafe(p.PolicyDomain), pol.Policy.PolicyType, pol.Summary.TotalSuccessfulSessionCount, pol.Summary.TotalFailureSessionCount, termSafe(strings.Join(parts, " ")))
-		}
-	}
-	if err := tw.Flush(); err != nil {
-		return err
-	}
-	fmt.Printf("%d report(s) pending\n", len(pending))
-	return nil
 }
