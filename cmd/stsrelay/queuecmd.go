@@ -5,16 +5,12 @@ import (
 	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"os"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
@@ -22,43 +18,6 @@ import (
 	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/queue"
 )
-
-const defaultConfig = "/etc/stsrelay/stsrelay.toml"
-
-// parseFlags parses flags wherever they stand among the arguments
-// ("queue show ID -json" and "queue -json show ID" alike) and returns the
-// positional arguments.
-func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return nil, &usageError{err.Error()}
-		}
-		rest := fs.Args()
-		if len(rest) == 0 {
-			return pos, nil
-		}
-		pos = append(pos, rest[0])
-		args = rest[1:]
-	}
-}
-
-// commonFlags are -config and -json.
-type commonFlags struct {
-	config string
-	json   bool
-}
-
-func newFlagSet(name string, cf *commonFlags) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.StringVar(&cf.config, "config", defaultConfig, "configuration file")
-	fs.BoolVar(&cf.json, "json", false, "print JSON")
-	return fs
-}
-
-func loadConfig(path string) (*config.Config, error) {
-	return config.Load(path)
-}
 
 // defaultListLimit is how many messages `queue list` shows unless -limit
 // says otherwise: a queue of a million still answers at once, and
@@ -391,59 +350,6 @@ func queueAction(ctx context.Context, api control.API, sub, id string) error {
 		return api.QueueBounce(ctx, id)
 	}
 	return fmt.Errorf("unknown queue action %q", sub)
-}
-
-// controlClient is the control API of the relay running on cfg.
-func controlClient(cfg *config.Config) control.Client { return control.Client{DataDir: cfg.DataDir} }
-
-// termSafe is s as the CLI prints it in tables and text: as is when
-// every rune is printable, else quoted with Go escapes (strconv.Quote), so
-// that a remote server's reply, a policy file or an address cannot send
-// escape sequences (ESC ] 0; … BEL retitles a terminal, and worse) or
-// bidirectional overrides to the operator's terminal, nor break a table
-// with a tab or newline.
-func termSafe(s string) string {
-	for _, r := range s {
-		if r == utf8.RuneError || !unicode.IsPrint(r) {
-			return strconv.Quote(s)
-		}
-	}
-	return s
-}
-
-// jsonTermWriter is where -json output goes: encoding/json escapes C0
-// controls (ESC included) but passes DEL and the C1 controls
-// U+0080–U+009F through, which some terminals act on (U+009B is CSI); they
-// become \u escapes here. json.Encoder hands over each value in one Write,
-// so no rune is split between calls.
-type jsonTermWriter struct{ w io.Writer }
-
-func (j jsonTermWriter) Write(p []byte) (int, error) {
-	var b []byte
-	for i := 0; i < len(p); {
-		r, n := utf8.DecodeRune(p[i:])
-		if r == 0x7f || r >= 0x80 && r <= 0x9f {
-			if b == nil {
-				b = append(make([]byte, 0, len(p)+16), p[:i]...)
-			}
-			b = fmt.Appendf(b, `\u%04x`, r)
-		} else if b != nil {
-			b = append(b, p[i:i+n]...)
-		}
-		i += n
-	}
-	if b == nil {
-		return j.w.Write(p)
-	}
-	if _, err := j.w.Write(b); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// jsonOut is the encoder for -json output on standard output.
-func jsonOut() *json.Encoder {
-	return json.NewEncoder(jsonTermWriter{os.Stdout})
 }
 
 func rcptSummary(m *queue.Message) string {
