@@ -37,8 +37,9 @@ func cmdServe(args []string) error {
 	defer closeLog()
 	ctx, stop := stopOnSignal(log)
 	defer stop()
-	// SIGHUP reloads the configuration (internal/server/reload.go). Registered before
-	// anything starts: unhandled, SIGHUP would end the process.
+	// SIGHUP reloads the configuration (internal/server/reload.go).
+	// Registered before anything starts: unhandled, SIGHUP would end the
+	// process.
 	hup := make(chan os.Signal, 1)
 	signal.Notify(hup, syscall.SIGHUP)
 	defer signal.Stop(hup)
