@@ -32,8 +32,10 @@ type outcome struct {
 	reason   string
 }
 
-// attempt carries what one delivery attempt learnt, for the log lines.
-type attempt struct {
+// deliveryLog accumulates what one delivery attempt learnt, for its
+// "delivery" log lines: the MX and address tried, TLS, MTA-STS, DANE and
+// TLS-RPT findings, the route.
+type deliveryLog struct {
 	mx, ip       string
 	tls          string
 	tlsVerified  bool
@@ -60,7 +62,7 @@ type attempt struct {
 func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 	ms := j.ms
 	m := ms.m
-	a := &attempt{policyDomain: j.domain}
+	a := &deliveryLog{policyDomain: j.domain}
 	routing := e.routing.Load()
 	if a.rt = routing.route(j.domain); a.rt != nil {
 		a.route, a.policyDomain = a.rt.NextHop, a.rt.PolicyDomain()
@@ -157,7 +159,7 @@ func (e *Engine) deliver(ctx context.Context, j *job, sess *session) *session {
 // transmit delivers job j on sess, or on a new session when sess is nil.
 // It reports retry when sess was a reused one that broke before the
 // server answered anything, and nothing was recorded.
-func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy.Policy, a *attempt, outs []outcome, reused bool) (*session, bool) {
+func (e *Engine) transmit(ctx context.Context, j *job, sess *session, pin policy.Policy, a *deliveryLog, outs []outcome, reused bool) (*session, bool) {
 	ms := j.ms
 	m := ms.m
 	setAll := func(o outcome) {
@@ -428,7 +430,7 @@ func (e *Engine) sessionFits(s *session, stsID string, pin policy.Policy) bool {
 // invalid candidate is treated as unreachable and the next one tried).
 // Every decision is policy.CheckMX's or policy.CheckConn's, and each
 // counted verdict is recorded once.
-func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin policy.Policy, a *attempt) (*session, *sessionError) {
+func (e *Engine) connect(ctx context.Context, domain string, hosts []Host, pin policy.Policy, a *deliveryLog) (*session, *sessionError) {
 	var lastErr *sessionError
 	refuse := func(v policy.Verdict) {
 		a.tlsrptResult, a.dane = string(v.Result), string(v.DANE)
@@ -703,7 +705,7 @@ func (e *Engine) tlsRequiredNo(ms *msgState) bool {
 // finish records the outcomes of a job, logs one line per recipient, and
 // when it was the message's last job of this round, writes the new state
 // and sends the DSNs due.
-func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
+func (e *Engine) finish(j *job, outs []outcome, a *deliveryLog) {
 	if e.cutShort(j, outs) {
 		return // the shutdown deadline cut it: requeued, not counted
 	}
@@ -764,7 +766,7 @@ func (e *Engine) finish(j *job, outs []outcome, a *attempt) {
 	}
 }
 
-func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a *attempt) {
+func (e *Engine) logDelivery(m *queue.Message, r *queue.Recipient, o outcome, a *deliveryLog) {
 	// Domains are A-labels; a line about an IDN also names the U-label.
 	// One parse gives both forms.
 	var d string
@@ -870,7 +872,7 @@ func (e *Engine) Bounce(id string) error {
 		r.LastCode, r.LastEnhanced = 550, "5.0.0"
 		r.LastError = "bounced by the operator"
 		idx = append(idx, i)
-		e.logDelivery(m, r, outcome{result: "bounced", code: 550, enhanced: "5.0.0", reason: "bounced by the operator"}, &attempt{})
+		e.logDelivery(m, r, outcome{result: "bounced", code: 550, enhanced: "5.0.0", reason: "bounced by the operator"}, &deliveryLog{})
 	}
 	if len(idx) == 0 {
 		e.store.Release(id)

@@ -23,6 +23,8 @@ type PolicyReport struct {
 	// Policy is the parsed policy, nil when none was fetched or it is
 	// invalid.
 	Policy *PolicySummary `json:"policy,omitempty"`
+	// Parsed is the policy fetched, as parsed (nil with Policy).
+	Parsed *Policy `json:"-"`
 	// SyntaxErrors lists every problem of the policy body.
 	SyntaxErrors []SyntaxProblem `json:"syntax_errors,omitempty"`
 	// Problems are findings that break MTA-STS for senders.
@@ -182,6 +184,7 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 	}
 	fe.OK = true
 	p := fr.Policy
+	rep.Parsed = p
 	rep.Policy = &PolicySummary{Mode: p.Mode, MX: p.MX, MaxAgeSeconds: int64(p.MaxAge / time.Second), Lines: p.Lines}
 	if rep.Policy.MX == nil {
 		rep.Policy.MX = []string{}

@@ -20,15 +20,8 @@ func (p *Policy) Matches(host string) bool {
 	if p == nil {
 		return false
 	}
-	host = strings.TrimSuffix(host, ".")
-	if !message.IsASCII(host) {
-		a, err := toASCII(host)
-		if err != nil {
-			return false
-		}
-		host = a
-	}
-	if !validHostname(host) {
+	host, ok := matchableHost(host)
+	if !ok {
 		return false
 	}
 	if len(p.pats) == len(p.MX) {
@@ -52,6 +45,34 @@ func (p *Policy) Matches(host string) bool {
 		}
 	}
 	return false
+}
+
+// MatchesPattern reports whether host, an MX record name, is allowed by
+// the one "mx" pattern, by the rules of Policy.Matches (`stsrelay check`
+// asks it of each pattern of a policy). A malformed pattern matches
+// nothing.
+func MatchesPattern(pattern, host string) bool {
+	pat, msg := parseMXPattern(pattern)
+	if msg != "" {
+		return false
+	}
+	host, ok := matchableHost(host)
+	return ok && pat.matches(host)
+}
+
+// matchableHost is host as patterns are matched against it: without a
+// trailing dot, in A-labels; ok is false for a name that cannot be an MX
+// host.
+func matchableHost(host string) (string, bool) {
+	host = strings.TrimSuffix(host, ".")
+	if !message.IsASCII(host) {
+		a, err := toASCII(host)
+		if err != nil {
+			return "", false
+		}
+		host = a
+	}
+	return host, validHostname(host)
 }
 
 // matches compares a valid ASCII host name with the pattern.

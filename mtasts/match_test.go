@@ -78,7 +78,20 @@ func TestMatches(t *testing.T) {
 			if got := hand.Matches(tc.host); got != tc.want {
 				t.Errorf("hand-built %q.Matches(%q) = %v, want %v", tc.mx, tc.host, got, tc.want)
 			}
+			// The policy matches when one of its patterns does.
+			matched := false
+			for _, m := range tc.mx {
+				matched = matched || MatchesPattern(m, tc.host)
+			}
+			if matched != tc.want {
+				t.Errorf("MatchesPattern over %q, %q = %v, want %v", tc.mx, tc.host, matched, tc.want)
+			}
 		})
+	}
+	for _, bad := range []string{"", "*", "a.*.test", "a b.test", "*.ñ.test"} {
+		if MatchesPattern(bad, "a.test") || MatchesPattern(bad, "x.ñ.test") {
+			t.Errorf("malformed pattern %q matched", bad)
+		}
 	}
 	var nilPolicy *Policy
 	if nilPolicy.Matches("a.test") {

@@ -7,6 +7,7 @@ import (
 	"os"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 )
 
@@ -49,7 +50,7 @@ func checkConfigFiles(cfg *config.Config) error {
 			return fmt.Errorf("config %s: key \"submission.tls_cert_file\": %w", cfg.Path, err)
 		}
 	}
-	if _, _, err := trustRoots(cfg); err != nil {
+	if _, _, err := server.TrustRoots(cfg); err != nil {
 		return err
 	}
 	if cfg.TLSRPT.Enabled && cfg.TLSRPT.DKIMKeyFile != "" {

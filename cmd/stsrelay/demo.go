@@ -39,7 +39,6 @@ import (
 	"github.com/stsrelay/stsrelay/internal/logging"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
-	"github.com/stsrelay/stsrelay/queue"
 )
 
 const (
@@ -510,12 +509,11 @@ func judgeDemoStep(s *demoStep, dw *demoWorld, cfg *config.Config) {
 		} else {
 			s.Outcome = "leaked-to-impostor"
 		}
-		var msgs []*queue.Message
-		if err := callControl(cfg.DataDir, controlRequest{Op: "queue.show", Arg: s.QueueID}, &msgs); err != nil || len(msgs) == 0 {
+		if m, err := controlClient(cfg).QueueShow(context.Background(), s.QueueID); err != nil {
 			s.Outcome = "not-in-queue"
 			s.Details = append(s.Details, fmt.Sprintf("queue show %s: %v", s.QueueID, err))
 		} else {
-			r := msgs[0].Rcpts[0]
+			r := m.Rcpts[0]
 			s.Details = append(s.Details, fmt.Sprintf("still in the queue (`stsrelay queue show %s`): %s after %d attempt(s), next attempt %s; reason: %s",
 				s.QueueID, r.Status, r.Attempts, r.NextAttempt.UTC().Format(time.RFC3339), r.LastError))
 		}

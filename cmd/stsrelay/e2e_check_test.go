@@ -10,8 +10,12 @@ import (
 
 	"github.com/pelletier/go-toml/v2"
 
+	"github.com/stsrelay/stsrelay/internal/check"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 )
+
+// checkReport is what `check -json` prints.
+type checkReport = check.Report
 
 // checkWorld publishes an enforce policy for ex.test with one MX whose
 // certificate is of kind mxCert, and a TLS-RPT record.

@@ -5,13 +5,13 @@ import (
 	"errors"
 	"fmt"
 	"os"
-	"path/filepath"
 	"strings"
-	"sync"
 	"text/tabwriter"
 
+	"github.com/stsrelay/stsrelay/internal/check"
 	"github.com/stsrelay/stsrelay/internal/config"
-	"github.com/stsrelay/stsrelay/internal/metrics"
+	"github.com/stsrelay/stsrelay/internal/control"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
 )
 
@@ -19,62 +19,17 @@ import (
 // the sessions enforce would have refused (testing mode) or refused
 // (enforce mode), kept under data_dir/forecast.
 
-func forecastDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "forecast") }
-
-// startForecast opens the counts and writes them every few seconds until
-// ctx ends (and once more then). It returns nil when MTA-STS is off.
-func startForecast(ctx context.Context, cfg *config.Config, met *metrics.Metrics, bg *sync.WaitGroup) (*forecast.Counter, error) {
-	if !cfg.MTASTS.Enabled {
-		return nil, nil
-	}
-	fc, err := forecast.Open(forecast.Options{Dir: forecastDir(cfg), OnRefusal: met.ForecastRefusal})
-	if err != nil {
-		return nil, err
-	}
-	bg.Add(1)
-	go func() { defer bg.Done(); fc.Run(ctx) }()
-	return fc, nil
-}
-
-// forecastAction answers policy.forecast: every domain ("") or one.
-func forecastAction(fc *forecast.Counter, domain string) ([]forecast.Summary, error) {
-	if fc == nil {
-		return nil, errors.New("MTA-STS is disabled (mtasts.enabled = false)")
-	}
-	if domain == "" {
-		return fc.Summaries(), nil
-	}
-	s, ok := fc.Summary(domain)
-	if !ok {
-		return nil, noForecastError{domain}
-	}
-	return []forecast.Summary{s}, nil
-}
-
-var errNoForecast = errors.New("no sessions counted for that domain in 7 days")
-
-// noForecastError is errNoForecast for one domain; it is also a "not
-// found" (errPolicyNotFound) for the control socket, so that the CLI
-// exits 1 whether the relay runs or not.
-type noForecastError struct{ domain string }
-
-func (e noForecastError) Error() string { return e.domain + ": " + errNoForecast.Error() }
-
-func (e noForecastError) Is(target error) bool {
-	return target == errNoForecast || target == errPolicyNotFound
-}
-
 // readForecast asks the running relay, or reads the files of a stopped
 // one.
 func readForecast(cfg *config.Config, domain string) ([]forecast.Summary, error) {
-	var out []forecast.Summary
-	err := callControl(cfg.DataDir, controlRequest{Op: "policy.forecast", Arg: domain}, &out)
-	if errors.Is(err, errNoServer) {
-		fc, lerr := forecast.Load(forecastDir(cfg))
+	ctx := context.Background()
+	out, err := controlClient(cfg).Forecast(ctx, domain)
+	if errors.Is(err, control.ErrNoServer) {
+		fc, lerr := forecast.Load(server.ForecastDir(cfg))
 		if lerr != nil {
 			return nil, lerr
 		}
-		return forecastAction(fc, domain)
+		return (&control.Service{Forecasts: fc}).Forecast(ctx, domain)
 	}
 	return out, err
 }
@@ -82,8 +37,7 @@ func readForecast(cfg *config.Config, domain string) ([]forecast.Summary, error)
 func cmdPolicyForecast(cfg *config.Config, domain string, asJSON bool) error {
 	sums, err := readForecast(cfg, domain)
 	if err != nil {
-		var nf *notFoundError
-		if errors.As(err, &nf) || errors.Is(err, errNoForecast) {
+		if control.IsNotFound(err) {
 			fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
 			return &exitError{exitFailed}
 		}
@@ -158,22 +112,8 @@ func forecastColumn(s forecast.Summary, ok bool) string {
 	return "-"
 }
 
-// addForecast adds the relay's forecast for the checked domain to a
-// `check -config` report (best effort: no counts, no line). A testing
-// domain that enforce would hurt gets the verdict as advice.
-func addForecast(rep *checkReport, cfg *config.Config) {
-	sums, err := readForecast(cfg, rep.Domain)
-	if err != nil || len(sums) != 1 {
-		return
-	}
-	rep.Forecast = &sums[0]
-	if s := sums[0]; s.Mode == forecast.ModeTesting && !s.Safe && s.Testing.Week.Refused > 0 {
-		rep.Advice = append(rep.Advice, "this relay's enforce forecast: "+s.Verdict)
-	}
-}
-
 // printCheckForecast ends `check` with the relay's own figures.
-func printCheckForecast(r *checkReport) {
+func printCheckForecast(r *check.Report) {
 	if r.Forecast == nil {
 		return
 	}

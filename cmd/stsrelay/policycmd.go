@@ -9,45 +9,13 @@ import (
 	"text/tabwriter"
 	"time"
 
-	"github.com/stsrelay/stsrelay/delivery"
+	dompkg "github.com/stsrelay/stsrelay/internal/domain"
+
+	"github.com/stsrelay/stsrelay/internal/control"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
 	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
-	"github.com/stsrelay/stsrelay/queue"
 )
-
-// handleControl answers the CLI's requests on a running relay.
-func handleControl(req controlRequest, st queue.Queue, eng *delivery.Engine, cache *mtastsdb.Cache, pending func() any, fc *forecast.Counter) (any, error) {
-	switch req.Op {
-	case "queue.list":
-		msgs, total := st.Select(queue.ListOptions{Domain: req.Domain, Limit: req.Limit, After: req.After})
-		return queueListReply{Messages: msgs, Total: total}, nil
-	case "queue.summary":
-		return st.Summary(time.Now()), nil
-	case "queue.retry-domain":
-		return map[string]int{"released": st.RetryDomain(req.Domain)}, nil
-	case "queue.show":
-		m, err := st.Get(req.Arg)
-		if err != nil {
-			return nil, err
-		}
-		return []*queue.Message{m}, nil
-	case "queue.retry", "queue.delete", "queue.bounce":
-		return nil, queueAction(st, eng, nil, strings.TrimPrefix(req.Op, "queue."), req.Arg)
-	case "policy.forecast":
-		return forecastAction(fc, req.Arg)
-	case "policy.list", "policy.show", "policy.refresh", "policy.forget":
-		if cache == nil {
-			return nil, errors.New("MTA-STS is disabled (mtasts.enabled = false)")
-		}
-		return policyAction(cache, strings.TrimPrefix(req.Op, "policy."), req.Arg)
-	case "tlsrpt.pending":
-		if pending == nil {
-			return nil, errors.New("TLS-RPT is disabled (tlsrpt.enabled = false)")
-		}
-		return pending(), nil
-	}
-	return nil, fmt.Errorf("unknown control operation %q", req.Op)
-}
 
 // policyListEntry is one line of `policy list -json`: the cached policy
 // and, when sessions were counted, its enforce forecast.
@@ -56,29 +24,24 @@ type policyListEntry struct {
 	Forecast *forecast.Summary `json:"forecast,omitempty"`
 }
 
-func policyAction(cache *mtastsdb.Cache, sub, domain string) (any, error) {
-	switch sub {
-	case "list":
-		return cache.Entries(), nil
-	case "show":
-		e, ok := cache.Entry(domain)
-		if !ok {
-			return nil, fmt.Errorf("%s: %w", domain, errPolicyNotFound)
-		}
-		return []mtastsdb.Entry{e}, nil
-	case "refresh":
-		ctx, cancel := context.WithTimeout(context.Background(), 2*time.Minute)
-		defer cancel()
-		e, err := cache.Refresh(ctx, domain)
+// policyAction applies a policy subcommand (list, show, refresh,
+// forget) through api.
+func policyAction(ctx context.Context, api control.API, sub, domain string) ([]mtastsdb.Entry, error) {
+	one := func(e mtastsdb.Entry, err error) ([]mtastsdb.Entry, error) {
 		if err != nil {
 			return nil, err
 		}
 		return []mtastsdb.Entry{e}, nil
+	}
+	switch sub {
+	case "list":
+		return api.PolicyList(ctx)
+	case "show":
+		return one(api.PolicyShow(ctx, domain))
+	case "refresh":
+		return one(api.PolicyRefresh(ctx, domain))
 	case "forget":
-		if _, ok := cache.Entry(domain); !ok {
-			return nil, fmt.Errorf("%s: %w", domain, errPolicyNotFound)
-		}
-		return nil, cache.Forget(domain)
+		return nil, api.PolicyForget(ctx, domain)
 	}
 	return nil, fmt.Errorf("unknown policy action %q", sub)
 }
@@ -105,7 +68,7 @@ func cmdPolicy(args []string) error {
 		}
 		domain := ""
 		if len(pos) == 2 {
-			domain = strings.ToLower(strings.TrimSuffix(pos[1], "."))
+			domain = dompkg.Key(pos[1])
 		}
 		return cmdPolicyForecast(cfg, domain, cf.json)
 	case "list":
@@ -125,16 +88,16 @@ func cmdPolicy(args []string) error {
 	}
 	domain := ""
 	if len(pos) == 2 {
-		domain = strings.ToLower(strings.TrimSuffix(pos[1], "."))
+		domain = dompkg.Key(pos[1])
 	}
-	var entries []mtastsdb.Entry
-	err = callControl(cfg.DataDir, controlRequest{Op: "policy." + sub, Arg: domain}, &entries)
-	if errors.Is(err, errNoServer) {
-		res, rerr := newResolver(cfg)
+	ctx := context.Background()
+	entries, err := policyAction(ctx, controlClient(cfg), sub, domain)
+	if errors.Is(err, control.ErrNoServer) {
+		res, rerr := server.NewResolver(cfg)
 		if rerr != nil {
 			return rerr
 		}
-		_, extra, rerr := trustRoots(cfg)
+		_, extra, rerr := server.TrustRoots(cfg)
 		if rerr != nil {
 			return rerr
 		}
@@ -143,19 +106,14 @@ func cmdPolicy(args []string) error {
 			// running node, which holds the connection.
 			return errors.New("fleet mode: run this on a node whose relay is running (the policy cache is the fleet's)")
 		}
-		cache, cerr := newPolicyCache(cfg, res, extra, nil, nil, nil)
+		cache, cerr := server.NewPolicyCache(cfg, res, extra, nil, nil, nil)
 		if cerr != nil {
 			return cerr
 		}
-		var out any
-		out, err = policyAction(cache, sub, domain)
-		if es, ok := out.([]mtastsdb.Entry); ok {
-			entries = es
-		}
+		entries, err = policyAction(ctx, &control.Service{Policies: cache}, sub, domain)
 	}
 	if err != nil {
-		var nf *notFoundError
-		if errors.As(err, &nf) || errors.Is(err, errPolicyNotFound) {
+		if control.IsNotFound(err) {
 			fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
 			return &exitError{exitFailed}
 		}

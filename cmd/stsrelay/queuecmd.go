@@ -2,76 +2,22 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"encoding/json"
 	"errors"
-	"flag"
 	"fmt"
-	"io"
 	"os"
-	"path/filepath"
 	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
-	"unicode"
-	"unicode/utf8"
 
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/control"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/queue"
 )
-
-const defaultConfig = "/etc/stsrelay/stsrelay.toml"
-
-// parseFlags parses flags wherever they stand among the arguments
-// ("queue show ID -json" and "queue -json show ID" alike) and returns the
-// positional arguments.
-func parseFlags(fs *flag.FlagSet, args []string) ([]string, error) {
-	var pos []string
-	for {
-		if err := fs.Parse(args); err != nil {
-			return nil, &usageError{err.Error()}
-		}
-		rest := fs.Args()
-		if len(rest) == 0 {
-			return pos, nil
-		}
-		pos = append(pos, rest[0])
-		args = rest[1:]
-	}
-}
-
-// commonFlags are -config and -json.
-type commonFlags struct {
-	config string
-	json   bool
-}
-
-func newFlagSet(name string, cf *commonFlags) *flag.FlagSet {
-	fs := flag.NewFlagSet(name, flag.ContinueOnError)
-	fs.StringVar(&cf.config, "config", defaultConfig, "configuration file")
-	fs.BoolVar(&cf.json, "json", false, "print JSON")
-	return fs
-}
-
-func loadConfig(path string) (*config.Config, error) {
-	return config.Load(path)
-}
-
-func queueOptions(cfg *config.Config) queue.Options {
-	sched := queue.Schedule{MaxQueueTime: cfg.Queue.MaxQueueTime.Duration}
-	for _, d := range cfg.Queue.RetrySchedule {
-		sched.Retry = append(sched.Retry, d.Duration)
-	}
-	return queue.Options{Dir: filepath.Join(cfg.DataDir, "queue"), Schedule: sched,
-		MaxDiskBytes: cfg.Queue.MaxDiskBytes, MinFreeBytes: cfg.Queue.MinFreeDiskBytes}
-}
-
-// queueListReply is the control socket's answer to queue.list.
-type queueListReply struct {
-	Messages []*queue.Message `json:"messages"`
-	Total    int              `json:"total"`
-}
 
 // defaultListLimit is how many messages `queue list` shows unless -limit
 // says otherwise: a queue of a million still answers at once, and
@@ -136,15 +82,16 @@ func cmdQueue(args []string) error {
 			return &usageError{fmt.Sprintf("queue %s: %q is not a queue ID", sub, id)}
 		}
 	}
+	ctx := context.Background()
 	switch sub {
 	case "list":
 		if *limit == 0 {
 			return listAllPaged(cfg, dom, cf.json)
 		}
-		var ql queueListReply
-		err := callControl(cfg.DataDir, controlRequest{Op: "queue.list", Domain: dom, Limit: *limit}, &ql)
-		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
-			ql, err = listQueueOffline(cfg, queue.ListOptions{Domain: dom, Limit: *limit})
+		lo := queue.ListOptions{Domain: dom, Limit: *limit}
+		ql, err := controlClient(cfg).QueueList(ctx, lo)
+		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+			ql, err = listQueueOffline(cfg, lo)
 		}
 		if err != nil {
 			return err
@@ -157,19 +104,18 @@ func cmdQueue(args []string) error {
 		}
 		return nil
 	case "show":
-		var msgs []*queue.Message
-		err := callControl(cfg.DataDir, controlRequest{Op: "queue.show", Arg: id}, &msgs)
-		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
-			msgs, err = readQueueOffline(cfg, id)
+		m, err := controlClient(cfg).QueueShow(ctx, id)
+		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+			m, err = readQueueOffline(cfg, id)
 		}
 		if err != nil {
 			return notFoundExit(err)
 		}
-		return printQueueShow(msgs[0], cf.json)
+		return printQueueShow(m, cf.json)
 	case "retry", "delete", "bounce":
-		err := callControl(cfg.DataDir, controlRequest{Op: "queue." + sub, Arg: id}, nil)
-		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
-			err = queueActionOffline(cfg, sub, id)
+		err := queueAction(ctx, controlClient(cfg), sub, id)
+		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+			err = queueActionOffline(ctx, cfg, sub, id)
 		}
 		if err != nil {
 			return notFoundExit(err)
@@ -187,7 +133,7 @@ func cmdQueue(args []string) error {
 // mode: the queue lives in the fleet's NATS servers, and a stopped node's
 // local directory holds none of it.
 func fleetOffline(cfg *config.Config, err error) error {
-	if errors.Is(err, errNoServer) && cfg.Cluster.Enabled() {
+	if errors.Is(err, control.ErrNoServer) && cfg.Cluster.Enabled() {
 		return errors.New("fleet mode: the queue is the fleet's; run this on a node whose relay is running")
 	}
 	return err
@@ -196,30 +142,22 @@ func fleetOffline(cfg *config.Config, err error) error {
 // notFoundExit prints a missing-ID error and exits 1 (a checked condition
 // failed); other errors exit 2.
 func notFoundExit(err error) error {
-	var nf *notFoundError
-	if errors.As(err, &nf) || errors.Is(err, queue.ErrNotFound) {
+	if control.IsNotFound(err) {
 		fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
 		return &exitError{exitFailed}
 	}
 	return err
 }
 
-func readQueueOffline(cfg *config.Config, id string) ([]*queue.Message, error) {
-	o := queueOptions(cfg)
+func readQueueOffline(cfg *config.Config, id string) (*queue.Message, error) {
+	o := server.QueueOptions(cfg)
 	o.ReadOnly = true
 	st, err := queue.Open(o)
 	if err != nil {
 		return nil, err
 	}
 	defer st.Close()
-	if id == "" {
-		return st.List(), nil
-	}
-	m, err := st.Get(id)
-	if err != nil {
-		return nil, err
-	}
-	return []*queue.Message{m}, nil
+	return st.Get(id)
 }
 
 // listPage is how many messages `queue list -limit 0` asks for at a time,
@@ -231,23 +169,21 @@ const listPage = 5000
 // memory first.
 func listAllPaged(cfg *config.Config, dom string, asJSON bool) error {
 	var st queue.Queue
-	fetch := func(after string) (queueListReply, error) {
-		var ql queueListReply
-		if st != nil {
-			msgs, total := st.Select(queue.ListOptions{Domain: dom, Limit: listPage, After: after})
-			return queueListReply{Messages: msgs, Total: total}, nil
-		}
-		err := callControl(cfg.DataDir, controlRequest{Op: "queue.list", Domain: dom, Limit: listPage, After: after}, &ql)
-		if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
-			ro := queueOptions(cfg)
+	var api control.API = controlClient(cfg)
+	ctx := context.Background()
+	fetch := func(after string) (control.QueueList, error) {
+		lo := queue.ListOptions{Domain: dom, Limit: listPage, After: after}
+		ql, err := api.QueueList(ctx, lo)
+		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+			ro := server.QueueOptions(cfg)
 			ro.ReadOnly = true
 			s, oerr := queue.Open(ro)
 			if oerr != nil {
 				return ql, oerr
 			}
 			st = s
-			msgs, total := st.Select(queue.ListOptions{Domain: dom, Limit: listPage, After: after})
-			return queueListReply{Messages: msgs, Total: total}, nil
+			api = &control.Service{Queue: st}
+			return api.QueueList(ctx, lo)
 		}
 		return ql, err
 	}
@@ -300,25 +236,23 @@ func listAllPaged(cfg *config.Config, dom string, asJSON bool) error {
 	return nil
 }
 
-func listQueueOffline(cfg *config.Config, o queue.ListOptions) (queueListReply, error) {
-	ro := queueOptions(cfg)
+func listQueueOffline(cfg *config.Config, o queue.ListOptions) (control.QueueList, error) {
+	ro := server.QueueOptions(cfg)
 	ro.ReadOnly = true
 	st, err := queue.Open(ro)
 	if err != nil {
-		return queueListReply{}, err
+		return control.QueueList{}, err
 	}
 	defer st.Close()
-	msgs, total := st.Select(o)
-	return queueListReply{Messages: msgs, Total: total}, nil
+	return (&control.Service{Queue: st}).QueueList(context.Background(), o)
 }
 
 // queueSummary prints the queue's shape: messages by destination and
 // age, like Postfix's qshape.
 func queueSummary(cfg *config.Config, asJSON bool) error {
-	var sum queue.Summary
-	err := callControl(cfg.DataDir, controlRequest{Op: "queue.summary"}, &sum)
-	if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
-		ro := queueOptions(cfg)
+	sum, err := controlClient(cfg).QueueSummary(context.Background())
+	if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+		ro := server.QueueOptions(cfg)
 		ro.ReadOnly = true
 		st, oerr := queue.Open(ro)
 		if oerr != nil {
@@ -370,102 +304,52 @@ func queueSummary(cfg *config.Config, asJSON bool) error {
 
 // queueRetryDomain releases every message to a destination at once.
 func queueRetryDomain(cfg *config.Config, dom string, asJSON bool) error {
-	var res map[string]int
-	err := callControl(cfg.DataDir, controlRequest{Op: "queue.retry-domain", Domain: dom}, &res)
-	if err = fleetOffline(cfg, err); errors.Is(err, errNoServer) {
+	released, err := controlClient(cfg).QueueRetryDomain(context.Background(), dom)
+	if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
 		// Offline the schedule is read fresh at the next start; a
 		// released destination simply has its messages due then.
-		st, oerr := queue.Open(queueOptions(cfg))
+		st, oerr := queue.Open(server.QueueOptions(cfg))
 		if oerr != nil {
 			return oerr
 		}
-		res = map[string]int{"released": st.RetryDomain(dom)}
+		released = st.RetryDomain(dom)
 		err = st.Close()
 	}
 	if err != nil {
 		return err
 	}
 	if asJSON {
-		return jsonOut().Encode(map[string]any{"domain": dom, "action": "retry", "released": res["released"]})
+		return jsonOut().Encode(map[string]any{"domain": dom, "action": "retry", "released": released})
 	}
-	fmt.Printf("%s: %d message(s) released\n", dom, res["released"])
+	fmt.Printf("%s: %d message(s) released\n", dom, released)
 	return nil
 }
 
-func queueActionOffline(cfg *config.Config, sub, id string) error {
-	st, err := queue.Open(queueOptions(cfg))
+// queueActionOffline applies an operator action to the queue of a
+// stopped relay; a bounce builds its DSN with a bare delivery engine.
+func queueActionOffline(ctx context.Context, cfg *config.Config, sub, id string) error {
+	st, err := queue.Open(server.QueueOptions(cfg))
 	if err != nil {
 		return err
 	}
 	defer st.Close()
-	return queueAction(st, nil, cfg, sub, id)
+	svc := &control.Service{Queue: st, Bounce: func(id string) error {
+		return delivery.New(delivery.Options{Config: cfg, Store: st}).Bounce(id)
+	}}
+	return queueAction(ctx, svc, sub, id)
 }
 
-// queueAction applies an operator action to the queue; eng may be nil
-// (offline), in which case a bounce builds its DSN with a bare engine.
-func queueAction(st queue.Queue, eng *delivery.Engine, cfg *config.Config, sub, id string) error {
+// queueAction applies an operator action (retry, delete, bounce).
+func queueAction(ctx context.Context, api control.API, sub, id string) error {
 	switch sub {
 	case "retry":
-		return st.Retry(id)
+		return api.QueueRetry(ctx, id)
 	case "delete":
-		return st.Delete(id)
+		return api.QueueDelete(ctx, id)
 	case "bounce":
-		if eng == nil {
-			eng = delivery.New(delivery.Options{Config: cfg, Store: st})
-		}
-		return eng.Bounce(id)
+		return api.QueueBounce(ctx, id)
 	}
 	return fmt.Errorf("unknown queue action %q", sub)
-}
-
-// termSafe is s as the CLI prints it in tables and text: as is when
-// every rune is printable, else quoted with Go escapes (strconv.Quote), so
-// that a remote server's reply, a policy file or an address cannot send
-// escape sequences (ESC ] 0; … BEL retitles a terminal, and worse) or
-// bidirectional overrides to the operator's terminal, nor break a table
-// with a tab or newline.
-func termSafe(s string) string {
-	for _, r := range s {
-		if r == utf8.RuneError || !unicode.IsPrint(r) {
-			return strconv.Quote(s)
-		}
-	}
-	return s
-}
-
-// jsonTermWriter is where -json output goes: encoding/json escapes C0
-// controls (ESC included) but passes DEL and the C1 controls
-// U+0080–U+009F through, which some terminals act on (U+009B is CSI); they
-// become \u escapes here. json.Encoder hands over each value in one Write,
-// so no rune is split between calls.
-type jsonTermWriter struct{ w io.Writer }
-
-func (j jsonTermWriter) Write(p []byte) (int, error) {
-	var b []byte
-	for i := 0; i < len(p); {
-		r, n := utf8.DecodeRune(p[i:])
-		if r == 0x7f || r >= 0x80 && r <= 0x9f {
-			if b == nil {
-				b = append(make([]byte, 0, len(p)+16), p[:i]...)
-			}
-			b = fmt.Appendf(b, `\u%04x`, r)
-		} else if b != nil {
-			b = append(b, p[i:i+n]...)
-		}
-		i += n
-	}
-	if b == nil {
-		return j.w.Write(p)
-	}
-	if _, err := j.w.Write(b); err != nil {
-		return 0, err
-	}
-	return len(p), nil
-}
-
-// jsonOut is the encoder for -json output on standard output.
-func jsonOut() *json.Encoder {
-	return json.NewEncoder(jsonTermWriter{os.Stdout})
 }
 
 func rcptSummary(m *queue.Message) string {

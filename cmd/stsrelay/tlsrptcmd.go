@@ -1,6 +1,7 @@
 package main
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"os"
@@ -10,12 +11,12 @@ import (
 
 	"go.uber.org/zap"
 
+	"github.com/stsrelay/stsrelay/internal/control"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/tlsrpt"
 	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptdb"
 )
 
-// cmdTLSRPT is `stsrelay tlsrpt pending`: the counts not yet reported,
-// from the running relay or, when it is stopped, from its counts file.
 func cmdTLSRPT(args []string) error {
 	var cf commonFlags
 	fs := newFlagSet("tlsrpt", &cf)
@@ -30,11 +31,10 @@ func cmdTLSRPT(args []string) error {
 	if err != nil {
 		return err
 	}
-	var pending []tlsrpt.PolicyCounts
-	err = callControl(cfg.DataDir, controlRequest{Op: "tlsrpt.pending"}, &pending)
-	if errors.Is(err, errNoServer) {
+	pending, err := controlClient(cfg).TLSRPTPending(context.Background())
+	if errors.Is(err, control.ErrNoServer) {
 		// The relay is stopped: read the counts it flushed.
-		rec, rerr := tlsrptdb.NewRecorder(tlsrptDir(cfg), nil, zap.NewNop(), tlsrptdb.WithInterval(cfg.TLSRPT.Interval.Duration))
+		rec, rerr := tlsrptdb.NewRecorder(server.TLSRPTDir(cfg), nil, zap.NewNop(), tlsrptdb.WithInterval(cfg.TLSRPT.Interval.Duration))
 		if rerr != nil {
 			return rerr
 		}

@@ -1,4 +1,4 @@
-package main
+package server
 
 import (
 	"context"
@@ -20,7 +20,8 @@ import (
 	"github.com/stsrelay/stsrelay/tlsrpt/tlsrptsend"
 )
 
-func tlsrptDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
+// TLSRPTDir is where the TLS-RPT counts and report jobs are kept.
+func TLSRPTDir(cfg *config.Config) string { return filepath.Join(cfg.DataDir, "tlsrpt") }
 
 // startTLSRPT starts the recorder (counts flushed to disk every second)
 // and the reporter (reports after each period). It returns the recorder
@@ -34,7 +35,7 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 	if !cfg.TLSRPT.Enabled {
 		return nil, nil, func() {}, isReporter, nil
 	}
-	rec, err = tlsrptdb.NewRecorder(tlsrptDir(cfg), nil, log, tlsrptdb.WithInterval(cfg.TLSRPT.Interval.Duration))
+	rec, err = tlsrptdb.NewRecorder(TLSRPTDir(cfg), nil, log, tlsrptdb.WithInterval(cfg.TLSRPT.Interval.Duration))
 	if err != nil {
 		return nil, nil, nil, nil, fmt.Errorf("tlsrpt: %w", err)
 	}
@@ -102,13 +103,4 @@ func startTLSRPT(ctx context.Context, cfg *config.Config, res *dnsclient.Resolve
 		}
 	}
 	return rec, rep, stop, isReporter, nil
-}
-
-// tlsrecPending returns what `tlsrpt pending` shows, from the live
-// recorder.
-func tlsrecPending(rec *tlsrptdb.Recorder) func() any {
-	if rec == nil {
-		return nil
-	}
-	return func() any { return rec.Pending() }
 }
