@@ -8,11 +8,10 @@ import (
 	"strings"
 	"time"
 
-	dompkg "github.com/stsrelay/stsrelay/internal/domain"
-
 	"github.com/stsrelay/stsrelay/delivery"
 	"github.com/stsrelay/stsrelay/internal/check"
 	"github.com/stsrelay/stsrelay/internal/config"
+	dompkg "github.com/stsrelay/stsrelay/internal/domain"
 	"github.com/stsrelay/stsrelay/internal/server"
 )
 

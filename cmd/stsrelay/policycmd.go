@@ -9,9 +9,8 @@ import (
 	"text/tabwriter"
 	"time"
 
-	dompkg "github.com/stsrelay/stsrelay/internal/domain"
-
 	"github.com/stsrelay/stsrelay/internal/control"
+	dompkg "github.com/stsrelay/stsrelay/internal/domain"
 	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/mtasts/forecast"
 	"github.com/stsrelay/stsrelay/mtasts/mtastsdb"
