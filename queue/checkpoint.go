@@ -207,17 +207,8 @@ func (s *Store) loadCheckpoint(segs []*segment) (bool, error) {
 		return false, nil
 	}
 	defer f.Close()
-	fi, err := f.Stat()
-	if err != nil || fi.Size() < int64(len(ckptMagic))+4 {
-		return false, nil
-	}
-	body := fi.Size() - 4
-	h := crc32.New(crcTable)
-	if _, err := io.Copy(h, io.NewSectionReader(f, 0, body)); err != nil {
-		return false, nil
-	}
-	var tail [4]byte
-	if _, err := f.ReadAt(tail[:], body); err != nil || binary.LittleEndian.Uint32(tail[:]) != h.Sum32() {
+	body, ok := checkpointBody(f)
+	if !ok {
 		return false, nil
 	}
 	c := &ckptReader{r: bufio.NewReaderSize(io.NewSectionReader(f, 0, body), 1<<20)}
@@ -225,9 +216,53 @@ func (s *Store) loadCheckpoint(segs []*segment) (bool, error) {
 		return false, nil
 	}
 	seq, off := c.u64(), int64(c.u64())
+	if !s.checkpointSegmentsMatch(c, body, segs, seq, off) || !s.loadCheckpointIndex(c, body) {
+		return false, nil
+	}
+	// Segments wholly before the position keep their size on disk; the
+	// rest is the log written after the checkpoint.
+	var tail []*segment
+	for _, seg := range segs {
+		if seg.seq < seq {
+			if sfi, err := seg.f.Stat(); err == nil {
+				seg.size = sfi.Size()
+			}
+			continue
+		}
+		tail = append(tail, seg)
+	}
+	if err := s.replay(tail, off); err != nil {
+		return false, err
+	}
+	return !s.pointsIntoMissingSegment(), nil
+}
+
+// checkpointBody checks the checkpoint's CRC and returns the length of
+// what it covers.
+func checkpointBody(f *os.File) (int64, bool) {
+	fi, err := f.Stat()
+	if err != nil || fi.Size() < int64(len(ckptMagic))+4 {
+		return 0, false
+	}
+	body := fi.Size() - 4
+	h := crc32.New(crcTable)
+	if _, err := io.Copy(h, io.NewSectionReader(f, 0, body)); err != nil {
+		return 0, false
+	}
+	var tail [4]byte
+	if _, err := f.ReadAt(tail[:], body); err != nil || binary.LittleEndian.Uint32(tail[:]) != h.Sum32() {
+		return 0, false
+	}
+	return body, true
+}
+
+// checkpointSegmentsMatch reads the checkpoint's segment list and
+// reports whether the log still holds its position (segment seq, at
+// least off long) and the same files (inodes) up to it.
+func (s *Store) checkpointSegmentsMatch(c *ckptReader, body int64, segs []*segment, seq uint64, off int64) bool {
 	nsegs := c.u32()
 	if c.err != nil || int64(nsegs)*16 > body {
-		return false, nil
+		return false
 	}
 	inodes := map[uint64]uint64{}
 	for range nsegs {
@@ -236,28 +271,33 @@ func (s *Store) loadCheckpoint(segs []*segment) (bool, error) {
 	}
 	posSeg := s.segs[seq]
 	if c.err != nil || posSeg == nil {
-		return false, nil
+		return false
 	}
 	if pfi, err := posSeg.f.Stat(); err != nil || pfi.Size() < off {
-		return false, nil
+		return false
 	}
 	for _, seg := range segs {
 		if seg.seq > seq {
 			break
 		}
 		if ino, ok := inodes[seg.seq]; !ok || ino != inodeOf(seg.f) {
-			return false, nil
+			return false
 		}
 	}
+	return true
+}
+
+// loadCheckpointIndex reads the domains and entries into the index.
+func (s *Store) loadCheckpointIndex(c *ckptReader, body int64) bool {
 	ndoms := c.u32()
 	if c.err != nil || int64(ndoms)*2 > body {
-		return false, nil
+		return false
 	}
 	names := make([]string, ndoms)
 	for i := range names {
 		l := c.bytes(2)
 		if l == nil {
-			return false, nil
+			return false
 		}
 		names[i] = string(c.bytes(int(binary.LittleEndian.Uint16(l))))
 	}
@@ -266,13 +306,13 @@ func (s *Store) loadCheckpoint(segs []*segment) (bool, error) {
 	}
 	n := c.u32()
 	if c.err != nil || int64(n)*ckptEntryLen > body {
-		return false, nil
+		return false
 	}
 	le := binary.LittleEndian
 	for range n {
 		q := c.bytes(ckptEntryLen)
 		if q == nil || !ValidID(string(q[:IDLen])) {
-			return false, nil
+			return false
 		}
 		id := string(q[:IDLen])
 		q = q[IDLen:]
@@ -282,7 +322,7 @@ func (s *Store) loadCheckpoint(segs []*segment) (bool, error) {
 		state := recLoc{off: int64(le.Uint64(q[32:])), seg: le.Uint32(q[40:]), metaLen: le.Uint32(q[44:])}
 		dom := le.Uint32(q[48:])
 		if int(dom) >= len(s.doms) || s.ids.find(&s.arena, id) != 0 {
-			return false, nil
+			return false
 		}
 		slot := s.insertEntry(id, s.doms[dom].name, time.Time{}, bodyLen, msg)
 		e := s.arena.at(slot)
@@ -294,33 +334,20 @@ func (s *Store) loadCheckpoint(segs []*segment) (bool, error) {
 		e.next = next
 		s.schedule(slot)
 	}
-	if c.err != nil {
-		return false, nil
-	}
-	// Segments wholly before the position keep their size on disk.
-	var tail2 []*segment
-	for _, seg := range segs {
-		if seg.seq < seq {
-			if sfi, err := seg.f.Stat(); err == nil {
-				seg.size = sfi.Size()
-			}
-			continue
-		}
-		tail2 = append(tail2, seg)
-	}
-	if err := s.replay(tail2, off); err != nil {
-		return false, err
-	}
-	// Every entry must point into a segment that exists: one that points
-	// into a segment removed after the checkpoint means records were
-	// lost with it (the checkpoint is older than the log allows).
-	stale := false
+	return c.err == nil
+}
+
+// pointsIntoMissingSegment reports whether an entry points into a
+// segment that no longer exists: one removed after the checkpoint, whose
+// records were lost with it (the checkpoint is older than the log allows).
+func (s *Store) pointsIntoMissingSegment() bool {
+	missing := false
 	s.arena.each(func(_ uint32, e *entry) bool {
 		if s.segs[uint64(e.msg.seg)] == nil || e.state.valid() && s.segs[uint64(e.state.seg)] == nil {
-			stale = true
+			missing = true
 			return false
 		}
 		return true
 	})
-	return !stale, nil
+	return missing
 }

@@ -155,67 +155,23 @@ func (s *Store) commitLoop() {
 	}
 }
 
+// commitBatch writes a batch of requests to the active segment, makes
+// it durable with one fdatasync, applies it to the index and answers the
+// requests; a failed batch is answered with the error and cut off. It
+// returns the writer to use for the next batch.
 func (s *Store) commitBatch(bw *bufio.Writer, batch []*commitReq) *bufio.Writer {
 	if s.broken {
 		// The last failed write could not be cut off its segment: start
 		// a new one before writing anything.
 		if err := s.rotate(); err != nil {
-			err = fmt.Errorf("queue write: %w", err)
-			for _, req := range batch {
-				req.finish(err)
-			}
+			finishAll(batch, fmt.Errorf("queue write: %w", err))
 			return bw
 		}
 		bw = bufio.NewWriterSize(s.active, 256<<10)
 	}
 	seg := s.activeSeg
 	start := seg.size
-	off := start
-	var err error
-	var hdr [headerLen]byte
-	n := 0
-write:
-	for _, req := range batch {
-		for _, r := range req.recs {
-			putHeader(hdr[:], r.typ, len(r.meta), r.size, r.crc)
-			if err = s.fault("write"); err != nil {
-				break write
-			}
-			if _, err = bw.Write(hdr[:]); err != nil {
-				break write
-			}
-			if _, err = bw.Write(r.meta); err != nil {
-				break write
-			}
-			r.seg = seg
-			r.recOff = off
-			r.off = off + headerLen + int64(len(r.meta))
-			var src io.Reader
-			switch {
-			case r.file != nil:
-				if _, err = r.file.Seek(0, io.SeekStart); err != nil {
-					break write
-				}
-				src = r.file
-			case r.src != nil:
-				src = io.NewSectionReader(r.src, 0, r.src.Size())
-			}
-			if src != nil {
-				var c int64
-				c, err = io.Copy(bw, src)
-				if err == nil && c != r.size {
-					err = fmt.Errorf("body changed size (%d != %d)", c, r.size)
-				}
-				if err != nil {
-					break write
-				}
-			} else if _, err = bw.Write(r.body); err != nil {
-				break write
-			}
-			off = r.off + r.size
-			n++
-		}
-	}
+	off, n, err := s.writeBatch(bw, seg, batch)
 	if err == nil {
 		err = bw.Flush()
 	}
@@ -226,33 +182,8 @@ write:
 		s.syncs.Add(1)
 	}
 	if err != nil {
-		// Nothing of this batch was acknowledged. Cut the segment back
-		// to where the batch began, durably, and go on in it. If that
-		// fails the segment may hold garbage before whatever came next,
-		// and recovery would stop at the garbage: start a new segment,
-		// and if that fails too write nothing until one can be made.
-		err = fmt.Errorf("queue write: %w", err)
-		for _, req := range batch {
-			req.finish(err)
-		}
-		bw.Reset(s.active)
-		terr := s.fault("truncate")
-		if terr == nil {
-			terr = s.active.Truncate(start)
-		}
-		if terr == nil {
-			terr = unix.Fdatasync(int(s.active.Fd()))
-		}
-		if terr == nil {
-			return bw
-		}
-		if rerr := s.rotate(); rerr == nil {
-			return bufio.NewWriterSize(s.active, 256<<10)
-		}
-		s.mu.Lock()
-		s.broken = true
-		s.mu.Unlock()
-		return bw
+		finishAll(batch, fmt.Errorf("queue write: %w", err))
+		return s.cutBack(bw, start)
 	}
 	s.records.Add(uint64(n))
 	s.mu.Lock()
@@ -264,15 +195,99 @@ write:
 	}
 	s.collectSegments()
 	s.mu.Unlock()
-	for _, req := range batch {
-		req.finish(nil)
-	}
+	finishAll(batch, nil)
 	s.signal()
 	if off >= s.opts.SegmentBytes {
 		if err := s.rotate(); err == nil {
 			return bufio.NewWriterSize(s.active, 256<<10)
 		}
 	}
+	return bw
+}
+
+func finishAll(batch []*commitReq, err error) {
+	for _, req := range batch {
+		req.finish(err)
+	}
+}
+
+// writeBatch buffers the records of batch for seg, setting where each
+// lands, and returns the offset after the last and how many were
+// written.
+func (s *Store) writeBatch(bw *bufio.Writer, seg *segment, batch []*commitReq) (off int64, n int, err error) {
+	off = seg.size
+	var hdr [headerLen]byte
+	for _, req := range batch {
+		for _, r := range req.recs {
+			putHeader(hdr[:], r.typ, len(r.meta), r.size, r.crc)
+			if err = s.fault("write"); err != nil {
+				return off, n, err
+			}
+			if _, err = bw.Write(hdr[:]); err != nil {
+				return off, n, err
+			}
+			if _, err = bw.Write(r.meta); err != nil {
+				return off, n, err
+			}
+			r.seg = seg
+			r.recOff = off
+			r.off = off + headerLen + int64(len(r.meta))
+			if err = writeBody(bw, r); err != nil {
+				return off, n, err
+			}
+			off = r.off + r.size
+			n++
+		}
+	}
+	return off, n, nil
+}
+
+// writeBody copies a record's body: from memory, its spool file, or the
+// older segment a compaction copies it from.
+func writeBody(bw *bufio.Writer, r *pendingRecord) error {
+	var src io.Reader
+	switch {
+	case r.file != nil:
+		if _, err := r.file.Seek(0, io.SeekStart); err != nil {
+			return err
+		}
+		src = r.file
+	case r.src != nil:
+		src = io.NewSectionReader(r.src, 0, r.src.Size())
+	default:
+		_, err := bw.Write(r.body)
+		return err
+	}
+	c, err := io.Copy(bw, src)
+	if err == nil && c != r.size {
+		err = fmt.Errorf("body changed size (%d != %d)", c, r.size)
+	}
+	return err
+}
+
+// cutBack undoes a failed batch: nothing of it was acknowledged. The
+// segment is cut back to where the batch began, durably, and used on. If
+// that fails the segment may hold garbage before whatever came next, and
+// recovery would stop at the garbage: a new segment is started, and if
+// that fails too nothing is written until one can be made.
+func (s *Store) cutBack(bw *bufio.Writer, start int64) *bufio.Writer {
+	bw.Reset(s.active)
+	err := s.fault("truncate")
+	if err == nil {
+		err = s.active.Truncate(start)
+	}
+	if err == nil {
+		err = unix.Fdatasync(int(s.active.Fd()))
+	}
+	if err == nil {
+		return bw
+	}
+	if rerr := s.rotate(); rerr == nil {
+		return bufio.NewWriterSize(s.active, 256<<10)
+	}
+	s.mu.Lock()
+	s.broken = true
+	s.mu.Unlock()
 	return bw
 }
 
