@@ -92,21 +92,47 @@ type SyntaxProblem struct {
 // and reports every finding. It does not use or change any cache.
 func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) *PolicyReport {
 	rep := &PolicyReport{Domain: domain, Problems: []string{}, Advice: []string{}}
-	problem := func(format string, args ...any) { rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...)) }
-	advise := func(format string, args ...any) { rep.Advice = append(rep.Advice, fmt.Sprintf(format, args...)) }
 	defer func() { rep.OK = len(rep.Problems) == 0 }()
 
 	d, ok := NormalizeDomain(domain)
 	if !ok {
-		problem("%q is not a domain name (address literals and IP addresses have no MTA-STS policy, RFC 8461 §3.4)", domain)
+		rep.problem("%q is not a domain name (address literals and IP addresses have no MTA-STS policy, RFC 8461 §3.4)", domain)
 		return rep
 	}
 	rep.Domain = d
 	if f == nil {
 		f = &Fetcher{}
 	}
+	if !rep.checkRecord(ctx, r, d) {
+		return rep
+	}
+	p, ok := rep.checkFetch(ctx, f, d)
+	if !ok {
+		return rep
+	}
+	rep.Parsed = p
+	rep.Policy = &PolicySummary{Mode: p.Mode, MX: p.MX, MaxAgeSeconds: int64(p.MaxAge / time.Second), Lines: p.Lines}
+	if rep.Policy.MX == nil {
+		rep.Policy.MX = []string{}
+	}
+	rep.adviseOnPolicy(p)
+	return rep
+}
 
-	// RFC 8461 §3.1: discovery.
+// problem adds a problem (the check fails) to rep.
+func (rep *PolicyReport) problem(format string, args ...any) {
+	rep.Problems = append(rep.Problems, fmt.Sprintf(format, args...))
+}
+
+// advise adds advice (a warning or a note) to rep.
+func (rep *PolicyReport) advise(format string, args ...any) {
+	rep.Advice = append(rep.Advice, fmt.Sprintf(format, args...))
+}
+
+// checkRecord looks up the MTA-STS TXT record of d (RFC 8461 §3.1) and
+// reports on it in rep.TXT. It returns false when d publishes no record,
+// so that there is no policy to fetch.
+func (rep *PolicyReport) checkRecord(ctx context.Context, r TXTResolver, d string) bool {
 	rep.TXT.Name = "_mta-sts." + d
 	rec, raw, err := lookupRecord(ctx, r, d)
 	rep.TXT.Records = raw
@@ -127,19 +153,19 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 	case errors.Is(err, ErrDNS):
 		rep.TXT.Temporary = true
 		rep.TXT.Error = err.Error()
-		problem("TXT lookup of %s failed temporarily: %v", rep.TXT.Name, err)
+		rep.problem("TXT lookup of %s failed temporarily: %v", rep.TXT.Name, err)
 	case errors.Is(err, ErrNoRecord):
 		rep.TXT.Error = err.Error()
 		for _, s := range raw {
 			if strings.HasPrefix(strings.ToLower(s), "v=stsv1") || strings.Contains(s, "id=") {
-				problem("TXT record %q looks like MTA-STS but does not begin with %q (case-sensitive, RFC 8461 §3.1)", s, stsVersion)
+				rep.problem("TXT record %q looks like MTA-STS but does not begin with %q (case-sensitive, RFC 8461 §3.1)", s, stsVersion)
 			}
 		}
-		advise("%s publishes no MTA-STS record: senders do not require TLS for it", d)
-		return rep
+		rep.advise("%s publishes no MTA-STS record: senders do not require TLS for it", d)
+		return false
 	case errors.Is(err, ErrMultipleRecords):
 		rep.TXT.Error = err.Error()
-		problem("%d TXT records begin with v=STSv1 at %s; exactly one is allowed, so senders see no policy (RFC 8461 §3.1)", rep.TXT.Count, rep.TXT.Name)
+		rep.problem("%d TXT records begin with v=STSv1 at %s; exactly one is allowed, so senders see no policy (RFC 8461 §3.1)", rep.TXT.Count, rep.TXT.Name)
 	default:
 		rep.TXT.Error = err.Error()
 		if rep.TXT.Count == 1 {
@@ -149,11 +175,16 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 				}
 			}
 		}
-		problem("invalid MTA-STS TXT record, so senders see no policy: %v", err)
+		rep.problem("invalid MTA-STS TXT record, so senders see no policy: %v", err)
 	}
+	return true
+}
 
-	// RFC 8461 §3.3: the fetch, done whenever a v=STSv1 record exists or
-	// DNS failed, to show the whole picture.
+// checkFetch fetches the policy of d (RFC 8461 §3.3) and reports on the
+// fetch and the policy host's certificate in rep.Fetch. It is done
+// whenever a v=STSv1 record exists or DNS failed, to show the whole
+// picture; it returns the policy, or false when the fetch failed.
+func (rep *PolicyReport) checkFetch(ctx context.Context, f *Fetcher, d string) (*Policy, bool) {
 	fr := f.fetch(ctx, d)
 	fe := &FetchReport{URL: fr.URL, HTTPStatus: fr.Status, Location: fr.Location, ContentType: fr.ContentType, Size: len(fr.Body)}
 	rep.Fetch = fe
@@ -167,49 +198,47 @@ func CheckPolicy(ctx context.Context, r TXTResolver, f *Fetcher, domain string) 
 		if fr.CertErr != nil {
 			fe.TLSCertError = fr.CertErr.Error()
 		} else if certexpiry.Soon(days) {
-			advise("the certificate of mta-sts.%s expires in %d day(s) (%s)", d, days, fe.CertNotAfter.Format(time.RFC3339))
+			rep.advise("the certificate of mta-sts.%s expires in %d day(s) (%s)", d, days, fe.CertNotAfter.Format(time.RFC3339))
 		}
 	}
 	if fr.Err != nil {
 		fe.ResultType = fr.Err.ResultType
 		fe.Error = fr.Err.Error()
-		problem("policy fetch failed (%s): %v", fr.Err.ResultType, fr.Err.Err)
+		rep.problem("policy fetch failed (%s): %v", fr.Err.ResultType, fr.Err.Err)
 		for _, p := range fr.Problems {
 			rep.SyntaxErrors = append(rep.SyntaxErrors, SyntaxProblem{Line: p.Line, Message: p.Msg})
 		}
 		if fr.Status/100 == 3 {
-			advise("serve the policy directly with 200 at %s: senders never follow redirects (RFC 8461 §3.3)", fr.URL)
+			rep.advise("serve the policy directly with 200 at %s: senders never follow redirects (RFC 8461 §3.3)", fr.URL)
 		}
-		return rep
+		return nil, false
 	}
 	fe.OK = true
-	p := fr.Policy
-	rep.Parsed = p
-	rep.Policy = &PolicySummary{Mode: p.Mode, MX: p.MX, MaxAgeSeconds: int64(p.MaxAge / time.Second), Lines: p.Lines}
-	if rep.Policy.MX == nil {
-		rep.Policy.MX = []string{}
-	}
+	return fr.Policy, true
+}
 
+// adviseOnPolicy adds the advice about a fetched policy p to rep: what
+// its mode means and whether its max_age is sensible.
+func (rep *PolicyReport) adviseOnPolicy(p *Policy) {
 	switch p.Mode {
 	case ModeEnforce:
-		advise("mode enforce: senders refuse MX hosts that are not listed in the policy or lack valid STARTTLS; keep the mx lines in step with the MX records")
+		rep.advise("mode enforce: senders refuse MX hosts that are not listed in the policy or lack valid STARTTLS; keep the mx lines in step with the MX records")
 	case ModeTesting:
-		advise("mode testing: failures are only reported through TLS-RPT; switch to enforce once reports show no failures")
+		rep.advise("mode testing: failures are only reported through TLS-RPT; switch to enforce once reports show no failures")
 	case ModeNone:
-		advise("mode none: senders treat the domain as having no policy (RFC 8461 §8.3); remove the TXT record and policy once earlier policies have expired")
+		rep.advise("mode none: senders treat the domain as having no policy (RFC 8461 §8.3); remove the TXT record and policy once earlier policies have expired")
 	}
 	for _, l := range p.Lines {
 		if v, ok := strings.CutPrefix(l, "max_age:"); ok {
 			if n, err := strconv.ParseUint(strings.TrimSpace(v), 10, 64); err == nil && n > uint64(MaxMaxAge/time.Second) {
-				advise("max_age %d is above the maximum 31557600; senders cap it", n)
+				rep.advise("max_age %d is above the maximum 31557600; senders cap it", n)
 			}
 			break
 		}
 	}
 	if p.MaxAge < 24*time.Hour {
-		advise("max_age %d s is under a day; RFC 8461 §3.2 expects weeks or more, so that cached policies outlast an attack on refresh", int64(p.MaxAge/time.Second))
+		rep.advise("max_age %d s is under a day; RFC 8461 §3.2 expects weeks or more, so that cached policies outlast an attack on refresh", int64(p.MaxAge/time.Second))
 	}
-	return rep
 }
 
 // recordID extracts the id of a record that failed to parse, for display.

@@ -32,6 +32,7 @@ import (
 	"github.com/emersion/go-smtp"
 	"github.com/miekg/dns"
 	"github.com/pelletier/go-toml/v2"
+	"go.uber.org/zap"
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/config"
@@ -130,6 +131,9 @@ type demoWorld struct {
 	impostor *testworld.MXServer
 }
 
+// buildDemoWorld starts the demo's loopback Internet in dir: the DNS
+// server, the demo CA, the TLS-RPT receiver and the five destination
+// domains with their MX and policy hosts.
 func buildDemoWorld(dir string) (*demoWorld, error) {
 	w, err := testworld.NewWorld(testworld.Options{Dir: dir})
 	if err != nil {
@@ -146,86 +150,109 @@ func buildDemoWorld(dir string) (*demoWorld, error) {
 		return nil, err
 	}
 	rua := dw.reports.URLWithPort()
-	mx := func(host string, kind testworld.CertKind, tlsOn bool) (*testworld.MXServer, error) {
-		o := testworld.MXOptions{Hostname: host}
-		if tlsOn {
-			c, err := w.CA.IssueCert(kind, host)
-			if err != nil {
-				return nil, err
-			}
-			o.Cert = c
-		}
-		s, err := w.StartMX(o)
-		if err != nil {
-			return nil, err
-		}
-		dw.mx[host] = s
-		return s, nil
-	}
-	policy := func(domain, mode, mxHost string) error {
-		p, err := w.StartPolicyHost(domain, testworld.CertValid)
-		if err != nil {
-			return err
-		}
-		p.SetPolicy(fmt.Sprintf("version: STSv1\nmode: %s\nmx: %s\nmax_age: 86400\n", mode, mxHost))
-		w.DNS.SetTXT("_mta-sts."+domain, []string{"v=STSv1; id=demo1"})
-		return nil
-	}
 	for _, d := range []string{"good.demo", "spoofed.demo", "rollout.demo", "plain.demo"} {
 		w.DNS.SetTXT("_smtp._tls."+d, []string{"v=TLSRPTv1; rua=" + rua})
 		w.DNS.SetMX(d, testworld.MX{Pref: 10, Host: "mx." + d})
 	}
+	if err := dw.addMTASTSDomains(); err != nil {
+		return nil, err
+	}
+	if err := dw.addDANEDomain(rua); err != nil {
+		return nil, err
+	}
+	ok = true
+	return dw, nil
+}
 
-	// good.demo: enforce, and an MX with a valid certificate.
-	good, err := mx("mx.good.demo", testworld.CertValid, true)
+// startMX starts an MX host with STARTTLS and a certificate of the given
+// kind for host.
+func (dw *demoWorld) startMX(host string, kind testworld.CertKind) (*testworld.MXServer, error) {
+	o := testworld.MXOptions{Hostname: host}
+	c, err := dw.w.CA.IssueCert(kind, host)
 	if err != nil {
 		return nil, err
 	}
-	w.DNS.SetA("mx.good.demo", good.IP())
-	if err := policy("good.demo", "enforce", "mx.good.demo"); err != nil {
+	o.Cert = c
+	s, err := dw.w.StartMX(o)
+	if err != nil {
 		return nil, err
+	}
+	dw.mx[host] = s
+	return s, nil
+}
+
+// publishPolicy serves an MTA-STS policy of the given mode naming mxHost
+// for domain, and publishes its _mta-sts record.
+func (dw *demoWorld) publishPolicy(domain, mode, mxHost string) error {
+	p, err := dw.w.StartPolicyHost(domain, testworld.CertValid)
+	if err != nil {
+		return err
+	}
+	p.SetPolicy(fmt.Sprintf("version: STSv1\nmode: %s\nmx: %s\nmax_age: 86400\n", mode, mxHost))
+	dw.w.DNS.SetTXT("_mta-sts."+domain, []string{"v=STSv1; id=demo1"})
+	return nil
+}
+
+// addMTASTSDomains sets up good.demo, spoofed.demo, rollout.demo and
+// plain.demo: their MX hosts, addresses and policies.
+func (dw *demoWorld) addMTASTSDomains() error {
+	w := dw.w
+	// good.demo: enforce, and an MX with a valid certificate.
+	good, err := dw.startMX("mx.good.demo", testworld.CertValid)
+	if err != nil {
+		return err
+	}
+	w.DNS.SetA("mx.good.demo", good.IP())
+	if err := dw.publishPolicy("good.demo", "enforce", "mx.good.demo"); err != nil {
+		return err
 	}
 
 	// spoofed.demo: enforce, but DNS answers with the address of an
 	// impostor that has a self-signed certificate for the MX's name.
-	if dw.impostor, err = mx("mx.spoofed.demo", testworld.CertSelfSigned, true); err != nil {
-		return nil, err
+	if dw.impostor, err = dw.startMX("mx.spoofed.demo", testworld.CertSelfSigned); err != nil {
+		return err
 	}
 	w.DNS.SetA("mx.spoofed.demo", dw.impostor.IP())
-	if err := policy("spoofed.demo", "enforce", "mx.spoofed.demo"); err != nil {
-		return nil, err
+	if err := dw.publishPolicy("spoofed.demo", "enforce", "mx.spoofed.demo"); err != nil {
+		return err
 	}
 
 	// rollout.demo: testing, and its MX's certificate has expired.
-	roll, err := mx("mx.rollout.demo", testworld.CertExpired, true)
+	roll, err := dw.startMX("mx.rollout.demo", testworld.CertExpired)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	w.DNS.SetA("mx.rollout.demo", roll.IP())
-	if err := policy("rollout.demo", "testing", "mx.rollout.demo"); err != nil {
-		return nil, err
+	if err := dw.publishPolicy("rollout.demo", "testing", "mx.rollout.demo"); err != nil {
+		return err
 	}
 
 	// plain.demo: no policy; its MX offers STARTTLS with a self-signed
 	// certificate, which is fine where nobody asks for verification.
-	plain, err := mx("mx.plain.demo", testworld.CertSelfSigned, true)
+	plain, err := dw.startMX("mx.plain.demo", testworld.CertSelfSigned)
 	if err != nil {
-		return nil, err
+		return err
 	}
 	w.DNS.SetA("mx.plain.demo", plain.IP())
+	return nil
+}
 
-	// dane.demo: DNSSEC-signed (AD on its MX, address and TLSA answers),
-	// and a TLSA 3 1 1 record (DANE-EE, SPKI, SHA-256) for its MX's
-	// self-signed certificate: DANE authenticates what the Web PKI
-	// cannot (RFC 7672 §3.1.1). TLS-RPT for DANE goes to the TLSA base
-	// domain, mx.dane.demo (RFC 8460 §3).
+// addDANEDomain sets up dane.demo, with TLS-RPT reports to rua.
+//
+// dane.demo is DNSSEC-signed (AD on its MX, address and TLSA answers),
+// and has a TLSA 3 1 1 record (DANE-EE, SPKI, SHA-256) for its MX's
+// self-signed certificate: DANE authenticates what the Web PKI cannot
+// (RFC 7672 §3.1.1). TLS-RPT for DANE goes to the TLSA base domain,
+// mx.dane.demo (RFC 8460 §3).
+func (dw *demoWorld) addDANEDomain(rua string) error {
+	w := dw.w
 	dcert, err := w.CA.IssueCert(testworld.CertSelfSigned, "mx.dane.demo")
 	if err != nil {
-		return nil, err
+		return err
 	}
 	dm, err := w.StartMX(testworld.MXOptions{Hostname: "mx.dane.demo", Cert: dcert})
 	if err != nil {
-		return nil, err
+		return err
 	}
 	dw.mx["mx.dane.demo"] = dm
 	w.DNS.SetMX("dane.demo", testworld.MX{Pref: 10, Host: "mx.dane.demo"})
@@ -237,8 +264,7 @@ func buildDemoWorld(dir string) (*demoWorld, error) {
 		w.DNS.SetAD(n, true)
 	}
 	w.DNS.SetTXT("_smtp._tls.mx.dane.demo", []string{"v=TLSRPTv1; rua=" + rua})
-	ok = true
-	return dw, nil
+	return nil
 }
 
 // demoConfig is the relay's configuration in the demo world.
@@ -291,26 +317,16 @@ func demoConfig(dw *demoWorld, dir, password string) (*config.Config, error) {
 	return config.Load(path)
 }
 
+// runDemo builds the demo world, runs a relay in it, sends one message
+// per destination and judges what became of each, narrating to out.
 func runDemo(keep string, out io.Writer) (*demoResult, error) {
 	start := time.Now()
 	deadline := start.Add(demoBudget)
-	dir := keep
-	if dir == "" {
-		d, err := os.MkdirTemp("", "stsrelay-demo-")
-		if err != nil {
-			return nil, err
-		}
-		dir = d
-		defer os.RemoveAll(dir)
-	} else {
-		if err := os.MkdirAll(dir, 0o750); err != nil {
-			return nil, err
-		}
-		dir, _ = filepath.Abs(dir)
-		if _, err := os.Stat(filepath.Join(dir, "data")); err == nil {
-			return nil, fmt.Errorf("demo: %s already holds a demo's data; pick an empty directory", dir)
-		}
+	dir, cleanup, err := demoDir(keep)
+	if err != nil {
+		return nil, err
 	}
+	defer cleanup()
 	say := func(format string, a ...any) { fmt.Fprintf(out, format+"\n", a...) }
 
 	say("stsrelay demo: a loopback world with a DNS server, a demo CA, five destination domains and a TLS-RPT receiver.")
@@ -334,36 +350,137 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 
 	say("DNS server %s, MX port %d, HTTPS port %d, demo CA %s", dw.w.DNS.Addr(), dw.w.MXPort(), dw.w.HTTPSPort(), cfg.TLS.ExtraRootCAFile)
 	say("starting the relay (the code of `stsrelay serve`) on %s", cfg.Path)
-	ctx, stop := context.WithCancel(context.Background())
-	served := make(chan struct{})
-	var serveErr error
-	go func() { serveErr = serve(ctx, cfg, log); close(served) }()
-	stopRelay := func() error {
-		stop()
-		select {
-		case <-served:
-			return serveErr
-		case <-time.After(10 * time.Second):
-			return errors.New("relay did not stop within 10s")
-		}
-	}
-	defer func() {
-		if stop != nil {
-			_ = stopRelay()
-		}
-	}()
-	logf := &logFollower{path: cfg.Log.Output}
-	started, err := logf.wait(time.Until(deadline), served, func(m map[string]any) bool { return m["msg"] == "started" })
+	relay := startDemoRelay(cfg, log)
+	defer relay.stopIfRunning()
+	addr, err := relay.submissionAddr(deadline)
 	if err != nil {
-		return nil, fmt.Errorf("demo: relay did not start: %w\n%s", err, logf.text())
+		return nil, err
+	}
+	say("relay listening for submission on %s (STARTTLS, AUTH PLAIN as %q)\n", addr, demoUser)
+
+	steps := demoSteps()
+	tlsCfg := &tls.Config{ServerName: "relay.demo", RootCAs: dw.w.CA.Pool()}
+	submitDemoSteps(steps, addr, tlsCfg, password, say)
+	relay.awaitDeliveries(steps, deadline)
+	for _, s := range steps {
+		judgeDemoStep(s, dw, cfg)
+	}
+	say("\nwaiting for the TLS-RPT period (%v) to end and the reports to arrive...", demoReportInterval)
+	checkDemoReports(steps, dw.reports, deadline)
+
+	res := &demoResult{OK: true, Steps: steps}
+	if sums, err := readForecast(cfg, "rollout.demo"); err == nil {
+		res.Forecast = sums
+	}
+	narrateDemo(res, relay.logf, say)
+	if err := relay.stop(); err != nil {
+		res.OK = false
+		say("\nrelay stopped with an error: %v", err)
+	}
+	res.Elapsed = time.Since(start).Round(time.Millisecond).String()
+	if keep != "" {
+		res.DataDir, res.Config = cfg.DataDir, cfg.Path
+		say("\nkept: config %s, data dir %s, log %s", cfg.Path, cfg.DataDir, cfg.Log.Output)
+		say("try: go run ./cmd/stsrelay policy forecast -config %s", cfg.Path)
+	}
+	if res.OK {
+		say("\nall steps behaved as expected (%s).", res.Elapsed)
+	} else {
+		say("\nsome steps did not behave as expected (%s).", res.Elapsed)
+	}
+	return res, nil
+}
+
+// demoDir is the directory the demo works in: keep, made absolute, when
+// given (and not already holding a demo's data), else a temporary one
+// that cleanup removes.
+func demoDir(keep string) (dir string, cleanup func(), err error) {
+	if keep == "" {
+		d, err := os.MkdirTemp("", "stsrelay-demo-")
+		if err != nil {
+			return "", nil, err
+		}
+		return d, func() { os.RemoveAll(d) }, nil
+	}
+	if err := os.MkdirAll(keep, 0o750); err != nil {
+		return "", nil, err
+	}
+	dir, _ = filepath.Abs(keep)
+	if _, err := os.Stat(filepath.Join(dir, "data")); err == nil {
+		return "", nil, fmt.Errorf("demo: %s already holds a demo's data; pick an empty directory", dir)
+	}
+	return dir, func() {}, nil
+}
+
+// demoRelay is the demo's relay: serve, in a goroutine of this process.
+type demoRelay struct {
+	logf   *logFollower
+	served chan struct{} // closed when serve returns
+	err    error         // what serve returned, once served is closed
+	cancel context.CancelFunc
+	// stopped is set once stop has been called.
+	stopped bool
+}
+
+// startDemoRelay runs serve on cfg until stop.
+func startDemoRelay(cfg *config.Config, log *zap.Logger) *demoRelay {
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &demoRelay{logf: &logFollower{path: cfg.Log.Output}, served: make(chan struct{}), cancel: cancel}
+	go func() { r.err = serve(ctx, cfg, log); close(r.served) }()
+	return r
+}
+
+// stop stops the relay and returns serve's error, or an error if it does
+// not return within 10s.
+func (r *demoRelay) stop() error {
+	r.stopped = true
+	r.cancel()
+	select {
+	case <-r.served:
+		return r.err
+	case <-time.After(10 * time.Second):
+		return errors.New("relay did not stop within 10s")
+	}
+}
+
+// stopIfRunning stops the relay unless stop was called already.
+func (r *demoRelay) stopIfRunning() {
+	if !r.stopped {
+		_ = r.stop()
+	}
+}
+
+// submissionAddr waits, until deadline, for the relay's "started" log line
+// and returns the first submission address it names.
+func (r *demoRelay) submissionAddr(deadline time.Time) (string, error) {
+	started, err := r.logf.wait(time.Until(deadline), r.served, func(m map[string]any) bool { return m["msg"] == "started" })
+	if err != nil {
+		return "", fmt.Errorf("demo: relay did not start: %w\n%s", err, r.logf.text())
 	}
 	addr := ""
 	if l, ok := started["listen"].([]any); ok && len(l) > 0 {
 		addr, _ = l[0].(string)
 	}
-	say("relay listening for submission on %s (STARTTLS, AUTH PLAIN as %q)\n", addr, demoUser)
+	return addr, nil
+}
 
-	steps := []*demoStep{
+// awaitDeliveries waits for the delivery log line of each submitted
+// step's message, leaving 4s of the deadline for the TLS-RPT reports.
+func (r *demoRelay) awaitDeliveries(steps []*demoStep, deadline time.Time) {
+	for _, s := range steps {
+		if s.QueueID == "" {
+			continue
+		}
+		s.Delivery, _ = r.logf.wait(time.Until(deadline)-4*time.Second, r.served, func(m map[string]any) bool {
+			return m["msg"] == "delivery" && m["queue_id"] == s.QueueID
+		})
+	}
+}
+
+// demoSteps are the demo's destinations, one per kind, and what should
+// become of a message to each.
+func demoSteps() []*demoStep {
+	return []*demoStep{
 		{Domain: "good.demo", Setup: "MTA-STS enforce; its MX has a valid certificate", Expected: "delivered-verified-tls"},
 		{Domain: "spoofed.demo", Setup: "MTA-STS enforce; DNS now points mx.spoofed.demo at an impostor with a self-signed certificate", Expected: "refused"},
 		{Domain: "rollout.demo", Setup: "MTA-STS testing; its MX's certificate has expired", Expected: "delivered-recorded-failure"},
@@ -371,7 +488,11 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 		{Domain: "dane.demo", Setup: "DNSSEC-signed, with a TLSA 3 1 1 record at _25._tcp.mx.dane.demo for its MX's self-signed certificate",
 			Expected: "delivered-dane-authenticated", reportDomain: "mx.dane.demo"},
 	}
-	tlsCfg := &tls.Config{ServerName: "relay.demo", RootCAs: dw.w.CA.Pool()}
+}
+
+// submitDemoSteps submits one message per step to the relay at addr and
+// records its queue ID, or why it was not submitted.
+func submitDemoSteps(steps []*demoStep, addr string, tlsCfg *tls.Config, password string, say func(string, ...any)) {
 	for _, s := range steps {
 		rcpt := "someone@" + s.Domain
 		id, err := demoSubmit(addr, tlsCfg, password, rcpt, s.Domain)
@@ -383,25 +504,15 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 		s.QueueID = id
 		say("submitted a message to %s: queued as %s", rcpt, id)
 	}
+}
 
-	// Wait for one delivery line per submitted message.
-	for _, s := range steps {
-		if s.QueueID == "" {
-			continue
-		}
-		s.Delivery, _ = logf.wait(time.Until(deadline)-4*time.Second, served, func(m map[string]any) bool {
-			return m["msg"] == "delivery" && m["queue_id"] == s.QueueID
-		})
-	}
-	for _, s := range steps {
-		judgeDemoStep(s, dw, cfg)
-	}
-
-	// TLS-RPT: one report per domain, after the period ends.
-	say("\nwaiting for the TLS-RPT period (%v) to end and the reports to arrive...", demoReportInterval)
+// checkDemoReports waits, until shortly before deadline, for one TLS-RPT
+// report per step, and fails a step whose report is missing or does not
+// show the expected result.
+func checkDemoReports(steps []*demoStep, receiver *testworld.ReportReceiver, deadline time.Time) {
 	reports := map[string]json.RawMessage{}
 	for time.Now().Before(deadline.Add(-time.Second)) && len(reports) < len(steps) {
-		for _, r := range dw.reports.Reports() {
+		for _, r := range receiver.Reports() {
 			if dom, js, err := decodeReport(r.Body); err == nil {
 				reports[dom] = js
 			}
@@ -421,14 +532,13 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 			s.Details = append(s.Details, "the TLS-RPT report does not show the expected result")
 		}
 	}
+}
 
-	res := &demoResult{OK: true, Steps: steps}
-	if sums, err := readForecast(cfg, "rollout.demo"); err == nil {
-		res.Forecast = sums
-	}
-
-	// Narrate.
-	for _, s := range steps {
+// narrateDemo says how each step went, the forecast and the reports, and
+// the relay's delivery log lines, which it also keeps in res; a failed
+// step makes res not OK.
+func narrateDemo(res *demoResult, logf *logFollower, say func(string, ...any)) {
+	for _, s := range res.Steps {
 		mark := "OK "
 		if !s.OK {
 			mark = "BAD"
@@ -443,7 +553,7 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 	if len(res.Forecast) > 0 {
 		say("\nenforce forecast for rollout.demo (`stsrelay policy forecast`):\n      %s", res.Forecast[0].Verdict)
 	}
-	for _, s := range steps {
+	for _, s := range res.Steps {
 		if len(s.Report) == 0 {
 			continue
 		}
@@ -459,24 +569,6 @@ func runDemo(keep string, out io.Writer) (*demoResult, error) {
 	if res.LogLines == nil {
 		res.LogLines = []string{}
 	}
-
-	if err := stopRelay(); err != nil {
-		res.OK = false
-		say("\nrelay stopped with an error: %v", err)
-	}
-	stop = nil
-	res.Elapsed = time.Since(start).Round(time.Millisecond).String()
-	if keep != "" {
-		res.DataDir, res.Config = cfg.DataDir, cfg.Path
-		say("\nkept: config %s, data dir %s, log %s", cfg.Path, cfg.DataDir, cfg.Log.Output)
-		say("try: go run ./cmd/stsrelay policy forecast -config %s", cfg.Path)
-	}
-	if res.OK {
-		say("\nall steps behaved as expected (%s).", res.Elapsed)
-	} else {
-		say("\nsome steps did not behave as expected (%s).", res.Elapsed)
-	}
-	return res, nil
 }
 
 // judgeDemoStep decides what happened to a step's message.

@@ -9,6 +9,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/stsrelay/stsrelay/internal/config"
 	"github.com/stsrelay/stsrelay/internal/control"
 	dompkg "github.com/stsrelay/stsrelay/internal/domain"
 	"github.com/stsrelay/stsrelay/internal/server"
@@ -45,6 +46,9 @@ func policyAction(ctx context.Context, api control.API, sub, domain string) ([]m
 	return nil, fmt.Errorf("unknown policy action %q", sub)
 }
 
+// cmdPolicy is `stsrelay policy`: it lists, shows, refreshes or forgets
+// cached MTA-STS policies, through the running relay or, with none, on
+// the policy cache itself; `policy forecast` goes to cmdPolicyForecast.
 func cmdPolicy(args []string) error {
 	var cf commonFlags
 	fs := newFlagSet("policy", &cf)
@@ -56,20 +60,59 @@ func cmdPolicy(args []string) error {
 		return &usageError{"policy: want list, show DOMAIN, refresh DOMAIN, forget DOMAIN or forecast [DOMAIN]"}
 	}
 	sub := pos[0]
+	if sub == "forecast" {
+		return policyForecastArgs(cf, pos)
+	}
+	if err := checkPolicyArgs(sub, pos); err != nil {
+		return err
+	}
+	cfg, err := loadConfig(cf.config)
+	if err != nil {
+		return err
+	}
+	domain := policyDomainArg(pos)
+	ctx := context.Background()
+	entries, err := policyAction(ctx, controlClient(cfg), sub, domain)
+	if errors.Is(err, control.ErrNoServer) {
+		api, oerr := offlinePolicyAPI(cfg)
+		if oerr != nil {
+			return oerr
+		}
+		entries, err = policyAction(ctx, api, sub, domain)
+	}
+	if err != nil {
+		if control.IsNotFound(err) {
+			fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
+			return &exitError{exitFailed}
+		}
+		return err
+	}
 	switch sub {
-	case "forecast":
-		if len(pos) > 2 {
-			return &usageError{"policy forecast: want at most one DOMAIN"}
-		}
-		cfg, err := loadConfig(cf.config)
-		if err != nil {
-			return err
-		}
-		domain := ""
-		if len(pos) == 2 {
-			domain = dompkg.Key(pos[1])
-		}
-		return cmdPolicyForecast(cfg, domain, cf.json)
+	case "forget":
+		return printPolicyForget(domain, cf.json)
+	case "list":
+		return printPolicyList(cfg, entries, cf.json)
+	}
+	return printPolicyShow(entries[0], cf.json)
+}
+
+// policyForecastArgs checks the arguments of `policy forecast [DOMAIN]`
+// and runs it.
+func policyForecastArgs(cf commonFlags, pos []string) error {
+	if len(pos) > 2 {
+		return &usageError{"policy forecast: want at most one DOMAIN"}
+	}
+	cfg, err := loadConfig(cf.config)
+	if err != nil {
+		return err
+	}
+	return cmdPolicyForecast(cfg, policyDomainArg(pos), cf.json)
+}
+
+// checkPolicyArgs refuses an unknown policy subcommand or the wrong
+// number of arguments for a known one.
+func checkPolicyArgs(sub string, pos []string) error {
+	switch sub {
 	case "list":
 		if len(pos) != 1 {
 			return &usageError{"policy list takes no argument"}
@@ -81,98 +124,99 @@ func cmdPolicy(args []string) error {
 	default:
 		return &usageError{"policy: unknown subcommand " + sub}
 	}
-	cfg, err := loadConfig(cf.config)
-	if err != nil {
-		return err
-	}
-	domain := ""
+	return nil
+}
+
+// policyDomainArg is the DOMAIN argument of a policy subcommand, as a
+// cache key, or "" when none was given.
+func policyDomainArg(pos []string) string {
 	if len(pos) == 2 {
-		domain = dompkg.Key(pos[1])
+		return dompkg.Key(pos[1])
 	}
-	ctx := context.Background()
-	entries, err := policyAction(ctx, controlClient(cfg), sub, domain)
-	if errors.Is(err, control.ErrNoServer) {
-		res, rerr := server.NewResolver(cfg)
-		if rerr != nil {
-			return rerr
-		}
-		_, extra, rerr := server.TrustRoots(cfg)
-		if rerr != nil {
-			return rerr
-		}
-		if cfg.Cluster.Enabled() {
-			// The fleet's cache lives in NATS: act on it through a
-			// running node, which holds the connection.
-			return errors.New("fleet mode: run this on a node whose relay is running (the policy cache is the fleet's)")
-		}
-		cache, cerr := server.NewPolicyCache(cfg, res, extra, nil, nil, nil)
-		if cerr != nil {
-			return cerr
-		}
-		entries, err = policyAction(ctx, &control.Service{Policies: cache}, sub, domain)
-	}
+	return ""
+}
+
+// offlinePolicyAPI opens the policy cache of cfg directly, for when no
+// relay is running; in fleet mode the cache is the fleet's and only a
+// running node can reach it.
+func offlinePolicyAPI(cfg *config.Config) (control.API, error) {
+	res, err := server.NewResolver(cfg)
 	if err != nil {
-		if control.IsNotFound(err) {
-			fmt.Fprintf(os.Stderr, "stsrelay: %v\n", err)
-			return &exitError{exitFailed}
-		}
-		return err
+		return nil, err
 	}
-	if sub == "forget" {
-		if cf.json {
-			return jsonOut().Encode(map[string]string{"domain": domain, "action": "forget", "result": "ok"})
-		}
-		fmt.Printf("%s: cached policy forgotten\n", domain)
-		return nil
+	_, extra, err := server.TrustRoots(cfg)
+	if err != nil {
+		return nil, err
 	}
-	// The enforce forecast of each listed domain (best effort: the list
-	// does not fail for want of it).
+	if cfg.Cluster.Enabled() {
+		// The fleet's cache lives in NATS: act on it through a
+		// running node, which holds the connection.
+		return nil, errors.New("fleet mode: run this on a node whose relay is running (the policy cache is the fleet's)")
+	}
+	cache, err := server.NewPolicyCache(cfg, res, extra, nil, nil, nil)
+	if err != nil {
+		return nil, err
+	}
+	return &control.Service{Policies: cache}, nil
+}
+
+// printPolicyForget reports a forgotten policy.
+func printPolicyForget(domain string, asJSON bool) error {
+	if asJSON {
+		return jsonOut().Encode(map[string]string{"domain": domain, "action": "forget", "result": "ok"})
+	}
+	fmt.Printf("%s: cached policy forgotten\n", domain)
+	return nil
+}
+
+// printPolicyList prints the cached policies, each with its enforce
+// forecast when one was counted (best effort: the list does not fail for
+// want of it).
+func printPolicyList(cfg *config.Config, entries []mtastsdb.Entry, asJSON bool) error {
 	forecasts := map[string]forecast.Summary{}
-	if sub == "list" {
-		sums, _ := readForecast(cfg, "")
-		for _, s := range sums {
-			forecasts[s.Domain] = s
-		}
+	sums, _ := readForecast(cfg, "")
+	for _, s := range sums {
+		forecasts[s.Domain] = s
 	}
-	if cf.json {
-		if entries == nil {
-			entries = []mtastsdb.Entry{}
-		}
+	if asJSON {
 		enc := jsonOut()
 		enc.SetIndent("", "  ")
-		if sub == "list" {
-			out := make([]policyListEntry, 0, len(entries))
-			for _, e := range entries {
-				le := policyListEntry{Entry: e}
-				if s, ok := forecasts[e.Domain]; ok {
-					le.Forecast = &s
-				}
-				out = append(out, le)
-			}
-			return enc.Encode(out)
-		}
-		return enc.Encode(entries[0])
-	}
-	if sub == "list" {
-		tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
-		fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tMX\tEXPIRES\tFORECAST 7D\tLAST ERROR")
+		out := make([]policyListEntry, 0, len(entries))
 		for _, e := range entries {
-			exp := e.Expires.UTC().Format(time.RFC3339)
-			if e.Expired {
-				exp += " (expired)"
+			le := policyListEntry{Entry: e}
+			if s, ok := forecasts[e.Domain]; ok {
+				le.Forecast = &s
 			}
-			// The policy (id, mode, mx) and the error come from the
-			// domain's servers: termSafe.
-			fs, ok := forecasts[e.Domain]
-			fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ",")), exp, forecastColumn(fs, ok), termSafe(e.LastError))
+			out = append(out, le)
 		}
-		if err := tw.Flush(); err != nil {
-			return err
-		}
-		fmt.Printf("%d polic(ies)\n", len(entries))
-		return nil
+		return enc.Encode(out)
 	}
-	e := entries[0]
+	tw := tabwriter.NewWriter(os.Stdout, 0, 4, 2, ' ', 0)
+	fmt.Fprintln(tw, "DOMAIN\tID\tMODE\tMX\tEXPIRES\tFORECAST 7D\tLAST ERROR")
+	for _, e := range entries {
+		exp := e.Expires.UTC().Format(time.RFC3339)
+		if e.Expired {
+			exp += " (expired)"
+		}
+		// The policy (id, mode, mx) and the error come from the
+		// domain's servers: termSafe.
+		fs, ok := forecasts[e.Domain]
+		fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\t%s\t%s\n", termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ",")), exp, forecastColumn(fs, ok), termSafe(e.LastError))
+	}
+	if err := tw.Flush(); err != nil {
+		return err
+	}
+	fmt.Printf("%d polic(ies)\n", len(entries))
+	return nil
+}
+
+// printPolicyShow prints one cached policy, for show and refresh.
+func printPolicyShow(e mtastsdb.Entry, asJSON bool) error {
+	if asJSON {
+		enc := jsonOut()
+		enc.SetIndent("", "  ")
+		return enc.Encode(e)
+	}
 	fmt.Printf("Domain:    %s\nPolicy id: %s\nMode:      %s\nMX:        %s\nMax age:   %ds\nFetched:   %s\nExpires:   %s\nLast used: %s\n",
 		termSafe(e.Domain), termSafe(e.ID), termSafe(string(e.Mode)), termSafe(strings.Join(e.MX, ", ")), e.MaxAgeSeconds,
 		e.Fetched.UTC().Format(time.RFC3339), e.Expires.UTC().Format(time.RFC3339), e.LastUsed.UTC().Format(time.RFC3339))

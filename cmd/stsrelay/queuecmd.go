@@ -24,6 +24,9 @@ import (
 // `queue summary` gives its shape.
 const defaultListLimit = 1000
 
+// cmdQueue is `stsrelay queue`: it lists, summarises, shows, retries,
+// deletes or bounces queued messages, through the running relay or, with
+// none, on the queue directory itself.
 func cmdQueue(args []string) error {
 	var cf commonFlags
 	fs := newFlagSet("queue", &cf)
@@ -67,6 +70,13 @@ func cmdQueue(args []string) error {
 		}
 		return queueRetryDomain(cfg, dom, cf.json)
 	}
+	return runQueueByID(cf, sub, pos, dom, *limit)
+}
+
+// runQueueByID checks the arguments of `queue list` and of the
+// subcommands that take one message ID, loads the configuration and runs
+// the subcommand.
+func runQueueByID(cf commonFlags, sub string, pos []string, dom string, limit int) error {
 	needID := sub != "list"
 	if needID && len(pos) != 2 || !needID && len(pos) != 1 {
 		return &usageError{"queue " + sub + ": wrong number of arguments"}
@@ -82,51 +92,69 @@ func cmdQueue(args []string) error {
 			return &usageError{fmt.Sprintf("queue %s: %q is not a queue ID", sub, id)}
 		}
 	}
-	ctx := context.Background()
 	switch sub {
 	case "list":
-		if *limit == 0 {
-			return listAllPaged(cfg, dom, cf.json)
-		}
-		lo := queue.ListOptions{Domain: dom, Limit: *limit}
-		ql, err := controlClient(cfg).QueueList(ctx, lo)
-		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
-			ql, err = listQueueOffline(cfg, lo)
-		}
-		if err != nil {
-			return err
-		}
-		if err := printQueueList(ql.Messages, cf.json); err != nil {
-			return err
-		}
-		if more := ql.Total - len(ql.Messages); more > 0 {
-			fmt.Fprintf(os.Stderr, "stsrelay: %d more message(s) not shown (of %d): use -limit 0 for all, -domain D, or `stsrelay queue summary`\n", more, ql.Total)
-		}
-		return nil
+		return runQueueList(cfg, dom, limit, cf.json)
 	case "show":
-		m, err := controlClient(cfg).QueueShow(ctx, id)
-		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
-			m, err = readQueueOffline(cfg, id)
-		}
-		if err != nil {
-			return notFoundExit(err)
-		}
-		return printQueueShow(m, cf.json)
+		return runQueueShow(cfg, id, cf.json)
 	case "retry", "delete", "bounce":
-		err := queueAction(ctx, controlClient(cfg), sub, id)
-		if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
-			err = queueActionOffline(ctx, cfg, sub, id)
-		}
-		if err != nil {
-			return notFoundExit(err)
-		}
-		if cf.json {
-			return jsonOut().Encode(map[string]string{"id": id, "action": sub, "result": "ok"})
-		}
-		fmt.Printf("%s: %s done\n", id, sub)
-		return nil
+		return runQueueAction(cfg, sub, id, cf.json)
 	}
 	return &usageError{"queue: unknown subcommand " + sub}
+}
+
+// runQueueList prints up to limit queued messages (to dom, if set), or
+// all of them page by page when limit is 0, and says on stderr how many
+// more there are.
+func runQueueList(cfg *config.Config, dom string, limit int, asJSON bool) error {
+	if limit == 0 {
+		return listAllPaged(cfg, dom, asJSON)
+	}
+	lo := queue.ListOptions{Domain: dom, Limit: limit}
+	ql, err := controlClient(cfg).QueueList(context.Background(), lo)
+	if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+		ql, err = listQueueOffline(cfg, lo)
+	}
+	if err != nil {
+		return err
+	}
+	if err := printQueueList(ql.Messages, asJSON); err != nil {
+		return err
+	}
+	if more := ql.Total - len(ql.Messages); more > 0 {
+		fmt.Fprintf(os.Stderr, "stsrelay: %d more message(s) not shown (of %d): use -limit 0 for all, -domain D, or `stsrelay queue summary`\n", more, ql.Total)
+	}
+	return nil
+}
+
+// runQueueShow prints the queued message id.
+func runQueueShow(cfg *config.Config, id string, asJSON bool) error {
+	m, err := controlClient(cfg).QueueShow(context.Background(), id)
+	if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+		m, err = readQueueOffline(cfg, id)
+	}
+	if err != nil {
+		return notFoundExit(err)
+	}
+	return printQueueShow(m, asJSON)
+}
+
+// runQueueAction retries, deletes or bounces (sub) the queued message
+// id and reports it done.
+func runQueueAction(cfg *config.Config, sub, id string, asJSON bool) error {
+	ctx := context.Background()
+	err := queueAction(ctx, controlClient(cfg), sub, id)
+	if err = fleetOffline(cfg, err); errors.Is(err, control.ErrNoServer) {
+		err = queueActionOffline(ctx, cfg, sub, id)
+	}
+	if err != nil {
+		return notFoundExit(err)
+	}
+	if asJSON {
+		return jsonOut().Encode(map[string]string{"id": id, "action": sub, "result": "ok"})
+	}
+	fmt.Printf("%s: %s done\n", id, sub)
+	return nil
 }
 
 // fleetOffline turns "no relay running here" into an error in fleet

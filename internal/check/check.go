@@ -82,14 +82,29 @@ type TLSRPT struct {
 // address's STARTTLS and certificate, DNSSEC and each MX's DANE TLSA
 // records (dane.go), and the TLS-RPT record.
 func Run(ctx context.Context, o Options, domain string) *Report {
-	res := o.Resolver
 	rep := &Report{Domain: domain, MX: []MX{}, Problems: []string{}, Advice: []string{}}
-	rep.MTASTS = mtasts.CheckPolicy(ctx, res, o.Fetcher, domain)
+	rep.MTASTS = mtasts.CheckPolicy(ctx, o.Resolver, o.Fetcher, domain)
 	rep.Problems = append(rep.Problems, rep.MTASTS.Problems...)
 	rep.Advice = append(rep.Advice, rep.MTASTS.Advice...)
 	policy := rep.MTASTS.Parsed
 
-	// MX hosts, in preference order, each address probed.
+	mxs := lookupMX(ctx, o.Resolver, domain, rep)
+	probeMXs(ctx, o, rep, mxs, policy)
+	for i := range rep.MX {
+		mx := &rep.MX[i]
+		mxFindings(rep, mx)
+		daneFindings(rep, mx)
+	}
+	patternFindings(rep, policy, mxs)
+	checkTLSRPT(ctx, o.Resolver, domain, rep)
+	rep.OK = len(rep.Problems) == 0
+	return rep
+}
+
+// lookupMX returns the MX hosts of domain in preference order (the
+// domain itself when it has none, nothing for a null MX) and records the
+// lookup's DNSSEC status, failure or oddity in rep.
+func lookupMX(ctx context.Context, res *dnsclient.Resolver, domain string, rep *Report) []dnsclient.MX {
 	mxs, mxSecure, err := res.LookupMXSecure(ctx, domain)
 	rep.DNSSEC = DNSSEC{ADTrusted: res.TrustsAD(), Servers: res.Servers(), MXSecure: mxSecure}
 	switch {
@@ -105,6 +120,14 @@ func Run(ctx context.Context, o Options, domain string) *Report {
 		rep.Advice = append(rep.Advice, "null MX (RFC 7505): the domain accepts no mail")
 		mxs = nil
 	}
+	return mxs
+}
+
+// probeMXs fills rep.MX, one entry per MX host, all at once: whether the
+// host matches the policy, a STARTTLS probe of each of its first two
+// addresses, and its DANE assessment.
+func probeMXs(ctx context.Context, o Options, rep *Report, mxs []dnsclient.MX, policy *mtasts.Policy) {
+	res := o.Resolver
 	now := time.Now()
 	var wg sync.WaitGroup
 	rep.MX = make([]MX, len(mxs))
@@ -137,50 +160,61 @@ func Run(ctx context.Context, o Options, domain string) *Report {
 		}(&rep.MX[i])
 	}
 	wg.Wait()
-	for i := range rep.MX {
-		mx := &rep.MX[i]
-		if mx.Error != "" {
-			rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s: address lookup failed: %s", mx.Host, mx.Error))
-		}
-		if mx.MatchesPolicy != nil && !*mx.MatchesPolicy {
-			rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s matches no mx pattern of the policy: senders in enforce mode will not use it (RFC 8461 §4.1)", mx.Host))
-		}
-		for _, a := range mx.Addresses {
-			switch {
-			case !a.Connected:
-				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: cannot connect: %s", mx.Host, a.IP, a.Error))
-			case a.ResultType == string(tlsrpt.ResultSTARTTLSNotSupported):
-				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: no STARTTLS", mx.Host, a.IP))
-			case !a.CertVerified && mx.MatchesPolicy == nil && mx.DANE.Authenticates(a.IP):
-				// No MTA-STS policy asks for WebPKI: DANE senders
-				// authenticate the server, the others use TLS anyway.
-				rep.Advice = append(rep.Advice, fmt.Sprintf("MX %s [%s]: certificate not valid for %s under WebPKI (%s), but DANE-authenticated", mx.Host, a.IP, mx.Host, a.ResultType))
-			case !a.CertVerified:
-				msg := a.CertError
-				if msg == "" {
-					msg = a.Error
-				}
-				rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: certificate not valid for %s (%s): %s", mx.Host, a.IP, mx.Host, a.ResultType, msg))
-			case a.CertDaysLeft != nil && *a.CertDaysLeft < CertWarnDays:
-				rep.Advice = append(rep.Advice, fmt.Sprintf("MX %s [%s]: certificate expires in %d day(s)", mx.Host, a.IP, *a.CertDaysLeft))
-			}
-		}
-		daneFindings(rep, mx)
-	}
-	if policy != nil && policy.Mode != mtasts.ModeNone {
-		for _, p := range policy.MX {
-			matched := slices.ContainsFunc(mxs, func(mx dnsclient.MX) bool { return mtasts.MatchesPattern(p, mx.Host) })
-			rep.Patterns = append(rep.Patterns, Pattern{Pattern: p, MatchesMX: matched})
-			if !matched {
-				rep.Advice = append(rep.Advice, fmt.Sprintf("policy pattern %q matches no current MX host (stale entry?)", p))
-			}
-		}
-		if policy.Mode == mtasts.ModeTesting {
-			rep.Advice = append(rep.Advice, "run in testing for a few weeks with TLS-RPT reports, then move to enforce")
-		}
-	}
+}
 
-	// RFC 8460 §3: the TLS-RPT record.
+// mxFindings adds the problems and advice of one probed MX host to rep:
+// its address lookup, its match with the policy, and the connection,
+// STARTTLS and certificate of each address.
+func mxFindings(rep *Report, mx *MX) {
+	if mx.Error != "" {
+		rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s: address lookup failed: %s", mx.Host, mx.Error))
+	}
+	if mx.MatchesPolicy != nil && !*mx.MatchesPolicy {
+		rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s matches no mx pattern of the policy: senders in enforce mode will not use it (RFC 8461 §4.1)", mx.Host))
+	}
+	for _, a := range mx.Addresses {
+		switch {
+		case !a.Connected:
+			rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: cannot connect: %s", mx.Host, a.IP, a.Error))
+		case a.ResultType == string(tlsrpt.ResultSTARTTLSNotSupported):
+			rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: no STARTTLS", mx.Host, a.IP))
+		case !a.CertVerified && mx.MatchesPolicy == nil && mx.DANE.Authenticates(a.IP):
+			// No MTA-STS policy asks for WebPKI: DANE senders
+			// authenticate the server, the others use TLS anyway.
+			rep.Advice = append(rep.Advice, fmt.Sprintf("MX %s [%s]: certificate not valid for %s under WebPKI (%s), but DANE-authenticated", mx.Host, a.IP, mx.Host, a.ResultType))
+		case !a.CertVerified:
+			msg := a.CertError
+			if msg == "" {
+				msg = a.Error
+			}
+			rep.Problems = append(rep.Problems, fmt.Sprintf("MX %s [%s]: certificate not valid for %s (%s): %s", mx.Host, a.IP, mx.Host, a.ResultType, msg))
+		case a.CertDaysLeft != nil && *a.CertDaysLeft < CertWarnDays:
+			rep.Advice = append(rep.Advice, fmt.Sprintf("MX %s [%s]: certificate expires in %d day(s)", mx.Host, a.IP, *a.CertDaysLeft))
+		}
+	}
+}
+
+// patternFindings records in rep which of the policy's mx patterns match
+// a current MX host, advising on the stale ones and on testing mode.
+func patternFindings(rep *Report, policy *mtasts.Policy, mxs []dnsclient.MX) {
+	if policy == nil || policy.Mode == mtasts.ModeNone {
+		return
+	}
+	for _, p := range policy.MX {
+		matched := slices.ContainsFunc(mxs, func(mx dnsclient.MX) bool { return mtasts.MatchesPattern(p, mx.Host) })
+		rep.Patterns = append(rep.Patterns, Pattern{Pattern: p, MatchesMX: matched})
+		if !matched {
+			rep.Advice = append(rep.Advice, fmt.Sprintf("policy pattern %q matches no current MX host (stale entry?)", p))
+		}
+	}
+	if policy.Mode == mtasts.ModeTesting {
+		rep.Advice = append(rep.Advice, "run in testing for a few weeks with TLS-RPT reports, then move to enforce")
+	}
+}
+
+// checkTLSRPT looks up the TLS-RPT record of domain (RFC 8460 §3) and
+// records it, or why it is missing or unusable, in rep.
+func checkTLSRPT(ctx context.Context, res *dnsclient.Resolver, domain string, rep *Report) {
 	rep.TLSRPT.Name = tlsrpt.RecordName(domain)
 	rec, err := tlsrpt.LookupRecord(ctx, res, domain)
 	switch {
@@ -201,8 +235,6 @@ func Run(ctx context.Context, o Options, domain string) *Report {
 		rep.TLSRPT.Error = err.Error()
 		rep.Problems = append(rep.Problems, "TLS-RPT record: "+err.Error())
 	}
-	rep.OK = len(rep.Problems) == 0
-	return rep
 }
 
 // AddForecast adds the relay's enforce forecast for the domain to the

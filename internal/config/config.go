@@ -490,13 +490,50 @@ func keyLine(data []byte, key string) int {
 	return tableLine
 }
 
+// validate checks the loaded configuration one section after another, in
+// a fixed order so that a file with several mistakes always reports the
+// same first one, and fills in the values derived from it (trusted
+// prefixes, the normalised dns.trust_ad, the cluster node name).
 func (c *Config) validate() error {
+	for _, check := range []func() error{
+		c.validateIdentity,
+		c.validateSubmissionListeners,
+		c.validateFiles,
+		c.validateSubmissionLimits,
+		c.validateTrustedNetworks,
+		c.validateSubmissionSessions,
+		c.validateUsers,
+		c.validateQueue,
+		c.validateDNS,
+		c.validateDelivery,
+		c.validateMTASTS,
+		c.validateTLSRPT,
+		c.validateLog,
+		c.validateMetrics,
+		c.validateCluster,
+		c.validateRouting,
+	} {
+		if err := check(); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// validateIdentity checks the top-level hostname and data_dir.
+func (c *Config) validateIdentity() error {
 	if c.Hostname == "" || strings.ContainsFunc(c.Hostname, func(r rune) bool { return r <= ' ' || r >= 0x7f || r == '/' }) {
 		return keyErr("hostname", "must be a host name, got %q", c.Hostname)
 	}
 	if c.DataDir == "" {
 		return keyErr("data_dir", "must not be empty")
 	}
+	return nil
+}
+
+// validateSubmissionListeners checks the [submission] listen addresses and
+// that implicit TLS has a certificate and key to serve.
+func (c *Config) validateSubmissionListeners() error {
 	s := &c.Submission
 	if len(s.Listen) == 0 && len(s.ImplicitTLSListen) == 0 {
 		return keyErr("submission.listen", "no listener configured (set submission.listen or submission.implicit_tls_listen)")
@@ -517,6 +554,13 @@ func (c *Config) validate() error {
 	if len(s.ImplicitTLSListen) > 0 && s.TLSCertFile == "" {
 		return keyErr("submission.implicit_tls_listen", "needs submission.tls_cert_file and tls_key_file")
 	}
+	return nil
+}
+
+// validateFiles checks that each file named by [submission], [tls] and
+// [tlsrpt] can be read; an empty name is left alone.
+func (c *Config) validateFiles() error {
+	s := &c.Submission
 	for _, kf := range []struct{ key, file string }{
 		{"submission.tls_cert_file", s.TLSCertFile}, {"submission.tls_key_file", s.TLSKeyFile},
 		{"tls.extra_root_ca_file", c.TLS.ExtraRootCAFile}, {"tlsrpt.dkim_key_file", c.TLSRPT.DKIMKeyFile},
@@ -528,12 +572,26 @@ func (c *Config) validate() error {
 			return keyErr(kf.key, "cannot read file: %v", err)
 		}
 	}
+	return nil
+}
+
+// validateSubmissionLimits checks the [submission] message size and
+// recipient limits.
+func (c *Config) validateSubmissionLimits() error {
+	s := &c.Submission
 	if s.MaxMessageBytes <= 0 {
 		return keyErr("submission.max_message_bytes", "must be positive, got %d", s.MaxMessageBytes)
 	}
 	if s.MaxRecipients <= 0 {
 		return keyErr("submission.max_recipients", "must be positive, got %d", s.MaxRecipients)
 	}
+	return nil
+}
+
+// validateTrustedNetworks parses submission.trusted_networks (CIDR
+// prefixes or bare addresses) into Submission.TrustedPrefixes.
+func (c *Config) validateTrustedNetworks() error {
+	s := &c.Submission
 	s.TrustedPrefixes = nil
 	for _, n := range s.TrustedNetworks {
 		p, err := netip.ParsePrefix(n)
@@ -552,6 +610,13 @@ func (c *Config) validate() error {
 		}
 		s.TrustedPrefixes = append(s.TrustedPrefixes, p.Masked())
 	}
+	return nil
+}
+
+// validateSubmissionSessions checks the [submission] connection limits
+// and the DATA timeout.
+func (c *Config) validateSubmissionSessions() error {
+	s := &c.Submission
 	if s.MaxConnections <= 0 {
 		return keyErr("submission.max_connections", "must be positive, got %d", s.MaxConnections)
 	}
@@ -564,8 +629,14 @@ func (c *Config) validate() error {
 	if s.DataTimeout.Duration <= 0 {
 		return keyErr("submission.data_timeout", "must be positive, got %s", s.DataTimeout.Duration)
 	}
+	return nil
+}
+
+// validateUsers checks [[submission.users]]: a name given once, a bcrypt
+// password hash.
+func (c *Config) validateUsers() error {
 	seen := map[string]bool{}
-	for i, u := range s.Users {
+	for i, u := range c.Submission.Users {
 		if u.Username == "" {
 			return keyErr(fmt.Sprintf("submission.users[%d].username", i), "must not be empty")
 		}
@@ -577,6 +648,12 @@ func (c *Config) validate() error {
 			return keyErr(fmt.Sprintf("submission.users[%d].password_hash", i), "must be a bcrypt hash (use `stsrelay hash-password`)")
 		}
 	}
+	return nil
+}
+
+// validateQueue checks [queue]: workers, the retry schedule and the disk
+// limits.
+func (c *Config) validateQueue() error {
 	q := &c.Queue
 	if q.Workers <= 0 {
 		return keyErr("queue.workers", "must be positive, got %d", q.Workers)
@@ -604,6 +681,11 @@ func (c *Config) validate() error {
 	if q.MinFreeDiskBytes < 0 {
 		return keyErr("queue.min_free_disk_bytes", "must not be negative (0 means no floor), got %d", q.MinFreeDiskBytes)
 	}
+	return nil
+}
+
+// validateDNS checks [dns] and normalises dns.trust_ad.
+func (c *Config) validateDNS() error {
 	for _, srv := range c.DNS.Servers {
 		if _, _, err := net.SplitHostPort(srv); err != nil {
 			return keyErr("dns.servers", "want host:port, got %q", srv)
@@ -623,6 +705,12 @@ func (c *Config) validate() error {
 		return keyErr("dns.trust_ad", "must be %q, %q or %q, got %q", dnsclient.TrustADLoopback, dnsclient.TrustADAlways, dnsclient.TrustADNever, c.DNS.TrustAD)
 	}
 	c.DNS.TrustAD = trust
+	return nil
+}
+
+// validateDelivery checks [delivery]: the port, timeouts, local addresses
+// and connection reuse.
+func (c *Config) validateDelivery() error {
 	d := &c.Delivery
 	if d.Port <= 0 || d.Port > 65535 {
 		return keyErr("delivery.port", "must be 1-65535, got %d", d.Port)
@@ -644,6 +732,11 @@ func (c *Config) validate() error {
 	if d.ShutdownTimeout.Duration <= 0 {
 		return keyErr("delivery.shutdown_timeout", "must be positive")
 	}
+	return nil
+}
+
+// validateMTASTS checks [mtasts]: the HTTPS port and the fetch limits.
+func (c *Config) validateMTASTS() error {
 	m := &c.MTASTS
 	if m.HTTPSPort <= 0 || m.HTTPSPort > 65535 {
 		return keyErr("mtasts.https_port", "must be 1-65535, got %d", m.HTTPSPort)
@@ -654,6 +747,12 @@ func (c *Config) validate() error {
 	if m.MaxPolicyBytes <= 0 {
 		return keyErr("mtasts.max_policy_bytes", "must be positive")
 	}
+	return nil
+}
+
+// validateTLSRPT checks [tlsrpt]: the report interval and that the DKIM
+// settings come as a set.
+func (c *Config) validateTLSRPT() error {
 	r := &c.TLSRPT
 	if r.Interval.Duration <= 0 {
 		return keyErr("tlsrpt.interval", "must be positive")
@@ -661,6 +760,11 @@ func (c *Config) validate() error {
 	if n := countSet(r.DKIMDomain, r.DKIMSelector, r.DKIMKeyFile); n != 0 && n != 3 {
 		return keyErr("tlsrpt.dkim_domain", "dkim_domain, dkim_selector and dkim_key_file must be set together")
 	}
+	return nil
+}
+
+// validateLog checks [log]: a known level and format, and an output.
+func (c *Config) validateLog() error {
 	switch c.Log.Level {
 	case "debug", "info", "warn", "error":
 	default:
@@ -674,15 +778,17 @@ func (c *Config) validate() error {
 	if c.Log.Output == "" {
 		return keyErr("log.output", "must be stderr, stdout or a file path")
 	}
+	return nil
+}
+
+// validateMetrics checks [metrics]: the listen address, when set.
+func (c *Config) validateMetrics() error {
 	if c.Metrics.Listen != "" {
 		if err := checkListen(c.Metrics.Listen); err != nil {
 			return keyErr("metrics.listen", "%v", err)
 		}
 	}
-	if err := c.validateCluster(); err != nil {
-		return err
-	}
-	return c.validateRouting()
+	return nil
 }
 
 // validateCluster checks [cluster].
