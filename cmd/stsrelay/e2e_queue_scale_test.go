@@ -50,8 +50,15 @@ func TestE2EQueueFullAnswers452(t *testing.T) {
 		return strings.Contains(reason, "max_disk_bytes")
 	}
 	// Refused at MAIL when the queue is already over, or at the end of
-	// DATA when this message would take it over.
-	if len(r.logs("mail rejected", namesMark))+len(r.logs("message rejected", namesMark)) == 0 {
+	// DATA when this message would take it over. The log is read from the
+	// relay's stderr by another goroutine: wait for the line.
+	logged := func() bool {
+		return len(r.logs("mail rejected", namesMark))+len(r.logs("message rejected", namesMark)) > 0
+	}
+	for wait := time.Now().Add(5 * time.Second); !logged() && time.Now().Before(wait); {
+		time.Sleep(20 * time.Millisecond)
+	}
+	if !logged() {
 		t.Errorf("no 'mail rejected' line naming max_disk_bytes:\n%s", tail(r.logText(), 10))
 	}
 	// Space returns when the operator deletes the stuck mail.
