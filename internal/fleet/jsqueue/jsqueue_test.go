@@ -397,7 +397,18 @@ func TestNATSNodeDown(t *testing.T) {
 	before := len(acked)
 	mu.Unlock()
 	c.Shutdown(down)
-	time.Sleep(3 * time.Second)
+	// Commits go on once a new leader is elected: seconds on a quiet
+	// machine, longer on a loaded one (CI under the race detector).
+	for deadline := time.Now().Add(30 * time.Second); time.Now().Before(deadline); {
+		mu.Lock()
+		n := len(acked) - before
+		mu.Unlock()
+		if n >= 10 {
+			break
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	time.Sleep(time.Second)
 	close(stop)
 	wg.Wait()
 	t.Logf("%d commits acknowledged (%d after n%d, the stream leader, died), %d failed", len(acked), len(acked)-before, down+1, failed)
