@@ -202,7 +202,8 @@ func (r *relayProc) startInProcess() {
 		r.t.Fatal(err)
 	}
 	pr, pw := io.Pipe()
-	log, level, err := logging.NewWriter(cfg.Log, pw)
+	lw := &logWriter{w: pw}
+	log, level, err := logging.NewWriter(cfg.Log, lw)
 	if err != nil {
 		r.t.Fatal(err)
 	}
@@ -225,12 +226,38 @@ func (r *relayProc) startInProcess() {
 			log.Error("stopped with error", zap.Error(err))
 		}
 		_ = log.Sync()
-		pw.Close()
+		lw.close()
 		<-logged
 		r.runErr = err
 		close(r.done)
 	}()
 	r.waitStarted(started)
+}
+
+// logWriter writes the in-process relay's log into the pipe until Run
+// returns; a line logged after that (by a goroutine Run left behind) goes
+// to the test binary's stderr, marked.
+type logWriter struct {
+	mu     sync.Mutex
+	w      *io.PipeWriter
+	closed bool
+}
+
+func (lw *logWriter) Write(p []byte) (int, error) {
+	lw.mu.Lock()
+	defer lw.mu.Unlock()
+	if lw.closed {
+		fmt.Fprintf(os.Stderr, "stsrelay logged after server.Run returned: %s", p)
+		return len(p), nil
+	}
+	return lw.w.Write(p)
+}
+
+func (lw *logWriter) close() {
+	lw.mu.Lock()
+	defer lw.mu.Unlock()
+	lw.closed = true
+	lw.w.Close()
 }
 
 // readLog reads the relay's log lines from rd into r.lines and r.raw,
