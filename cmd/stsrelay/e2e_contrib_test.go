@@ -192,7 +192,7 @@ func TestE2ENotify(t *testing.T) {
 	defer ln.Close()
 	t.Setenv("NOTIFY_SOCKET", sock)
 	w := testworld.New(t)
-	r := startRelay(t, testConfig(t, w))
+	r := startRelayProcess(t, testConfig(t, w))
 	next := func(want string) {
 		t.Helper()
 		buf := make([]byte, 4096)

@@ -113,7 +113,7 @@ func crashDuringSubmission(t *testing.T, mxUp bool) {
 	cfg := testConfig(t, w)
 	cfg.Log.Level = "info"
 	cfg.Queue.PerDomainConcurrency = 8
-	r := startRelay(t, cfg)
+	r := startRelayProcess(t, cfg)
 
 	tag := fmt.Sprintf("crash%v", mxUp)
 	msgIDs := make([]string, n)

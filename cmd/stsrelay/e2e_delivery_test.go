@@ -751,7 +751,7 @@ func TestE2EIdleCPU(t *testing.T) {
 	t.Parallel()
 	w := testworld.New(t)
 	simpleDomain(w, "ex.test")
-	r := startRelay(t, testConfig(t, w))
+	r := startRelayProcess(t, testConfig(t, w))
 	time.Sleep(time.Second)
 	cpu := func() time.Duration {
 		data, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", r.cmd.Process.Pid))

@@ -42,15 +42,24 @@ func (r *relayProc) metric(t *testing.T, name string) float64 {
 	return -1
 }
 
-// startFleet runs n relays on one fleet.
+// startFleet runs n relays on one fleet, in process.
 func startFleet(t *testing.T, w *testworld.World, c *natstest.Cluster, n int, tune func(*config.Config)) []*relayProc {
+	return startFleetMode(t, w, c, n, tune, false)
+}
+
+// startFleetProcess is startFleet with binaries, for kill -9.
+func startFleetProcess(t *testing.T, w *testworld.World, c *natstest.Cluster, n int, tune func(*config.Config)) []*relayProc {
+	return startFleetMode(t, w, c, n, tune, true)
+}
+
+func startFleetMode(t *testing.T, w *testworld.World, c *natstest.Cluster, n int, tune func(*config.Config), process bool) []*relayProc {
 	var rs []*relayProc
 	for i := range n {
 		cfg := fleetConfig(t, w, c, i)
 		if tune != nil {
 			tune(cfg)
 		}
-		rs = append(rs, rptStart(t, cfg))
+		rs = append(rs, rptStartMode(t, cfg, process))
 	}
 	return rs
 }
@@ -227,7 +236,7 @@ func TestE2EFleetNodeDiesMidDelivery(t *testing.T) {
 		}})
 	w.DNS.SetMX(domain, testworld.MX{Pref: 10, Host: "mx1." + domain})
 	w.DNS.SetA("mx1."+domain, mx.IP())
-	rs := startFleet(t, w, c, 2, nil)
+	rs := startFleetProcess(t, w, c, 2, nil)
 
 	rs[0].mustSubmit("s@client.test", []string{"u@" + domain}, simpleMessage("in flight"))
 	// The node whose address the MX sees is stuck in DATA: kill it.
@@ -371,7 +380,7 @@ func TestE2EFleetChaos(t *testing.T) {
 	plainMX := simpleDomain(w, plainDom)
 	stsRcv, plainRcv := rptReceiver(w, stsDom), rptReceiver(w, plainDom)
 	const iv = 8 * time.Second
-	rs := startFleet(t, w, c, 3, func(cfg *config.Config) {
+	rs := startFleetProcess(t, w, c, 3, func(cfg *config.Config) {
 		rc := rptConfig(t, w, iv)
 		cfg.TLSRPT = rc.TLSRPT
 		cfg.Delivery.ConnectionReuseLimit = 1 // one message per session: sessions = delivery lines

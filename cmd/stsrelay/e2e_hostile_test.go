@@ -238,7 +238,7 @@ func TestE2EHostileAuthFlood(t *testing.T) {
 	}
 	cfg.Submission.Users = []config.User{{Username: testUser, PasswordHash: string(h)}}
 	cfg.Submission.MaxConnectionsPerIP = config.Default().Submission.MaxConnectionsPerIP
-	r := startRelay(t, cfg)
+	r := startRelayProcess(t, cfg)
 	pid := r.cmd.Process.Pid
 
 	dial := func(src string, timeout time.Duration) (*smtp.Client, error) {

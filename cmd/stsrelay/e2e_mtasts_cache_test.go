@@ -41,7 +41,7 @@ func TestE2EMTASTSCachedPolicySurvives(t *testing.T) {
 	mxWithCert(w, "mx1.ex.test", testworld.CertValid)
 	w.DNS.SetMX("ex.test", testworld.MX{Pref: 10, Host: "mx1.ex.test"})
 	pol := stsDomain(w, "ex.test", "a1", stsPolicy("enforce", "mx1.ex.test"))
-	r := startRelay(t, testConfig(t, w))
+	r := startRelayProcess(t, testConfig(t, w))
 	r.send("u1@ex.test", "cache1")
 	checkFields(t, "u1", r.waitResult("u1@ex.test", "delivered", stsWait), map[string]any{"sts_mode": "enforce", "sts_policy_id": "a1"})
 	if _, err := os.Stat(filepath.Join(r.cfg.DataDir, "mtasts", "ex.test.json")); err != nil {

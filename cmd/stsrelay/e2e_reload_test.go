@@ -34,10 +34,13 @@ func (r *relayProc) writeConfig(cfg *config.Config) {
 	}
 }
 
-// hup sends SIGHUP and waits for the n-th "reload" line.
+// hup sends SIGHUP (in process: on the Reload channel) and waits for the
+// n-th "reload" line.
 func (r *relayProc) hup(n int) map[string]any {
 	r.t.Helper()
-	if err := r.cmd.Process.Signal(syscall.SIGHUP); err != nil {
+	if !r.process {
+		r.reload <- syscall.SIGHUP
+	} else if err := r.cmd.Process.Signal(syscall.SIGHUP); err != nil {
 		r.t.Fatal(err)
 	}
 	return r.waitLog("reload", n, 20*time.Second, nil)[n-1]

@@ -161,7 +161,7 @@ func TestE2EShutdownStalledMX(t *testing.T) {
 			cfg.Delivery.ShutdownTimeout = config.Duration{Duration: time.Second}
 			cfg.Delivery.CommandTimeout = config.Duration{Duration: time.Minute}
 			cfg.Delivery.DataTimeout = config.Duration{Duration: time.Minute}
-			r := startRelay(t, cfg)
+			r := startRelayProcess(t, cfg)
 			body := simpleMessage("stalled")
 			if tc.size > 0 {
 				body = largeMessage("stalled", tc.size)
@@ -240,7 +240,7 @@ func TestE2EShutdownSecondSignal(t *testing.T) {
 	w.DNS.SetA("mx1.ex.test", mx.IP())
 	cfg := testConfig(t, w)
 	cfg.Delivery.ShutdownTimeout = config.Duration{Duration: time.Minute}
-	r := startRelay(t, cfg)
+	r := startRelayProcess(t, cfg)
 	id := r.mustSubmit("sender@client.test", []string{"u@ex.test"}, simpleMessage("second-signal"))
 	select {
 	case <-stuck:

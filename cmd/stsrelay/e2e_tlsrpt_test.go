@@ -70,8 +70,20 @@ func rptConfig(t testing.TB, w *testworld.World, interval time.Duration) *config
 
 // rptStart is startRelay that also fails the test if the relay (built
 // with -race unless STSRELAY_E2E_NORACE is set) reported a data race by
-// the time it stopped.
+// the time it stopped. In process, the race detector fails the test
+// itself.
 func rptStart(t testing.TB, cfg *config.Config) *relayProc {
+	t.Helper()
+	return rptStartMode(t, cfg, false)
+}
+
+// rptStartProcess is rptStart with the binary, for kill -9.
+func rptStartProcess(t testing.TB, cfg *config.Config) *relayProc {
+	t.Helper()
+	return rptStartMode(t, cfg, true)
+}
+
+func rptStartMode(t testing.TB, cfg *config.Config, process bool) *relayProc {
 	t.Helper()
 	var r *relayProc
 	// Registered before startRelay's own cleanup, so it runs after the stop.
@@ -80,7 +92,7 @@ func rptStart(t testing.TB, cfg *config.Config) *relayProc {
 			t.Errorf("the relay reported a data race:\n%s", tail(r.logText(), 80))
 		}
 	})
-	r = startRelay(t, cfg)
+	r = newRelay(t, cfg, process)
 	return r
 }
 
@@ -878,7 +890,7 @@ func TestE2ETLSRPTCountsSurviveKill9(t *testing.T) {
 	okRcv := rptReceiver(w, okDom)
 	badMX := rptSTSDomain(w, badDom, "enforce", testworld.CertSelfSigned)
 	badRcv := rptReceiver(w, badDom)
-	r := rptStart(t, rptConfig(t, w, iv))
+	r := rptStartProcess(t, rptConfig(t, w, iv))
 
 	rptAlign(iv, 8*time.Second)
 	periodEnd := time.Now().Truncate(iv).Add(iv)

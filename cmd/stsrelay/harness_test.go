@@ -1,16 +1,19 @@
 package main
 
-// The end-to-end harness: the real stsrelay binary, built once, run on a
-// temporary configuration against a testworld (DNS, CA, MX and HTTPS hosts
-// on loopback), driven over SMTP and through its CLI, observed through its
-// JSON log lines.
+// The end-to-end harness: the relay, in process (server.Run) or as the
+// real stsrelay binary (built once, for the CLI and for the tests that
+// need a process), run on a temporary configuration against a testworld
+// (DNS, CA, MX and HTTPS hosts on loopback), driven over SMTP and through
+// its CLI, observed through its JSON log lines.
 
 import (
 	"bufio"
 	"bytes"
+	"context"
 	"crypto/tls"
 	"encoding/json"
 	"fmt"
+	"io"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -23,9 +26,12 @@ import (
 	"github.com/emersion/go-sasl"
 	"github.com/emersion/go-smtp"
 	"github.com/pelletier/go-toml/v2"
+	"go.uber.org/zap"
 	"golang.org/x/crypto/bcrypt"
 
 	"github.com/stsrelay/stsrelay/internal/config"
+	"github.com/stsrelay/stsrelay/internal/logging"
+	"github.com/stsrelay/stsrelay/internal/server"
 	"github.com/stsrelay/stsrelay/internal/testworld"
 )
 
@@ -108,22 +114,45 @@ func testConfig(t testing.TB, w *testworld.World) *config.Config {
 	return cfg
 }
 
-// relayProc is a running stsrelay serve.
+// relayProc is a running relay: in process (startRelay: server.Run in a
+// goroutine, its JSON log lines read through a pipe), or the binary
+// (startRelayProcess: for kill -9, signals, exit codes and the process's
+// own resources).
 type relayProc struct {
 	t       testing.TB
 	cfg     *config.Config
 	cfgPath string
-	cmd     *exec.Cmd
+	process bool      // the binary, not in process
+	cmd     *exec.Cmd // the binary's; nil in process
 	addr    string
 	done    chan struct{}
+
+	// In process: cancel stops the run, reload delivers reloads, runErr
+	// is Run's error once done is closed.
+	cancel context.CancelFunc
+	reload chan os.Signal
+	runErr error
 
 	mu    sync.Mutex
 	lines []map[string]any
 	raw   []string
 }
 
-// startRelay writes cfg and runs the binary on it until the test ends.
+// startRelay writes cfg and runs the relay on it in process until the
+// test ends.
 func startRelay(t testing.TB, cfg *config.Config) *relayProc {
+	t.Helper()
+	return newRelay(t, cfg, false)
+}
+
+// startRelayProcess is startRelay with the binary, for tests that need a
+// process: kill -9, signals, exit codes, systemd notify, /proc.
+func startRelayProcess(t testing.TB, cfg *config.Config) *relayProc {
+	t.Helper()
+	return newRelay(t, cfg, true)
+}
+
+func newRelay(t testing.TB, cfg *config.Config, process bool) *relayProc {
 	t.Helper()
 	data, err := toml.Marshal(cfg)
 	if err != nil {
@@ -133,7 +162,7 @@ func startRelay(t testing.TB, cfg *config.Config) *relayProc {
 	if err := os.WriteFile(path, data, 0o600); err != nil {
 		t.Fatal(err)
 	}
-	r := &relayProc{t: t, cfg: cfg, cfgPath: path}
+	r := &relayProc{t: t, cfg: cfg, cfgPath: path, process: process}
 	r.start()
 	t.Cleanup(r.stop)
 	return r
@@ -141,6 +170,10 @@ func startRelay(t testing.TB, cfg *config.Config) *relayProc {
 
 func (r *relayProc) start() {
 	r.t.Helper()
+	if !r.process {
+		r.startInProcess()
+		return
+	}
 	cmd := exec.Command(binPath, "serve", "-config", r.cfgPath)
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -153,27 +186,108 @@ func (r *relayProc) start() {
 	r.done = make(chan struct{})
 	started := make(chan string, 1)
 	go func() {
-		sc := bufio.NewScanner(stderr)
-		sc.Buffer(make([]byte, 1<<20), 1<<20)
-		for sc.Scan() {
-			line := sc.Text()
-			var m map[string]any
-			_ = json.Unmarshal([]byte(line), &m)
-			r.mu.Lock()
-			r.raw = append(r.raw, line)
-			if m != nil {
-				r.lines = append(r.lines, m)
-			}
-			r.mu.Unlock()
-			if m != nil && m["msg"] == "started" {
-				if l, ok := m["listen"].([]any); ok && len(l) > 0 {
-					started <- l[0].(string)
-				}
-			}
-		}
+		r.readLog(stderr, started)
 		_ = cmd.Wait()
 		close(r.done)
 	}()
+	r.waitStarted(started)
+}
+
+// startInProcess loads the configuration file as `serve` does and runs
+// server.Run on it, logging JSON lines into a pipe that readLog reads.
+func (r *relayProc) startInProcess() {
+	r.t.Helper()
+	cfg, err := config.Load(r.cfgPath)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	pr, pw := io.Pipe()
+	lw := &logWriter{w: pw}
+	log, level, err := logging.NewWriter(cfg.Log, lw)
+	if err != nil {
+		r.t.Fatal(err)
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r.cancel = cancel
+	r.reload = make(chan os.Signal, 1)
+	r.done = make(chan struct{})
+	r.runErr = nil
+	started := make(chan string, 1)
+	logged := make(chan struct{})
+	go func() {
+		r.readLog(pr, started)
+		// A line too long for the scanner: keep the writers unblocked.
+		_, _ = io.Copy(io.Discard, pr)
+		close(logged)
+	}()
+	go func() {
+		err := server.Run(ctx, server.Options{Config: cfg, Logger: log, Reload: r.reload, Level: &level, Version: version})
+		if err != nil {
+			log.Error("stopped with error", zap.Error(err))
+		}
+		_ = log.Sync()
+		lw.close()
+		<-logged
+		r.runErr = err
+		close(r.done)
+	}()
+	r.waitStarted(started)
+}
+
+// logWriter writes the in-process relay's log into the pipe until Run
+// returns; a line logged after that (by a goroutine Run left behind) goes
+// to the test binary's stderr, marked.
+type logWriter struct {
+	mu     sync.Mutex
+	w      *io.PipeWriter
+	closed bool
+}
+
+func (lw *logWriter) Write(p []byte) (int, error) {
+	lw.mu.Lock()
+	defer lw.mu.Unlock()
+	if lw.closed {
+		fmt.Fprintf(os.Stderr, "stsrelay logged after server.Run returned: %s", p)
+		return len(p), nil
+	}
+	return lw.w.Write(p)
+}
+
+func (lw *logWriter) close() {
+	lw.mu.Lock()
+	defer lw.mu.Unlock()
+	lw.closed = true
+	lw.w.Close()
+}
+
+// readLog reads the relay's log lines from rd into r.lines and r.raw,
+// and sends the first listen address of the "started" line on started.
+func (r *relayProc) readLog(rd io.Reader, started chan<- string) {
+	sc := bufio.NewScanner(rd)
+	sc.Buffer(make([]byte, 1<<20), 1<<20)
+	for sc.Scan() {
+		line := sc.Text()
+		var m map[string]any
+		_ = json.Unmarshal([]byte(line), &m)
+		r.mu.Lock()
+		r.raw = append(r.raw, line)
+		if m != nil {
+			r.lines = append(r.lines, m)
+		}
+		r.mu.Unlock()
+		if m != nil && m["msg"] == "started" {
+			if l, ok := m["listen"].([]any); ok && len(l) > 0 {
+				select {
+				case started <- l[0].(string):
+				default:
+				}
+			}
+		}
+	}
+}
+
+func (r *relayProc) waitStarted(started <-chan string) {
+	r.t.Helper()
 	select {
 	case r.addr = <-started:
 	case <-r.done:
@@ -183,12 +297,25 @@ func (r *relayProc) start() {
 	}
 }
 
-// stop sends SIGTERM and waits (bounded) for a clean exit.
+// stop stops the relay (SIGTERM for the binary, the end of the context
+// in process) and waits (bounded) for a clean exit.
 func (r *relayProc) stop() {
 	select {
 	case <-r.done:
 		return
 	default:
+	}
+	if !r.process {
+		r.cancel()
+		select {
+		case <-r.done:
+			if r.runErr != nil {
+				r.t.Errorf("stsrelay stopped with error: %v", r.runErr)
+			}
+		case <-time.After(40 * time.Second):
+			r.t.Errorf("stsrelay did not stop within 40s of the end of its context")
+		}
+		return
 	}
 	_ = r.cmd.Process.Signal(syscall.SIGTERM)
 	select {
@@ -202,6 +329,10 @@ func (r *relayProc) stop() {
 
 // kill9 kills the relay without warning.
 func (r *relayProc) kill9() {
+	r.t.Helper()
+	if !r.process {
+		r.t.Fatal("kill9 needs the binary: start the relay with startRelayProcess")
+	}
 	_ = r.cmd.Process.Kill()
 	<-r.done
 }

@@ -4,6 +4,7 @@ package logging
 
 import (
 	"fmt"
+	"io"
 	"os"
 	"time"
 
@@ -38,25 +39,7 @@ func NewLeveled(cfg config.Log) (*zap.Logger, zap.AtomicLevel, func(), error) {
 		return nil, zap.AtomicLevel{}, nil, err
 	}
 	level := zap.NewAtomicLevelAt(lv)
-	enc := zapcore.EncoderConfig{
-		TimeKey:        "ts",
-		LevelKey:       "level",
-		MessageKey:     "msg",
-		CallerKey:      "",
-		StacktraceKey:  "",
-		LineEnding:     zapcore.DefaultLineEnding,
-		EncodeLevel:    zapcore.LowercaseLevelEncoder,
-		EncodeDuration: zapcore.StringDurationEncoder,
-		EncodeTime: func(t time.Time, pe zapcore.PrimitiveArrayEncoder) {
-			pe.AppendString(t.UTC().Format("2006-01-02T15:04:05.000000Z07:00"))
-		},
-	}
-	var encoder zapcore.Encoder
-	if cfg.Format == "console" {
-		encoder = zapcore.NewConsoleEncoder(enc)
-	} else {
-		encoder = zapcore.NewJSONEncoder(enc)
-	}
+	encoder := newEncoder(cfg.Format)
 	var ws zapcore.WriteSyncer
 	closeFn := func() {}
 	switch cfg.Output {
@@ -74,4 +57,37 @@ func NewLeveled(cfg config.Log) (*zap.Logger, zap.AtomicLevel, func(), error) {
 	}
 	logger := zap.New(zapcore.NewCore(encoder, ws, level))
 	return logger, level, func() { _ = logger.Sync(); closeFn() }, nil
+}
+
+// NewWriter is NewLeveled writing to w instead of cfg.Output (tests that
+// run the relay in process and read its log lines).
+func NewWriter(cfg config.Log, w io.Writer) (*zap.Logger, zap.AtomicLevel, error) {
+	lv, err := ParseLevel(cfg.Level)
+	if err != nil {
+		return nil, zap.AtomicLevel{}, err
+	}
+	level := zap.NewAtomicLevelAt(lv)
+	return zap.New(zapcore.NewCore(newEncoder(cfg.Format), zapcore.Lock(zapcore.AddSync(w)), level)), level, nil
+}
+
+// newEncoder returns the encoder for log.format: JSON lines, or console
+// text.
+func newEncoder(format string) zapcore.Encoder {
+	enc := zapcore.EncoderConfig{
+		TimeKey:        "ts",
+		LevelKey:       "level",
+		MessageKey:     "msg",
+		CallerKey:      "",
+		StacktraceKey:  "",
+		LineEnding:     zapcore.DefaultLineEnding,
+		EncodeLevel:    zapcore.LowercaseLevelEncoder,
+		EncodeDuration: zapcore.StringDurationEncoder,
+		EncodeTime: func(t time.Time, pe zapcore.PrimitiveArrayEncoder) {
+			pe.AppendString(t.UTC().Format("2006-01-02T15:04:05.000000Z07:00"))
+		},
+	}
+	if format == "console" {
+		return zapcore.NewConsoleEncoder(enc)
+	}
+	return zapcore.NewJSONEncoder(enc)
 }

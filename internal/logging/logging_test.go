@@ -46,3 +46,21 @@ func TestNewLeveledChangesLevel(t *testing.T) {
 		t.Errorf("log = %q", s)
 	}
 }
+
+// NewWriter writes the same JSON lines to any writer.
+func TestNewWriter(t *testing.T) {
+	var b strings.Builder
+	log, level, err := NewWriter(config.Log{Level: "info"}, &b)
+	if err != nil {
+		t.Fatal(err)
+	}
+	log.Debug("hidden")
+	level.SetLevel(zapcore.DebugLevel)
+	log.Debug("shown")
+	if s := b.String(); strings.Contains(s, "hidden") || !strings.HasPrefix(s, `{"level":"debug","ts":"`) || !strings.Contains(s, `"msg":"shown"`) {
+		t.Errorf("log = %q", s)
+	}
+	if _, _, err := NewWriter(config.Log{Level: "loud"}, &b); err == nil {
+		t.Error("bad level accepted")
+	}
+}
