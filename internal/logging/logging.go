@@ -34,33 +34,34 @@ func ParseLevel(s string) (zapcore.Level, error) {
 // changed while the logger is in use (on reload: log.level takes effect
 // at once; format and output need a restart).
 func NewLeveled(cfg config.Log) (*zap.Logger, zap.AtomicLevel, func(), error) {
-	lv, err := ParseLevel(cfg.Level)
-	if err != nil {
+	if _, err := ParseLevel(cfg.Level); err != nil {
 		return nil, zap.AtomicLevel{}, nil, err
 	}
-	level := zap.NewAtomicLevelAt(lv)
-	encoder := newEncoder(cfg.Format)
-	var ws zapcore.WriteSyncer
+	var w io.Writer
 	closeFn := func() {}
 	switch cfg.Output {
 	case "", "stderr":
-		ws = zapcore.Lock(os.Stderr)
+		w = os.Stderr
 	case "stdout":
-		ws = zapcore.Lock(os.Stdout)
+		w = os.Stdout
 	default:
 		f, err := os.OpenFile(cfg.Output, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o640)
 		if err != nil {
 			return nil, zap.AtomicLevel{}, nil, fmt.Errorf("log.output: %w", err)
 		}
-		ws = zapcore.Lock(f)
+		w = f
 		closeFn = func() { f.Sync(); f.Close() }
 	}
-	logger := zap.New(zapcore.NewCore(encoder, ws, level))
+	logger, level, err := NewWriter(cfg, w)
+	if err != nil {
+		closeFn()
+		return nil, zap.AtomicLevel{}, nil, err
+	}
 	return logger, level, func() { _ = logger.Sync(); closeFn() }, nil
 }
 
-// NewWriter is NewLeveled writing to w instead of cfg.Output (tests that
-// run the relay in process and read its log lines).
+// NewWriter is NewLeveled writing to w instead of cfg.Output (NewLeveled
+// itself, and tests that run the relay in process and read its lines).
 func NewWriter(cfg config.Log, w io.Writer) (*zap.Logger, zap.AtomicLevel, error) {
 	lv, err := ParseLevel(cfg.Level)
 	if err != nil {
