@@ -54,6 +54,15 @@ func (g *idGen) next(now time.Time) string {
 	return string(b[:])
 }
 
+// IDGenerator makes queue IDs for a queue other than Store (fleet mode's
+// JetStream queue): the same format and order, unique within a process;
+// its random counter start keeps two processes apart. Safe for
+// concurrent use.
+type IDGenerator struct{ g idGen }
+
+// Next returns a new ID for a message received at now.
+func (g *IDGenerator) Next(now time.Time) string { return g.g.next(now) }
+
 // randCounter starts each millisecond's counter in the lower half of its
 // range, leaving room to count up.
 func randCounter() uint32 {

@@ -118,7 +118,7 @@ func (q *Queue) commit(env queue.Envelope, buf []byte, spill *os.File, size int6
 	inline := spill == nil && size <= int64(q.o.InlineBodyBytes)
 	body := buf
 	for attempt := 0; ; attempt++ {
-		rec.ID = q.ids.next(now)
+		rec.ID = q.ids.Next(now)
 		subj := q.subject(rec.ID)
 		msgID := rec.ID + ":1:" + nonce(4)
 		m, err := rec.encode(subj, msgID, body)

@@ -434,7 +434,7 @@ func TestPublishDedup(t *testing.T) {
 	c := natstest.Start(t, 3)
 	q := newQueue(t, connect(t, c), "a", nil)
 	now := time.Now()
-	rec := &record{ID: q.ids.next(now), Version: 1, Received: now, NotBefore: now.Add(time.Hour),
+	rec := &record{ID: q.ids.Next(now), Version: 1, Received: now, NotBefore: now.Add(time.Hour),
 		Env:   queue.Envelope{Rcpts: []queue.RcptSpec{{Addr: "r@example.com"}}},
 		Rcpts: []queue.Recipient{{RcptSpec: queue.RcptSpec{Addr: "r@example.com"}, Status: queue.Pending}},
 		Size:  2}
@@ -785,7 +785,7 @@ func TestSweepBodies(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
 	// A body whose commit never happened (its node died in between).
-	orphan := q.ids.next(time.Now()) + "-dead"
+	orphan := q.ids.Next(time.Now()) + "-dead"
 	if _, err := q.bodies.PutBytes(ctx, orphan, []byte("lost")); err != nil {
 		t.Fatal(err)
 	}

@@ -32,7 +32,7 @@ type Queue struct {
 	// inst tells this Queue apart from every other (two may share a
 	// node name, or a connection, in tests).
 	inst string
-	ids  idGen
+	ids  queue.IDGenerator
 
 	ctx    context.Context // ends at Close
 	cancel context.CancelFunc

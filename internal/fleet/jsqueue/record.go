@@ -2,14 +2,12 @@ package jsqueue
 
 import (
 	"crypto/rand"
-	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
 	"strconv"
 	"strings"
-	"sync"
 	"time"
 
 	"github.com/nats-io/nats.go"
@@ -188,53 +186,11 @@ func allFinal(rcpts []queue.Recipient) bool {
 	return true
 }
 
-// IDs have queue's format (14 characters of base32hex: 9 for the
-// milliseconds since the epoch, 5 for a counter that starts at a random
-// value each millisecond), so that they sort by time and every tool that
-// checks queue.ValidID takes them. The random start makes two nodes
-// unlikely to make the same ID; Commit's compare-and-set (the subject
-// must be empty) makes a clash harmless: the second node takes a new ID.
-const idAlphabet = "0123456789abcdefghijklmnopqrstuv"
-
-type idGen struct {
-	mu     sync.Mutex
-	lastMS uint64
-	ctr    uint32
-}
-
-func (g *idGen) next(now time.Time) string {
-	ms := uint64(now.UnixMilli())
-	g.mu.Lock()
-	if ms <= g.lastMS {
-		ms = g.lastMS
-		g.ctr++
-		if g.ctr >= 1<<25 {
-			ms++
-			g.ctr = randCounter()
-		}
-	} else {
-		g.ctr = randCounter()
-	}
-	g.lastMS = ms
-	ctr := g.ctr
-	g.mu.Unlock()
-	var b [queue.IDLen]byte
-	for i := 8; i >= 0; i-- {
-		b[i] = idAlphabet[ms&31]
-		ms >>= 5
-	}
-	for i := queue.IDLen - 1; i >= 9; i-- {
-		b[i] = idAlphabet[ctr&31]
-		ctr >>= 5
-	}
-	return string(b[:])
-}
-
-func randCounter() uint32 {
-	var b [4]byte
-	_, _ = rand.Read(b[:])
-	return binary.LittleEndian.Uint32(b[:]) & (1<<24 - 1)
-}
+// IDs come from queue.IDGenerator: queue's format, so that they sort by
+// time and every tool that checks queue.ValidID takes them. Its random
+// counter start makes two nodes unlikely to make the same ID; Commit's
+// compare-and-set (the subject must be empty) makes a clash harmless: the
+// second node takes a new ID.
 
 // nonce returns n random bytes in hex.
 func nonce(n int) string {
