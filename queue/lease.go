@@ -246,13 +246,21 @@ func (s *Store) updateReq(m *Message) (*commitReq, error) {
 // Delete removes a message from the queue whatever its state (operator
 // action). A delivery in flight for it finishes but is not recorded.
 func (s *Store) Delete(id string) error {
-	s.mu.Lock()
-	slot := s.ids.find(&s.arena, id)
-	if slot != 0 && s.arena.at(slot).flags&flagCopying != 0 {
+	// A compaction copying the message forward holds it for one group
+	// commit: wait that out rather than send the operator away.
+	var slot uint32
+	for wait := time.Now().Add(2 * time.Second); ; time.Sleep(5 * time.Millisecond) {
+		s.mu.Lock()
+		slot = s.ids.find(&s.arena, id)
+		copying := slot != 0 && s.arena.at(slot).flags&flagCopying != 0
 		s.mu.Unlock()
-		return fmt.Errorf("%s: %w", id, ErrLeased)
+		if !copying {
+			break
+		}
+		if time.Now().After(wait) {
+			return fmt.Errorf("%s: %w", id, ErrLeased)
+		}
 	}
-	s.mu.Unlock()
 	if slot == 0 {
 		return fmt.Errorf("%s: %w", id, ErrNotFound)
 	}

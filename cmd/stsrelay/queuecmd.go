@@ -19,7 +19,8 @@ import (
 	"github.com/stsrelay/stsrelay/queue"
 )
 
-// defaultListLimit is how many messages `queue list` shows unless -limit
+// defaultListLimit is how many messages `queue list` shows (without
+// -json; -json lists them all) unless -limit
 // says otherwise: a queue of a million still answers at once, and
 // `queue summary` gives its shape.
 const defaultListLimit = 1000
@@ -30,7 +31,7 @@ const defaultListLimit = 1000
 func cmdQueue(args []string) error {
 	var cf commonFlags
 	fs := newFlagSet("queue", &cf)
-	limit := fs.Int("limit", defaultListLimit, "list: show at most this many messages, oldest first (0: all)")
+	limit := fs.Int("limit", -1, fmt.Sprintf("list: show at most this many messages, oldest first (0: all; default %d, and all with -json)", defaultListLimit))
 	domainFlag := fs.String("domain", "", "list: only messages to this domain; retry: release every message to it")
 	pos, err := parseFlags(fs, args)
 	if err != nil {
@@ -39,8 +40,17 @@ func cmdQueue(args []string) error {
 	if len(pos) == 0 {
 		return &usageError{"queue: want list, summary, show ID, retry ID|-domain D, delete ID or bounce ID"}
 	}
-	if *limit < 0 {
+	if *limit < -1 {
 		return &usageError{"queue: -limit must not be negative"}
+	}
+	if *limit == -1 {
+		// Scripts reading -json get the whole queue, as before -limit
+		// existed (paged, so memory stays bounded); a person reading the
+		// table gets the oldest defaultListLimit at once.
+		*limit = defaultListLimit
+		if cf.json {
+			*limit = 0
+		}
 	}
 	sub := pos[0]
 	dom := ""
