@@ -18,7 +18,28 @@ import (
 // order, reading headers only (an ordered consumer with HeadersOnly), so
 // that memory stays bounded whatever the queue's size. Messages
 // published during the scan may or may not be seen.
+// scan calls fn for the headers of every queued message. A pass that
+// fails (a fetch timing out while the cluster is busy or electing a
+// leader) is started again, up to three passes, so that callers never see
+// a partial queue; fn runs only once the whole pass has succeeded.
 func (q *Queue) scan(ctx context.Context, fn func(hi hdrInfo)) error {
+	var err error
+	for range 3 {
+		var his []hdrInfo
+		if err = q.scanOnce(ctx, func(hi hdrInfo) { his = append(his, hi) }); err == nil {
+			for _, hi := range his {
+				fn(hi)
+			}
+			return nil
+		}
+		if ctx.Err() != nil {
+			break
+		}
+	}
+	return err
+}
+
+func (q *Queue) scanOnce(ctx context.Context, fn func(hi hdrInfo)) error {
 	info, err := q.stream.Info(ctx)
 	if err != nil {
 		return err
